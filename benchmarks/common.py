@@ -1,0 +1,31 @@
+"""Shared timing helpers for the scripts in benchmarks/ (median wall time, one plain-text table).
+
+Each benchmark compares against its baseline in the same process; these two helpers keep every
+script's output in the same format. Deliberately no statistics beyond the median.
+"""
+import time
+
+
+def median_ms(fn, warmup=3, runs=10):
+    """Median wall time of fn() in milliseconds, after `warmup` untimed calls (caches, thread pools)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+
+
+def print_table(header, rows):
+    """Print rows (lists of str/int/float) under header as an aligned, Markdown-compatible table."""
+    def cell(value):
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+    table = [[cell(v) for v in header]] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines), flush=True)
