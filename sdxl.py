@@ -1,0 +1,307 @@
+"""SDXL and DreamBooth-data plumbing shared by train_dreambooth.py and evaluate.py.
+
+SDXL (Podell et al., arXiv 2307.01952) conditions its UNet on two CLIP text encoders and on "micro-conditioning"
+time ids; DreamBooth (Ruiz et al., arXiv 2208.12242) fine-tunes on 3-5 photos of one subject called "a zjw <class>".
+This file holds everything both scripts need to agree on, so that training and evaluation see the same thing:
+
+- loading a pipeline: a hub id / local diffusers folder, or `tiny`, an SDXL-architecture pipeline with random
+  weights built from configs (the offline CPU demo and test fixture: its images are noise);
+- the DreamBooth dataset: subjects, classes, the 25 evaluation prompts, robust image loading;
+- `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it;
+- `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5).
+
+Usage:  pipe = load_pipeline("tiny");  images = generate(pipe, ["a zjw dog"], seeds=(42,), cfg=GenerationConfig())
+Not here: training (train_dreambooth.py), metrics (evaluate.py), the adapter itself (waveft.py).
+"""
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+# diffusers/transformers are imported inside the functions that need them: `import sdxl` stays cheap for the
+# dataset helpers, and the tiny tokenizer below needs nothing but the standard library.
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+UNIQUE_TOKEN = "zjw"  # the authors' rare token (not the usual "sks")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+LIVE_SUBJECTS = ("cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8")  # get the "live" prompt list
+
+
+def is_live(subject):
+    return subject in LIVE_SUBJECTS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DreamBooth dataset (layout of google/dreambooth's `dataset/` folder: one subfolder per subject)
+
+def _check_data_dir(data_dir):
+    data_dir = Path(data_dir)
+    if not (data_dir / "prompts_and_classes.txt").is_file():
+        raise FileNotFoundError(
+            f"DreamBooth dataset not found: {data_dir} has no prompts_and_classes.txt. Fetch it with\n"
+            f"    git clone https://github.com/google/dreambooth\n"
+            f"and pass --data-dir dreambooth/dataset")
+    return data_dir
+
+
+def read_classes(data_dir):
+    """{subject: class} from the 'subject_name,class' table at the top of prompts_and_classes.txt."""
+    text = (_check_data_dir(data_dir) / "prompts_and_classes.txt").read_text()
+    table = text.split("subject_name,class", 1)[1].strip().split("\n\n", 1)[0]
+    return dict(line.strip().split(",", 1) for line in table.splitlines() if "," in line)
+
+
+def prompts_for(data_dir, subject, unique_token=UNIQUE_TOKEN):
+    """The 25 DreamBooth evaluation prompts of the subject's kind (object or live), read from the dataset's file."""
+    classes = read_classes(data_dir)
+    _check_subject(data_dir, subject, classes)
+    text = (Path(data_dir) / "prompts_and_classes.txt").read_text()
+    objects, live = text.split("Live Subject Prompts", 1)
+    templates = re.findall(r"'([^']*)'\.format\(unique_token, class_token\)", live if is_live(subject) else objects)
+    if len(templates) != 25:
+        raise ValueError(f"expected 25 prompts for {subject} in {data_dir}/prompts_and_classes.txt, "
+                         f"found {len(templates)}")
+    return [t.format(unique_token, classes[subject]) for t in templates]
+
+
+def _check_subject(data_dir, subject, classes):
+    subjects = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
+    if subject not in subjects or subject not in classes:
+        raise ValueError(f"unknown subject {subject!r} in {data_dir}; the subjects are: {', '.join(subjects)}")
+
+
+def instance_images(data_dir, subject):
+    """Sorted image files of one subject; unknown subject -> error listing the subjects."""
+    data_dir = _check_data_dir(data_dir)
+    _check_subject(data_dir, subject, read_classes(data_dir))
+    paths = sorted(p for p in (data_dir / subject).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir / subject}")
+    return paths
+
+
+def load_image(path):
+    """Any file PIL reads -> upright RGB. EXIF rotation is applied (phone photos), alpha is composited on white
+    (a transparent background must not turn black), grayscale/palette become RGB. Unreadable -> error naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # force the full decode here, so a truncated file fails now and names itself
+            image = ImageOps.exif_transpose(image)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, image)
+    return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny SDXL: same classes as the real one, random weights, about 1 MB of UNet. Its images are noise.
+
+def _byte_symbols():
+    """CLIP/GPT-2 byte-level BPE alphabet: each of the 256 bytes gets a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+def tiny_tokenizer(pad_token="<|endoftext|>"):
+    """A CLIPTokenizer built in memory: 256 byte symbols (+ `</w>` variants), merges that make a few prompt words
+    single tokens, and the two special tokens. Every string encodes (unknown words fall back to bytes)."""
+    from transformers import CLIPTokenizer
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    merges = []
+    words = ["photo", "zjw", "dog", "cat", "the", "of", "in", "on", "with", "toy", "background"]
+    words += re.findall(r"[a-z]+", NEGATIVE_PROMPT)  # keeps the negative prompt well under 77 tokens
+    for word in dict.fromkeys(words):
+        token = word[0]
+        for i, char in enumerate(word[1:], start=1):
+            char = char + "</w>" if i == len(word) - 1 else char
+            if token + char not in vocab:
+                merges.append((token, char))
+                vocab.setdefault(token + char, len(vocab))
+            token += char
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)  # eos is the highest id: CLIP's pooling (argmax id) finds it either way
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def build_tiny_pipeline(seed=0):
+    """SDXL architecture in miniature (UNet with text_time conditioning, 4-level VAE so vae_scale_factor is 8, two
+    CLIP text encoders, DDPM scheduler with SDXL's betas). Deterministic for a seed, without touching the caller's
+    RNG: an adapter trained on `tiny` loads into a freshly built `tiny`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer(pad_token="!")  # SDXL's tokenizer_2 pads with "!"
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,  # 64 = 32 + 32
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32)  # 6 time ids x 8 + pooled text (32)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a real model: diffusers' own from_pretrained, but never a minutes-long hang when offline
+
+def _hub_reachable(timeout=3.0):
+    """True if the hub's host accepts a TCP connection within `timeout` s (DNS included: run in a thread, because
+    getaddrinfo ignores socket timeouts)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def load_pipeline(model, dtype=torch.float32):
+    """`tiny` -> build_tiny_pipeline(); a local diffusers folder or a hub id -> StableDiffusionXLPipeline.from_pretrained.
+    A hub id is taken from the local cache if it is there; otherwise the hub must answer within seconds."""
+    if model == "tiny":
+        return build_tiny_pipeline().to(dtype=dtype)
+    from diffusers import StableDiffusionXLPipeline
+    if os.path.isdir(model):
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
+    elif model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") != 1:
+        raise FileNotFoundError(f"model folder {model} does not exist (and it is not a hub id like {SDXL_BASE}). "
+                                f"For an offline CPU demo pass --model tiny")
+    else:
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError):  # not (completely) in the local cache
+            if not _hub_reachable():
+                raise FileNotFoundError(
+                    f"model {model} is not available: it is not in the local Hugging Face cache and the hub cannot "
+                    f"be reached (no network). Download it on a machine with network (huggingface-cli download "
+                    f"{model}), pass a local diffusers folder, or use --model tiny for the offline CPU demo") from None
+            pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDXL text conditioning
+
+@torch.no_grad()
+def encode_prompt(pipe, prompts):
+    """Exactly what StableDiffusionXLPipeline.encode_prompt computes (clip_skip=None):
+    prompt_embeds = concat(penultimate hidden states of text_encoder, of text_encoder_2)   (B, 77, d1 + d2)
+    pooled        = text_encoder_2's projected pooled output ("text_embeds")              (B, d_proj)"""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    hidden = []
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # penultimate layer: SDXL was trained on it, not on the last one
+    pooled = out.text_embeds  # out is text_encoder_2's output here
+    return torch.cat(hidden, dim=-1).to(pipe.text_encoder_2.dtype), pooled
+
+
+def time_ids(original_size, crop_top_left, target_size):
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) as a float tensor."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: the authors' evaluation protocol, in one place
+
+# The authors' fixed negative prompt is only known roughly ("low quality, bad anatomy, worst quality, ..."); this is
+# a sensible full version that approximates it, not their exact string.
+NEGATIVE_PROMPT = ("low quality, bad anatomy, worst quality, lowres, blurry, jpeg artifacts, deformed, disfigured, "
+                   "bad proportions, extra limbs, missing limbs, watermark, text, signature")
+
+
+@dataclass
+class GenerationConfig:
+    num_inference_steps: int = 30  # DPM-Solver++ (2M) steps
+    guidance_scale: float = 7.5  # classifier-free guidance
+    resolution: int = 1024  # square images, SDXL's native size
+    seeds: tuple = (42, 43, 44, 45)  # one image per seed and prompt
+    negative_prompt: str = NEGATIVE_PROMPT
+    solver_order: int = 2  # DPM-Solver++ order
+    cuda_dtype: torch.dtype = torch.bfloat16  # autocast dtype on CUDA (CPU always runs float32)
+    batch_size: int = 4  # images per pipeline call (seeds of one prompt); does not change which noise each gets
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds=None, cfg=None):
+    """One image per (prompt, seed), prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...]. Each image's initial noise comes
+    from its own CPU torch.Generator().manual_seed(seed), so it is the same on any device and in any batch."""
+    from diffusers import DPMSolverMultistepScheduler
+    cfg = cfg or GenerationConfig()
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    device = pipe.unet.device
+    original_scheduler = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             solver_order=cfg.solver_order)
+    autocast = torch.autocast("cuda", dtype=cfg.cuda_dtype, enabled=device.type == "cuda")
+    images = []
+    try:
+        for prompt in prompts:
+            for start in range(0, len(seeds), cfg.batch_size):
+                chunk = seeds[start:start + cfg.batch_size]
+                with autocast:
+                    images += pipe(prompt=[prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk),
+                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                   height=cfg.resolution, width=cfg.resolution,
+                                   generator=[torch.Generator().manual_seed(s) for s in chunk]).images
+    finally:
+        pipe.scheduler = original_scheduler
+    return images
+
+
+def image_grid(images, cols, labels=None):
+    """Paste images row by row into one image; an optional label is written in a strip above each image."""
+    width, height = images[0].size
+    strip = 14 if labels else 0
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * width, rows * (height + strip)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % cols) * width, (i // cols) * (height + strip)
+        grid.paste(image.convert("RGB").resize((width, height)), (x, y + strip))
+        if labels and labels[i]:
+            draw.text((x + 2, y + 1), str(labels[i])[: max(1, width // 6)], fill="black")
+    return grid
