@@ -1,0 +1,311 @@
+"""A differentiable 1-D/2-D discrete wavelet transform (Haar and Daubechies db1..db10) in plain PyTorch.
+
+Reference: WaveFT (Bilican et al., arXiv 2505.12532) builds its weight update as idwt2 of a sparse
+coefficient matrix; this file is that transform, checked against PyWavelets to float64 precision.
+Not here: symN/coifN/biorthogonal wavelets, CWT, packets, or any WaveFT-specific padding/cropping.
+
+Filters. A Daubechies filter h of length L = 2N has N vanishing moments. Its squared frequency response
+is |H(w)|^2 = 2 cos^{2N}(w/2) P(sin^2(w/2)) with P(y) = sum_{k<N} C(N-1+k, k) y^k, so h is found by
+spectral factorisation: each root y of P gives a pair z, 1/z of roots of z + 1/z = 2 - 4y; keeping the
+one inside the unit circle (plus N zeros at z = -1) gives the minimum-phase filter, scaled to sum sqrt(2).
+That filter is PyWavelets' reconstruction ("synthesis") low-pass `rec_lo`. The other three follow:
+  dec_lo = rec_lo reversed,  rec_hi[n] = (-1)^n dec_lo[n],  dec_hi = rec_hi reversed.
+The analysis filters (dec_*) split a signal into coefficients, the synthesis filters (rec_*) rebuild it;
+for an orthogonal wavelet each is the time-reverse of the other, so the inverse is the adjoint.
+
+Forward, one level along an axis of length n. PyWavelets extends x at both ends (mode below), takes the
+full convolution with dec and keeps the odd samples: cA[i] = sum_j dec_lo[j] x[2i + 1 - j].
+torch's conv1d/conv2d compute *correlation* (sum_m w[m] x[i + m]), so we pass the flipped filter
+g = dec[::-1]: cA[i] = sum_m g[m] x[2i + m - (L - 2)]. Hence: pad L - 2 samples on the left, enough on
+the right for out = floor((n + L - 1) / 2) outputs (padded length 2*out + L - 2), then conv with stride 2.
+In "periodization" mode the output has out = ceil(n/2) samples (odd n is first extended by repeating
+its last sample), the signal is periodic and the left pad is L/2 - 1, which makes the transform orthonormal.
+
+Inverse. Upsample by 2 and *convolve* with rec: exactly what conv_transpose computes, so rec filters are
+NOT flipped. The full result has 2n + L - 2 samples; PyWavelets keeps the central 2n - L + 2, i.e.
+conv_transpose's `padding=L-2` crops L - 2 samples at each end. In periodization mode the coefficients are
+first wrapped around by L//4 samples, and the crop keeps exactly 2n samples.
+In 2-D the transform is separable: the 4 sub-band kernels are outer products (rows x columns) of the 1-D
+filters, so one stride-2 conv2d does a whole analysis level and one conv_transpose2d a synthesis level.
+
+Boundary modes: PyWavelets names vs torch.nn.functional.pad names (for a signal  a b c d):
+  PyWavelets      extension                       torch F.pad
+  zero            ... 0 0 | a b c d | 0 0 ...      "constant" (value 0)
+  constant        ... a a | a b c d | d d ...      "replicate"
+  symmetric       ... b a | a b c d | d c ...      none: half-sample symmetric, the edge sample repeats
+  reflect         ... c b | a b c d | c b ...      "reflect": whole-sample, the edge is not repeated
+  periodic        ... c d | a b c d | a b ...      "circular"
+  periodization   periodic, ceil(n/2) outputs      "circular" plus the shorter output
+The same word means different things: torch's "reflect" is PyWavelets' "reflect", NOT its default
+"symmetric". We pad by gathering indices (index_select), which also works when the pad is longer than
+the signal (torch's reflect/circular refuse that), as happens for db10 on short axes.
+
+dtypes: the output dtype and device follow the input; float16/bfloat16 inputs are upcast to float32
+internally (CPU half convolutions are slow or missing, and fp32 accumulation is more accurate) and the
+results are cast back.
+"""
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+WAVELETS = ("haar",) + tuple(f"db{n}" for n in range(1, 11))
+MODES = ("zero", "constant", "symmetric", "reflect", "periodic", "periodization")
+
+
+def _daubechies_order(wavelet):
+    if wavelet not in WAVELETS:
+        raise ValueError(f"unknown wavelet {wavelet!r}; supported wavelets: {', '.join(WAVELETS)}")
+    return 1 if wavelet == "haar" else int(wavelet[2:])
+
+
+@functools.lru_cache(maxsize=None)
+def _daubechies_rec_lo(order):
+    """Minimum-phase Daubechies low-pass filter of length 2*order, float64, by spectral factorisation."""
+    N = order
+    p_coeffs = torch.tensor([math.comb(N - 1 + k, k) for k in range(N)], dtype=torch.float64)
+    # Roots of P(y) = eigenvalues of its companion matrix (monic: divide by the leading coefficient).
+    y = torch.zeros(0, dtype=torch.complex128)  # db1 (Haar): P = 1 has no roots
+    if N > 1:
+        companion = torch.diag(torch.ones(N - 2, dtype=torch.float64), -1)  # (N-1, N-1)
+        companion[:, -1] = -p_coeffs[:-1] / p_coeffs[-1]
+        y = torch.linalg.eigvals(companion)  # complex128, N - 1 roots
+    # eigvals alone already reaches ~3e-15 for db10; two Newton steps on P are cheap insurance.
+    for _ in range(2):
+        value, slope = torch.zeros_like(y), torch.zeros_like(y)
+        for c in p_coeffs.flip(0):  # Horner for P and P'
+            slope = slope * y + value
+            value = value * y + c
+        y = y - value / slope
+    # y = (2 - z - 1/z) / 4  <=>  z^2 - 2 b z + 1 = 0 with b = 1 - 2y; the two roots are z and 1/z.
+    b = 1 - 2 * y
+    z = b - torch.sqrt(b * b - 1)
+    z = torch.where(z.abs() > 1, 1 / z, z)  # keep the root inside the unit circle: minimum phase
+    roots = torch.cat([torch.full((N,), -1.0, dtype=torch.complex128), z])
+    poly = torch.ones(1, dtype=torch.complex128)  # coefficients of prod (1 - r z^-1), in powers of z^-1
+    for r in roots:
+        poly = torch.cat([poly, poly.new_zeros(1)]) - r * torch.cat([poly.new_zeros(1), poly])
+    h = poly.real  # complex roots come in conjugate pairs, so the imaginary part is rounding noise
+    return h * (math.sqrt(2) / h.sum())
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_filters(wavelet, dtype, device):
+    rec_lo = _daubechies_rec_lo(_daubechies_order(wavelet))
+    dec_lo = rec_lo.flip(0)
+    rec_hi = dec_lo * (-1.0) ** torch.arange(len(dec_lo), dtype=torch.float64)
+    dec_hi = rec_hi.flip(0)
+    return tuple(f.to(dtype=dtype, device=device) for f in (dec_lo, dec_hi, rec_lo, rec_hi))
+
+
+def wavelet_filters(wavelet, dtype=torch.float64, device=None):
+    """(dec_lo, dec_hi, rec_lo, rec_hi) as 1-D tensors, in PyWavelets' `filter_bank` order and signs.
+
+    Cached per (wavelet, dtype, device): the tensors are shared, do not modify them in place."""
+    _daubechies_order(wavelet)  # validate before caching
+    return _cached_filters(wavelet, dtype, torch.device("cpu" if device is None else device))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(wavelet, dtype, device):
+    """Conv weights: analysis (flipped, for correlation) and synthesis (as is, for conv_transpose)."""
+    dec_lo, dec_hi, rec_lo, rec_hi = wavelet_filters(wavelet, dtype, device)
+    analysis = torch.stack([dec_lo, dec_hi]).flip(-1)
+    synthesis = torch.stack([rec_lo, rec_hi])
+    # 2-D sub-bands in PyWavelets' order cA, cH, cV, cD = (rows, cols) filters (lo,lo), (hi,lo), (lo,hi), (hi,hi).
+    pairs = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    outer = lambda f: torch.stack([torch.outer(f[r], f[c]) for r, c in pairs]).unsqueeze(1)
+    return analysis.unsqueeze(1), synthesis.unsqueeze(1), outer(analysis), outer(synthesis)
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_index(n, left, right, mode, device):
+    """Indices into a length-n signal that produce it extended by `left`/`right` samples in `mode`."""
+    j = torch.arange(-left, n + right, device=device)
+    if mode == "symmetric":
+        r = j % (2 * n)
+        return torch.where(r < n, r, 2 * n - 1 - r)
+    if mode == "reflect":
+        period = max(2 * n - 2, 1)
+        r = j % period
+        return torch.where(r < n, r, period - r)
+    if mode == "constant":
+        return j.clamp(0, n - 1)
+    if mode == "periodization":  # odd n: period n + 1, the extra sample repeats the last one
+        return (j % (n + n % 2)).clamp(max=n - 1)
+    return j % n  # periodic
+
+
+def _pad(x, left, right, mode, dim):
+    """Extend x along the (negative) dimension `dim`."""
+    if left == 0 and right == 0:
+        return x
+    if mode == "zero":
+        return F.pad(x, (0, 0) * (-dim - 1) + (left, right))
+    return x.index_select(dim, _extension_index(x.shape[dim], left, right, mode, x.device))
+
+
+def _forward_pads(n, filter_len, mode):
+    """(left, right) padding so that a stride-2 correlation gives PyWavelets' coefficients."""
+    if mode == "periodization":
+        out, left = (n + 1) // 2, filter_len // 2 - 1
+    else:
+        out, left = (n + filter_len - 1) // 2, filter_len - 2
+    return left, 2 * out + filter_len - 2 - n - left
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"unsupported mode {mode!r}; supported modes: {', '.join(MODES)}")
+
+
+def _check_tensor(x, ndim, fn):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < ndim:
+        axes = "(..., n)" if ndim == 1 else "(..., height, width)"
+        raise ValueError(f"{fn} needs a tensor with at least {ndim} dimension(s) {axes}, "
+                         f"got shape {tuple(x.shape)} ({x.dim()}-D)")
+    if x.numel() == 0:
+        raise ValueError(f"{fn} got an empty tensor of shape {tuple(x.shape)}; every dimension must be >= 1")
+    if not x.is_floating_point():
+        raise ValueError(f"{fn} expects a floating-point tensor (float16, bfloat16, float32, float64), "
+                         f"got {x.dtype}")
+
+
+def _work_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dwt(x, wavelet, mode="symmetric", dim=-1):
+    """One analysis level along `dim`: returns (cA, cD), like pywt.dwt(x, wavelet, mode, axis=dim)."""
+    _check_tensor(x, 1, "dwt")
+    _check_mode(mode)
+    analysis = _kernels(wavelet, _work_dtype(x.dtype), x.device)[0]
+    xt = x.movedim(dim, -1)
+    batch, n = xt.shape[:-1], xt.shape[-1]
+    left, right = _forward_pads(n, analysis.shape[-1], mode)
+    xp = _pad(xt.reshape(-1, 1, n).to(analysis.dtype), left, right, mode, -1)
+    y = F.conv1d(xp, analysis, stride=2).to(x.dtype)  # (B, 2, out): low and high band
+    return tuple(band.reshape(*batch, -1).movedim(-1, dim) for band in y.unbind(1))
+
+
+def idwt(cA, cD, wavelet, mode="symmetric", dim=-1):
+    """One synthesis level along `dim`, like pywt.idwt(cA, cD, wavelet, mode, axis=dim)."""
+    _check_mode(mode)
+    for c in (cA, cD):
+        _check_tensor(c, 1, "idwt")
+    if cA.shape != cD.shape:
+        raise ValueError(f"idwt needs cA and cD of equal shape, got {tuple(cA.shape)} and {tuple(cD.shape)}")
+    synthesis = _kernels(wavelet, _work_dtype(cA.dtype), cA.device)[1]
+    filter_len = synthesis.shape[-1]
+    cA, cD = cA.movedim(dim, -1), cD.movedim(dim, -1)
+    batch, n = cA.shape[:-1], cA.shape[-1]
+    coeffs = torch.stack([cA.reshape(-1, n), cD.reshape(-1, n)], 1).to(synthesis.dtype)  # (B, 2, n)
+    crop = filter_len - 2
+    if mode == "periodization":
+        wrap = filter_len // 4
+        coeffs, crop = _pad(coeffs, wrap, wrap, "periodic", -1), 2 * wrap + filter_len // 2 - 1
+    y = F.conv_transpose1d(coeffs, synthesis, stride=2, padding=crop)  # (B, 1, length)
+    return y.reshape(*batch, -1).movedim(-1, dim).to(cA.dtype)
+
+
+def dwt2(x, wavelet, mode="symmetric"):
+    """One 2-D analysis level over the last two dims: (cA, (cH, cV, cD)), like pywt.dwt2."""
+    _check_tensor(x, 2, "dwt2")
+    _check_mode(mode)
+    analysis = _kernels(wavelet, _work_dtype(x.dtype), x.device)[2]
+    filter_len = analysis.shape[-1]
+    batch, (height, width) = x.shape[:-2], x.shape[-2:]
+    xp = x.reshape(-1, 1, height, width).to(analysis.dtype)
+    xp = _pad(xp, *_forward_pads(height, filter_len, mode), mode, -2)
+    xp = _pad(xp, *_forward_pads(width, filter_len, mode), mode, -1)
+    y = F.conv2d(xp, analysis, stride=2).to(x.dtype)  # (B, 4, out_h, out_w)
+    cA, cH, cV, cD = (band.reshape(*batch, *y.shape[-2:]) for band in y.unbind(1))
+    return cA, (cH, cV, cD)
+
+
+def idwt2(coeffs, wavelet, mode="symmetric"):
+    """One 2-D synthesis level from (cA, (cH, cV, cD)) of equal shape (..., n, m), like pywt.idwt2.
+
+    One stride-2 conv_transpose2d with the 4 outer-product kernels; output (..., 2n-L+2, 2m-L+2)
+    (or (..., 2n, 2m) in periodization mode)."""
+    _check_mode(mode)
+    cA, (cH, cV, cD) = coeffs
+    bands = (cA, cH, cV, cD)
+    for c in bands:
+        _check_tensor(c, 2, "idwt2")
+    if any(c.shape != cA.shape for c in bands):
+        raise ValueError(f"idwt2 needs cA, cH, cV, cD of equal shape, got {[tuple(c.shape) for c in bands]}")
+    synthesis = _kernels(wavelet, _work_dtype(cA.dtype), cA.device)[3]
+    filter_len = synthesis.shape[-1]
+    batch, (n, m) = cA.shape[:-2], cA.shape[-2:]
+    stacked = torch.stack(bands, -3).reshape(-1, 4, n, m).to(synthesis.dtype)
+    crop = filter_len - 2
+    if mode == "periodization":
+        wrap = filter_len // 4
+        stacked = _pad(_pad(stacked, wrap, wrap, "periodic", -2), wrap, wrap, "periodic", -1)
+        crop = 2 * wrap + filter_len // 2 - 1
+    y = F.conv_transpose2d(stacked, synthesis, stride=2, padding=crop)  # (B, 1, H, W)
+    return y.reshape(*batch, *y.shape[-2:]).to(cA.dtype)
+
+
+def _check_level(level, length, wavelet):
+    """PyWavelets' dwt_max_level: the largest J with (L - 1) * 2^J <= length; None means that maximum."""
+    filter_len = 2 * _daubechies_order(wavelet)
+    max_level = max((length // (filter_len - 1)).bit_length() - 1, 0)
+    if level is None:
+        return max_level
+    if not isinstance(level, int) or not 0 <= level <= max_level:
+        raise ValueError(f"level {level!r} is not allowed for length {length} and {wavelet} (filter length "
+                         f"{filter_len}); allowed levels: 0..{max_level}, or None for {max_level}")
+    return level
+
+
+def _trim_to(a, d, dims):
+    """PyWavelets' rule in waverec: an approximation one sample longer than the details loses its last sample."""
+    for dim in dims:
+        if a.shape[dim] - d.shape[dim] not in (0, 1):
+            raise ValueError(f"coefficient shapes do not fit together: approximation {tuple(a.shape)} "
+                             f"vs details {tuple(d.shape)}")
+        a = a.narrow(dim, 0, d.shape[dim])
+    return a
+
+
+def wavedec(x, wavelet, mode="symmetric", level=None, dim=-1):
+    """Multi-level 1-D transform: [cA_n, cD_n, ..., cD_1], like pywt.wavedec(..., axis=dim)."""
+    _check_tensor(x, 1, "wavedec")
+    level = _check_level(level, x.shape[dim], wavelet)
+    details = []
+    for _ in range(level):
+        x, cD = dwt(x, wavelet, mode, dim)
+        details.append(cD)
+    return [x] + details[::-1]
+
+
+def waverec(coeffs, wavelet, mode="symmetric", dim=-1):
+    """Inverse of wavedec, like pywt.waverec(..., axis=dim)."""
+    a = coeffs[0]
+    for d in coeffs[1:]:
+        a = idwt(_trim_to(a, d, [dim]), d, wavelet, mode, dim)
+    return a
+
+
+def wavedec2(x, wavelet, mode="symmetric", level=None):
+    """Multi-level 2-D transform: [cA_n, (cH_n, cV_n, cD_n), ..., (cH_1, cV_1, cD_1)], like pywt.wavedec2."""
+    _check_tensor(x, 2, "wavedec2")
+    level = _check_level(level, min(x.shape[-2:]), wavelet)
+    details = []
+    for _ in range(level):
+        x, bands = dwt2(x, wavelet, mode)
+        details.append(bands)
+    return [x] + details[::-1]
+
+
+def waverec2(coeffs, wavelet, mode="symmetric"):
+    """Inverse of wavedec2, like pywt.waverec2."""
+    a = coeffs[0]
+    for bands in coeffs[1:]:
+        a = idwt2((_trim_to(a, bands[0], [-2, -1]), bands), wavelet, mode)
+    return a

@@ -1,0 +1,194 @@
+"""Tests for dwt.py: filters, coefficients and reconstructions against PyWavelets for every wavelet x mode x
+level, perfect reconstruction, gradcheck, orthonormality, half-precision inputs and error messages."""
+import warnings
+
+import pytest
+import torch
+
+import dwt
+
+pywt = pytest.importorskip("pywt")
+
+SHAPES_2D = [(7, 5), (31, 31), (64, 40)]
+LENGTH_1D = 2048
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def assert_matches(ours, reference, dtype, what):
+    """ours: tensor (or nested tuples/lists of them) in `dtype`; reference: PyWavelets' float64 result."""
+    if isinstance(reference, (list, tuple)):
+        assert len(ours) == len(reference), f"{what}: {len(ours)} parts vs PyWavelets' {len(reference)}"
+        for i, (o, r) in enumerate(zip(ours, reference)):
+            assert_matches(o, r, dtype, f"{what}[{i}]")
+        return
+    assert ours.dtype == dtype, f"{what}: dtype {ours.dtype}, expected {dtype}"
+    expected = torch.from_numpy(reference)
+    assert ours.shape == expected.shape, f"{what}: shape {tuple(ours.shape)} vs PyWavelets' {expected.shape}"
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(ours.double(), expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def max_level(length, wavelet):
+    return pywt.dwt_max_level(length, pywt.Wavelet(wavelet).dec_len)
+
+
+@pytest.mark.parametrize("wavelet", dwt.WAVELETS)
+def test_filters_match_pywavelets(wavelet):
+    ours = dwt.wavelet_filters(wavelet)
+    for name, f, ref in zip(("dec_lo", "dec_hi", "rec_lo", "rec_hi"), ours, pywt.Wavelet(wavelet).filter_bank):
+        assert f.dtype == torch.float64 and f.shape == (len(ref),), name
+        assert (f - torch.tensor(ref, dtype=torch.float64)).abs().max() < 1e-12, f"{wavelet} {name}"
+
+
+def test_filters_are_cached_per_dtype_and_device():
+    assert dwt.wavelet_filters("db3", torch.float32) is dwt.wavelet_filters("db3", torch.float32, "cpu")
+    assert dwt.wavelet_filters("db3", torch.float32)[0].dtype == torch.float32
+    assert dwt.wavelet_filters("db3")[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("mode", dwt.MODES)
+@pytest.mark.parametrize("wavelet", dwt.WAVELETS)
+def test_2d_matches_pywavelets(wavelet, mode):
+    """dwt2/idwt2 on every shape, and wavedec2/waverec2 for every level 1..max, in float64 and float32."""
+    generator = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyWavelets warns about boundary effects at high levels
+        for shape in SHAPES_2D:
+            x64 = torch.randn(2, *shape, generator=generator, dtype=torch.float64)
+            ref_single = pywt.dwt2(x64.numpy(), wavelet, mode)
+            ref_inverse = pywt.idwt2(ref_single, wavelet, mode)
+            refs = {lev: pywt.wavedec2(x64.numpy(), wavelet, mode, lev)
+                    for lev in range(1, max_level(min(shape), wavelet) + 1)}
+            for dtype in (torch.float64, torch.float32):
+                x = x64.to(dtype)
+                what = f"{wavelet} {mode} {shape} {dtype}"
+                single = dwt.dwt2(x, wavelet, mode)
+                assert_matches(single, ref_single, dtype, f"dwt2 {what}")
+                assert_matches(dwt.idwt2(single, wavelet, mode), ref_inverse, dtype, f"idwt2 {what}")
+                for lev, ref in refs.items():
+                    coeffs = dwt.wavedec2(x, wavelet, mode, lev)
+                    assert_matches(coeffs, ref, dtype, f"wavedec2 level {lev} {what}")
+                    reconstruction = pywt.waverec2(ref, wavelet, mode)
+                    assert_matches(dwt.waverec2(coeffs, wavelet, mode), reconstruction, dtype, f"waverec2 {lev} {what}")
+            assert len(dwt.wavedec2(x64, wavelet, mode)) == max_level(min(shape), wavelet) + 1  # level=None
+
+
+@pytest.mark.parametrize("mode", dwt.MODES)
+@pytest.mark.parametrize("wavelet", dwt.WAVELETS)
+def test_1d_matches_pywavelets(wavelet, mode):
+    """wavedec/waverec of a length-2048 signal for every level, and dwt/idwt along a middle dimension."""
+    generator = torch.Generator().manual_seed(1)
+    x64 = torch.randn(LENGTH_1D, generator=generator, dtype=torch.float64)
+    cube64 = torch.randn(3, 11, 4, generator=generator, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refs = {lev: pywt.wavedec(x64.numpy(), wavelet, mode, lev) for lev in range(1, max_level(LENGTH_1D, wavelet) + 1)}
+        ref_axis = pywt.dwt(cube64.numpy(), wavelet, mode, axis=1)
+        ref_axis_inverse = pywt.idwt(*ref_axis, wavelet, mode, axis=1)
+    for dtype in (torch.float64, torch.float32):
+        for lev, ref in refs.items():
+            coeffs = dwt.wavedec(x64.to(dtype), wavelet, mode, lev)
+            assert_matches(coeffs, ref, dtype, f"wavedec {wavelet} {mode} level {lev}")
+            assert_matches(dwt.waverec(coeffs, wavelet, mode), pywt.waverec(ref, wavelet, mode), dtype, "waverec")
+        along_axis = dwt.dwt(cube64.to(dtype), wavelet, mode, dim=1)
+        assert_matches(along_axis, ref_axis, dtype, f"dwt dim=1 {wavelet} {mode}")
+        assert_matches(dwt.idwt(*along_axis, wavelet, mode, dim=1), ref_axis_inverse, dtype, "idwt dim=1")
+
+
+@pytest.mark.parametrize("mode", dwt.MODES)
+@pytest.mark.parametrize("wavelet", ["haar", "db2", "db5", "db10"])
+def test_perfect_reconstruction(wavelet, mode):
+    """waverec2(wavedec2(x)) == x, cropped where PyWavelets also returns one extra row/column (odd sizes)."""
+    for shape in SHAPES_2D + [(2, 3, 64, 64)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        top = max_level(min(shape[-2:]), wavelet)
+        for level in sorted({1, top} if top else set()):
+            y = dwt.waverec2(dwt.wavedec2(x, wavelet, mode, level), wavelet, mode)
+            assert y.shape[:-2] == x.shape[:-2] and all(0 <= a - b <= 1 for a, b in zip(y.shape[-2:], x.shape[-2:]))
+            torch.testing.assert_close(y[..., : shape[-2], : shape[-1]], x, rtol=1e-10, atol=1e-10)
+    x = torch.randn(5, 301, dtype=torch.float64)
+    y = dwt.waverec(dwt.wavedec(x, wavelet, mode), wavelet, mode)
+    torch.testing.assert_close(y[..., :301], x, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_dimensions_pass_through():
+    x = torch.randn(2, 3, 31, 20, dtype=torch.float64)
+    coeffs = dwt.wavedec2(x, "db3", "symmetric", 2)
+    for i in range(2):
+        for j in range(3):
+            single = dwt.wavedec2(x[i, j], "db3", "symmetric", 2)
+            torch.testing.assert_close(coeffs[0][i, j], single[0])
+            torch.testing.assert_close(coeffs[1][2][i, j], single[1][2])
+
+
+@pytest.mark.parametrize("wavelet, mode", [("haar", "zero"), ("db2", "symmetric"), ("db3", "periodization"),
+                                           ("db2", "reflect")])
+def test_gradcheck(wavelet, mode):
+    x = torch.randn(2, 8, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: torch.cat([c.flatten() for c in flat(dwt.dwt2(x, wavelet, mode))]), (x,))
+    bands = [torch.randn(6, 5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda a, h, v, d: dwt.idwt2((a, (h, v, d)), wavelet, mode), tuple(bands))
+
+
+def flat(coeffs):
+    return [coeffs[0]] + [band for bands in coeffs[1:] for band in bands]
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db4"])
+def test_periodization_is_orthonormal(wavelet):
+    """With periodization on sizes divisible by 2^level the transform is orthonormal: energy is preserved."""
+    x = torch.randn(3, 64, 128, dtype=torch.float64)
+    coeffs = dwt.wavedec2(x, wavelet, "periodization", level=3 if wavelet == "db4" else None)
+    energy = sum(c.square().sum() for c in flat(coeffs))
+    assert sum(c.numel() for c in flat(coeffs)) == x.numel()
+    torch.testing.assert_close(energy, x.square().sum(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_inputs(dtype, tol):
+    x = torch.randn(2, 64, 40)
+    for wavelet, mode in [("haar", "symmetric"), ("db4", "periodization"), ("db3", "zero")]:
+        coeffs = dwt.wavedec2(x.to(dtype), wavelet, mode)
+        reference = dwt.wavedec2(x.to(dtype).double(), wavelet, mode)
+        for ours, ref in zip(flat(coeffs), flat(reference)):
+            assert ours.dtype == dtype
+            assert (ours.double() - ref).abs().max() <= tol * ref.abs().max()
+        y = dwt.waverec2(coeffs, wavelet, mode)
+        assert y.dtype == dtype and (y.double()[..., :64, :40] - x).abs().max() <= 4 * tol * x.abs().max()
+
+
+@pytest.mark.parametrize("wavelet", dwt.WAVELETS)
+def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet):
+    """The WaveFT use: four equal (n, m) quarters -> (2n - L + 2, 2m - L + 2), as pywt.waverec2 'symmetric'."""
+    n, m, L = 24, 40, pywt.Wavelet(wavelet).dec_len
+    spectrum = torch.zeros(2 * n, 2 * m, dtype=torch.float64)
+    spectrum.view(-1)[torch.randperm(4 * n * m)[:50]] = torch.randn(50, dtype=torch.float64)
+    cA, cH, cV, cD = spectrum[:n, :m], spectrum[n:, :m], spectrum[:n, m:], spectrum[n:, m:]
+    ours = dwt.idwt2((cA, (cH, cV, cD)), wavelet, mode="symmetric")
+    assert ours.shape == (2 * n - L + 2, 2 * m - L + 2)
+    reference = pywt.waverec2([cA.numpy(), (cH.numpy(), cV.numpy(), cD.numpy())], wavelet, mode="symmetric")
+    assert_matches(ours, reference, torch.float64, f"idwt2 quarters {wavelet}")
+
+
+X2 = torch.randn(64, 40)
+BAD_INPUTS = [  # (call, the bad value, the allowed values) that must both appear in the message
+    (lambda: dwt.dwt2(X2, "db42"), "'db42'", "haar, db1, db2"),
+    (lambda: dwt.wavelet_filters("sym4"), "'sym4'", "db10"),
+    (lambda: dwt.wavedec2(X2, "db1", level=6), "level 6", "0..5"),
+    (lambda: dwt.wavedec(X2, "db4", level=-1), "level -1", "0..2"),
+    (lambda: dwt.dwt2(X2, "db2", mode="smooth"), "'smooth'", "zero, constant, symmetric"),
+    (lambda: dwt.idwt2((X2, (X2, X2, X2)), "db2", mode="antisymmetric"), "'antisymmetric'", "periodization"),
+    (lambda: dwt.dwt(torch.empty(0), "db2"), "shape (0,)", ">= 1"),
+    (lambda: dwt.wavedec2(torch.empty(3, 0, 4), "db2"), "shape (3, 0, 4)", ">= 1"),
+    (lambda: dwt.dwt2(torch.randn(16), "haar"), "shape (16,)", "(..., height, width)"),
+    (lambda: dwt.wavedec2(torch.randn(16), "haar"), "shape (16,)", "(..., height, width)"),
+    (lambda: dwt.dwt2(torch.ones(8, 8, dtype=torch.int64), "haar"), "torch.int64", "float32"),
+    (lambda: dwt.idwt2((X2, (X2, X2, X2[:-1])), "haar"), "(63, 40)", "equal shape"),
+]
+
+
+@pytest.mark.parametrize("call, bad, allowed", BAD_INPUTS)
+def test_bad_input_raises_clear_value_error(call, bad, allowed):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert bad in str(error.value) and allowed in str(error.value), str(error.value)
