@@ -1,0 +1,501 @@
+"""Evaluate DreamBooth runs: generate the protocol's images with each trained adapter, then score them.
+
+The idea (DreamBooth, Ruiz et al. 2023; WaveFT paper §5): a personalised model should (1) draw *the* subject, not
+just any dog, and (2) still follow the prompt. (1) is measured by comparing generated images with the real photos
+of the subject in an embedding space, (2) by comparing each image with its prompt in CLIP's joint space. Notation:
+e(.) is an L2-normalised embedding, G the generated images of one subject, R its 4-6 real photos.
+
+    DINO      = mean_{g in G, r in R} e(g).e(r)   DINO ViT-S/16 CLS token        subject fidelity (higher is better)
+    CLIP-I    = the same with CLIP ViT-B/32 image embeddings                     subject fidelity
+    CLIP-T    = mean_g 100 * e(g).e(prompt_g without "zjw")   CLIP ViT-B/32      prompt fidelity
+    CMMD      = 1000 * [mean k(g,g') + mean k(r,r') - 2 mean k(g,r)],  k(x,y) = exp(-|x-y|^2 / (2 * 10^2))
+                on CLIP ViT-L/14@336 embeddings; every mean runs over all pairs, i = j included (see cmmd())
+                                                                             distribution distance (lower is better)
+    diversity = mean over prompts of the mean pairwise LPIPS of its images if `lpips` is installed ("lpips_diversity"),
+                else the mean pairwise (1 - DINO cosine) ("dino_diversity"; a different number, never called LPIPS)
+
+Protocol (the authors' generation, sdxl.GenerationConfig): 25 DreamBooth prompts of the subject's kind x 4 seeds
+(42..45) = 100 images per subject, DPM-Solver++ 2M, 30 steps, CFG 7.5, 1024 px; the adapter is waveft.load-ed and
+merged. Metric scores are means over a run's images; the comparison table gives mean +- std over subjects.
+
+    python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
+    python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (layout below)
+    python evaluate.py --runs outputs/dog6-waveft-k2000 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
+        --resolution 64 --dino tiny --clip tiny --cmmd-clip tiny  # CPU smoke run: tiny models, meaningless numbers
+
+Layout: <out-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder,
+then scores.csv (one row per image), metrics.json, grid.png; <out-dir>/comparison.{md,csv} over all runs.
+`--metrics-only DIR` reads DIR in the layout of images/: one folder `<number>_<anything>` per prompt holding the
+images (any names) and, optionally, prompt.txt (else the prompt is the folder name after the number, "_" -> " ").
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+import sdxl
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO was trained with these
+METRICS = ("dino", "clip_i", "clip_t", "cmmd", "lpips_diversity", "dino_diversity")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metrics, on embeddings (rows = images). float64: they are tiny and then exact to compare.
+
+
+def normalize(x):
+    return F.normalize(torch.as_tensor(x).double(), dim=-1)
+
+
+def mean_cosine(generated, real):
+    """Per generated image, its mean cosine to every real image. DINO and CLIP-I are the mean of this vector."""
+    return (normalize(generated) @ normalize(real).T).mean(dim=1)
+
+
+def clip_t(image_embeds, text_embeds):
+    """Per image, 100 * cosine with its own prompt (row i with row i); not clipped at 0."""
+    return 100 * (normalize(image_embeds) * normalize(text_embeds)).sum(dim=-1)
+
+
+def cmmd(x, y, sigma=10.0, scale=1000.0, unbiased=False):
+    """CMMD (Jayasumana et al. 2024, "Rethinking FID"): scale * MMD^2 between two sets of CLIP embeddings with the
+    Gaussian RBF kernel k(a, b) = exp(-|a - b|^2 / (2 sigma^2)) on L2-normalised embeddings.
+
+    The paper's text writes the unbiased U-statistic (i = j left out of the within-set means), but the authors'
+    released code, which produced their numbers and which every CMMD reimplementation copies, averages over all
+    pairs including i = j: the biased "V-statistic" (Gretton et al. 2012, eq. 5). We report that one, because it is
+    what "CMMD" means in practice, it is never negative, and a set compared with itself gives exactly 0. It matters
+    here: with only 4-6 real photos the two estimators differ by about as much as methods do. `unbiased=True` gives
+    the paper's formula."""
+    x, y = normalize(x), normalize(y)
+
+    def kernel_mean(a, b, skip_diagonal=False):
+        squared_distance = (2 - 2 * a @ b.T).clamp(min=0)  # |a - b|^2 = 2 - 2 a.b for unit vectors
+        k = torch.exp(-squared_distance / (2 * sigma**2))
+        if skip_diagonal:
+            n = len(a)
+            return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+        return k.mean()
+
+    return float(scale * (kernel_mean(x, x, unbiased) + kernel_mean(y, y, unbiased) - 2 * kernel_mean(x, y)))
+
+
+def dino_diversity(embeds):
+    """Mean pairwise (1 - cosine) between the images of one prompt (pairs i < j). Needs at least 2 images."""
+    cos = normalize(embeds) @ normalize(embeds).T
+    n = len(cos)
+    return float(1 - (cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+
+
+def lpips_diversity(images, lpips_model, size=256):
+    """Mean pairwise LPIPS (Zhang et al. 2018) between the images of one prompt, pairs i < j, at size x size px."""
+    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).copy())
+                     for im in images]).permute(0, 3, 1, 2).float() / 127.5 - 1  # LPIPS wants [-1, 1]
+    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
+    with torch.no_grad():
+        return float(torch.stack([lpips_model(x[i:i + 1], x[j:j + 1]).flatten()[0] for i, j in pairs]).mean())
+
+
+def strip_token(prompt, unique_token):
+    """CLIP-T compares the image with the prompt a *normal* model understands: "a zjw dog in the snow" -> "a dog in
+    the snow" (the rare token means nothing to CLIP and would only add noise)."""
+    return " ".join(word for word in prompt.split() if word != unique_token)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric models: transformers' from_pretrained (hub id or local folder), or `tiny` random models for smoke runs
+
+
+def preprocess(images, size, mean, std):
+    """PIL images -> (N, 3, size, size): shorter side resized to `size` (bicubic), centre crop, [0, 1], normalised.
+    This is CLIP's own preprocessing, written out so that no torchvision is needed."""
+    batch = []
+    for image in images:
+        image = image.convert("RGB")
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        batch.append(torch.from_numpy(np.asarray(image.crop((left, top, left + size, top + size))).copy()))
+    x = torch.stack(batch).permute(0, 3, 1, 2).float() / 255  # (N, H, W, 3) uint8 -> (N, 3, H, W) in [0, 1]
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def tiny_dino(seed=0):
+    from transformers import ViTConfig, ViTModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64), add_pooling_layer=False).eval()
+
+
+def tiny_clip(seed=0):
+    """A random CLIP (32 px images, 32-wide, 2 layers) with the tiny in-memory tokenizer of the tiny SDXL."""
+    from transformers import CLIPConfig, CLIPModel
+    tokenizer = sdxl.tiny_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(small, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=32, patch_size=8),
+                                     projection_dim=16))
+    return model.eval(), tokenizer
+
+
+def from_pretrained(cls, name, what, flag, **kwargs):
+    """cls.from_pretrained(name) that fails in seconds (not after a minute of retries) when the model is neither a
+    local folder, nor in the Hugging Face cache, nor downloadable, and says which model and what to pass."""
+    if os.path.isdir(name):
+        return cls.from_pretrained(name, **kwargs)
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)  # already in the local cache
+    except OSError:
+        if not sdxl._hub_reachable():
+            raise FileNotFoundError(
+                f"{what} model {name!r} is not available: it is not a local folder, not in the Hugging Face cache, and "
+                f"the hub cannot be reached. Download it where there is network (huggingface-cli download {name} "
+                f"--local-dir DIR) and pass {flag} DIR, or pass {flag} tiny for a smoke run (meaningless numbers)"
+            ) from None
+    return cls.from_pretrained(name, **kwargs)
+
+
+@dataclass
+class MetricModels:
+    dino: torch.nn.Module  # ViTModel: DINO
+    clip: torch.nn.Module  # CLIPModel: CLIP-I and CLIP-T
+    tokenizer: object  # CLIPTokenizer of `clip`
+    cmmd_clip: torch.nn.Module  # CLIPModel: CMMD
+    names: dict  # what was loaded, for metrics.json
+
+
+def load_metric_models(dino="facebook/dino-vits16", clip="openai/clip-vit-base-patch32",
+                       cmmd_clip="openai/clip-vit-large-patch14-336", device="cpu"):
+    from transformers import CLIPModel, CLIPTokenizer, ViTModel
+    dino_model = tiny_dino() if dino == "tiny" else from_pretrained(ViTModel, dino, "DINO", "--dino",
+                                                                     add_pooling_layer=False)
+    if clip == "tiny":
+        clip_model, tokenizer = tiny_clip()
+    else:
+        clip_model = from_pretrained(CLIPModel, clip, "CLIP", "--clip")
+        tokenizer = from_pretrained(CLIPTokenizer, clip, "CLIP tokenizer", "--clip")
+    if cmmd_clip == clip:
+        cmmd_model = clip_model
+    else:
+        cmmd_model = tiny_clip(seed=1)[0] if cmmd_clip == "tiny" else from_pretrained(CLIPModel, cmmd_clip, "CMMD CLIP",
+                                                                                      "--cmmd-clip")
+    return MetricModels(dino_model.to(device).eval(), clip_model.to(device).eval(), tokenizer,
+                        cmmd_model.to(device).eval(), dict(dino=dino, clip=clip, cmmd_clip=cmmd_clip))
+
+
+@torch.no_grad()
+def embed_images(model, images, batch_size=16):
+    """DINO: the CLS token of the last layer. CLIP: the projected image embedding. Not normalised (metrics do it)."""
+    is_clip = hasattr(model, "get_image_features")
+    size = model.config.vision_config.image_size if is_clip else model.config.image_size
+    mean, std = (CLIP_MEAN, CLIP_STD) if is_clip else (IMAGENET_MEAN, IMAGENET_STD)
+    embeds = []
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start:start + batch_size], size, mean, std).to(model.device, model.dtype)
+        if is_clip:
+            out = model.get_image_features(pixel_values=x)
+            embeds.append(out if torch.is_tensor(out) else out.pooler_output)  # transformers 5 returns an output
+        else:
+            embeds.append(model(pixel_values=x).last_hidden_state[:, 0])
+    return torch.cat(embeds).float().cpu()
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts):
+    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(model.device)
+    out = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+    return (out if torch.is_tensor(out) else out.pooler_output).float().cpu()
+
+
+def load_lpips():
+    """LPIPS (AlexNet) if the optional `lpips` package is installed, else None (diversity then uses DINO)."""
+    try:
+        import lpips
+    except ImportError:
+        return None
+    return lpips.LPIPS(net="alex", verbose=False).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring one folder of images laid out by prompt
+
+
+def slug(prompt):
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60]
+
+
+def read_image_folder(images_dir):
+    """--metrics-only: [(prompt_idx, prompt, path)] from folders `<number>_<anything>` holding a prompt's images."""
+    entries = []
+    folders = [(int(m.group(1)), m.group(2), p) for p in Path(images_dir).iterdir()
+               if p.is_dir() and (m := re.fullmatch(r"(\d+)_(.*)", p.name))]
+    for prompt_idx, name, folder in sorted(folders):
+        prompt_file = folder / "prompt.txt"
+        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else name.replace("_", " ")
+        entries += [(prompt_idx, prompt, path) for path in sorted(folder.iterdir())
+                    if path.suffix.lower() in sdxl.IMAGE_EXTENSIONS]
+    if not entries:
+        raise FileNotFoundError(f"no images found in {images_dir}: expected one folder <number>_<prompt> per prompt "
+                                f"holding its images (and optionally prompt.txt), e.g. 00_a_dog_in_the_jungle/seed42.png")
+    return entries
+
+
+def score(entries, real_images, models, unique_token, lpips_model=None):
+    """entries: [(prompt_idx, prompt, path)]. Returns (one row per image, the run's metrics)."""
+    images = [sdxl.load_image(path) for _, _, path in tqdm(entries, desc="scoring", unit="image")]
+    prompts = [prompt for _, prompt, _ in entries]
+    dino, dino_real = embed_images(models.dino, images), embed_images(models.dino, real_images)
+    clip, clip_real = embed_images(models.clip, images), embed_images(models.clip, real_images)
+    text = embed_texts(models.clip, models.tokenizer, [strip_token(p, unique_token) for p in prompts])
+    per_image = dict(dino=mean_cosine(dino, dino_real), clip_i=mean_cosine(clip, clip_real), clip_t=clip_t(clip, text))
+    rows = [dict(prompt_idx=idx, prompt=prompt, file=str(path), seed=(re.findall(r"seed(\d+)", path.stem) or [""])[0],
+                 **{name: round(float(values[i]), 6) for name, values in per_image.items()})
+            for i, (idx, prompt, path) in enumerate(entries)]
+    metrics = {name: float(values.mean()) for name, values in per_image.items()}
+    same = models.cmmd_clip is models.clip
+    metrics["cmmd"] = cmmd(clip if same else embed_images(models.cmmd_clip, images),
+                           clip_real if same else embed_images(models.cmmd_clip, real_images))
+    by_prompt = {}
+    for i, (idx, _, _) in enumerate(entries):
+        by_prompt.setdefault(idx, []).append(i)
+    groups = [group for group in by_prompt.values() if len(group) >= 2]  # diversity needs pairs
+    if groups and lpips_model is not None:
+        metrics["lpips_diversity"] = float(np.mean([lpips_diversity([images[i] for i in g], lpips_model) for g in groups]))
+    elif groups:
+        metrics["dino_diversity"] = float(np.mean([dino_diversity(dino[g]) for g in groups]))
+    return rows, metrics, images
+
+
+def write_grid(path, real_images, entries, images, thumb=256):
+    """Real photos on the first row, then one row per prompt (its seeds), each cell labelled."""
+    by_prompt = {}
+    for (idx, prompt, file), image in zip(entries, images):
+        by_prompt.setdefault((idx, prompt), []).append((file, image))
+    cols = max(len(real_images), *(len(v) for v in by_prompt.values()))
+    thumb = min(thumb, images[0].width)
+    blank = Image.new("RGB", (thumb, thumb), "white")
+    cells, labels = [], []
+    for row in [[(f"real {i}", im) for i, im in enumerate(real_images)]] + \
+               [[(f"{prompt} | {Path(f).stem}", im) for f, im in v] for (_, prompt), v in by_prompt.items()]:
+        row = [(label, ImageOps.fit(im, (thumb, thumb))) for label, im in row[:cols]]  # centre-cropped squares
+        row += [("", blank)] * (cols - len(row))
+        labels += [label for label, _ in row]
+        cells += [im for _, im in row]
+    sdxl.image_grid(cells, cols, labels).save(path)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: read and check everything first, so a bad folder fails before any model is loaded
+
+
+@dataclass
+class Run:
+    name: str
+    subject: str
+    unique_token: str
+    data_dir: str
+    config: dict  # the run's config.json ({} for --metrics-only)
+    adapter: Path = None  # adapter.safetensors (None for --metrics-only)
+    images_dir: Path = None  # where the images are / go (default <out-dir>/<name>/images)
+
+
+def read_run(folder, data_dir=None, model=None):
+    folder = Path(folder)
+    for file in ("config.json", "adapter.safetensors"):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"run folder {folder} has no {file}: pass folders written by train_dreambooth.py "
+                                    f"(a run that has not finished has no adapter.safetensors yet)")
+    config = json.loads((folder / "config.json").read_text())
+    if model is not None and model != config["model"]:
+        raise ValueError(f"{folder}: its adapter was trained for model {config['model']!r} (config.json), not for "
+                         f"--model {model!r}; drop --model to evaluate each run with its own model")
+    run = Run(folder.name, config["subject"], config.get("unique_token", sdxl.UNIQUE_TOKEN),
+              str(data_dir or config.get("data_dir", "dataset")), config, folder / "adapter.safetensors")
+    check_subject(run, f"run {folder}")
+    return run
+
+
+def check_subject(run, where):
+    try:
+        sdxl.instance_images(run.data_dir, run.subject)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"{where}: {error}") from None
+
+
+def method_and_budget(config):
+    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592') or ('lora', 'r=1'), as in the output folder names."""
+    method = config.get("method", "external")
+    if method == "waveft" and config.get("use_idwt", True) in (False, "false", "False", 0):
+        method = "waveft_noidwt"
+    budget = f"r={config.get('rank')}" if method == "lora" else f"k={config['k']}" if "k" in config else ""
+    return method, budget
+
+
+def count_trainable(adapter):
+    """Trainable adapter parameters, read from the file: the spectra (WaveFT) or A and B (LoRA)."""
+    from safetensors import safe_open
+    with safe_open(str(adapter), "pt") as f:
+        return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()
+                   if key.endswith(("waveft_spectrum", "lora_A", "lora_B")))
+
+
+def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device):
+    """Generate every (prompt, seed) image not on disk yet (resumable); returns how many were made."""
+    path = {(i, s): images_dir / f"{i:02d}_{slug(p)}" / f"seed{s}.png" for i, p in enumerate(prompts) for s in seeds}
+    todo = [(i, p, [s for s in seeds if not path[i, s].is_file()]) for i, p in enumerate(prompts)]
+    total = sum(len(missing) for _, _, missing in todo)
+    if total == 0:
+        return 0  # nothing to do: not even the pipeline is loaded
+    import waveft
+    pipe = sdxl.load_pipeline(run.config["model"])
+    try:
+        waveft.load(pipe.unet, run.adapter)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise ValueError(f"adapter {run.adapter} does not fit model {run.config['model']!r}: {error}") from None
+    waveft.merge(pipe.unet)  # the update is folded into W: sampling costs what the base model costs
+    pipe.to(device)
+    with tqdm(total=total, desc=f"{run.name}: generating", unit="image") as bar:
+        for i, prompt, missing in todo:
+            if not missing:
+                continue
+            path[i, missing[0]].parent.mkdir(parents=True, exist_ok=True)
+            (path[i, missing[0]].parent / "prompt.txt").write_text(prompt + "\n")
+            for seed, image in zip(missing, sdxl.generate(pipe, [prompt], missing, gen_cfg)):
+                image.save(path[i, seed].with_suffix(".tmp.png"))
+                os.replace(path[i, seed].with_suffix(".tmp.png"), path[i, seed])  # a killed run leaves no half file
+                bar.update(1)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The comparison table: one line per (method, budget), mean +- std over subjects
+
+
+def write_comparison(all_metrics, out_dir):
+    groups = {}
+    for m in all_metrics:
+        groups.setdefault((m["method"], m["budget"]), []).append(m)
+    names = [name for name in METRICS if any(name in m for m in all_metrics)]
+    md = ["| method | k or rank | trainable params | subjects | " + " | ".join(names) + " |",
+          "|---" * (4 + len(names)) + "|"]
+    rows = []
+    for (method, budget), runs in groups.items():
+        params = "/".join(str(p) for p in dict.fromkeys(m["trainable_params"] for m in runs))
+        row = dict(method=method, budget=budget, trainable_params=params, subjects=len(runs))
+        cells = []
+        for name in names:
+            values = [m[name] for m in runs if name in m]
+            mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            row.update({f"{name}_mean": round(mean, 4), f"{name}_std": round(std, 4)})
+            cells.append(f"{mean:.3f} ± {std:.3f}" if name != "clip_t" else f"{mean:.2f} ± {std:.2f}")
+        rows.append(row)
+        md.append(f"| {method} | {budget} | {params} | {len(runs)} | " + " | ".join(cells) + " |")
+    (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
+    write_csv(out_dir / "comparison.csv", rows)
+    return "\n".join(md)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", nargs="+", help="run folders of train_dreambooth.py, e.g. outputs/*")
+    source.add_argument("--metrics-only", metavar="DIR", help="score existing images laid out by prompt (no generation)")
+    parser.add_argument("--subject", help="with --metrics-only: the DreamBooth subject of the images")
+    parser.add_argument("--unique-token", default=sdxl.UNIQUE_TOKEN, help="with --metrics-only: stripped for CLIP-T")
+    parser.add_argument("--data-dir", help="DreamBooth dataset folder (default: the one in each run's config.json)")
+    parser.add_argument("--model", help="SDXL model; must be the run's own (default: config.json's)")
+    parser.add_argument("--out-dir", default="evaluation")
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="seeds --seed, --seed+1, ...")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-prompts", type=int, default=25, help="fewer prompts for smoke runs")
+    parser.add_argument("--steps", type=int, help="override GenerationConfig's 30 steps (smoke runs)")
+    parser.add_argument("--resolution", type=int, help="override GenerationConfig's 1024 px (smoke runs)")
+    parser.add_argument("--dino", default="facebook/dino-vits16", help="hub id, local folder, or tiny")
+    parser.add_argument("--clip", default="openai/clip-vit-base-patch32", help="for CLIP-I/CLIP-T; or tiny")
+    parser.add_argument("--cmmd-clip", default="openai/clip-vit-large-patch14-336", help="for CMMD; or tiny")
+    args = parser.parse_args(argv)
+    if args.metrics_only and not args.subject:
+        parser.error("--metrics-only needs --subject (whose real photos the images are compared with)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    if args.runs:
+        runs = [read_run(folder, args.data_dir, args.model) for folder in args.runs]
+        if len({run.name for run in runs}) < len(runs):
+            raise ValueError("two run folders have the same name; their results would overwrite each other")
+    else:
+        folder = Path(args.metrics_only)
+        runs = [Run(folder.name, args.subject, args.unique_token, args.data_dir or "dataset", {}, images_dir=folder)]
+        check_subject(runs[0], "--metrics-only")
+        read_image_folder(folder)  # fail now, not after loading the models
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = load_metric_models(args.dino, args.clip, args.cmmd_clip, device)
+    tiny = any(name == "tiny" for name in models.names.values())
+    lpips_model = load_lpips()
+    gen_cfg = sdxl.GenerationConfig()
+    gen_cfg = replace(gen_cfg, num_inference_steps=args.steps or gen_cfg.num_inference_steps,
+                      resolution=args.resolution or gen_cfg.resolution)
+    all_metrics = []
+    for run in runs:
+        run_out = out_dir / run.name
+        run_out.mkdir(parents=True, exist_ok=True)
+        if run.adapter is not None:
+            prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:args.max_prompts]
+            seeds = [args.seed + i for i in range(args.images_per_prompt)]
+            images_dir = run_out / "images"
+            generate_missing(run, images_dir, prompts, seeds, gen_cfg, device)
+            entries = [(i, p, images_dir / f"{i:02d}_{slug(p)}" / f"seed{s}.png")
+                       for i, p in enumerate(prompts) for s in seeds]
+        else:
+            entries = read_image_folder(run.images_dir)
+        real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
+        rows, metrics, images = score(entries, real_images, models, run.unique_token, lpips_model)
+        method, budget = method_and_budget(run.config)
+        metrics = dict(run=run.name, subject=run.subject, method=method, budget=budget,
+                       trainable_params=count_trainable(run.adapter) if run.adapter else None,
+                       n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
+                       **metrics, metric_models=models.names, meaningless_tiny_models=tiny,
+                       generation=dict(model=run.config.get("model"), steps=gen_cfg.num_inference_steps,
+                                       resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale))
+        write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows])
+        (run_out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_grid(run_out / "grid.png", real_images, entries, images)
+        all_metrics.append(metrics)
+    table = write_comparison(all_metrics, out_dir)
+    print(table + (f"\nwritten to {out_dir}/" + ("  (tiny metric models: these numbers mean nothing)" if tiny else "")))
+    return all_metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"evaluate.py: error: {error}")
