@@ -158,6 +158,8 @@ def from_pretrained(cls, name, what, flag, **kwargs):
     local folder, nor in the Hugging Face cache, nor downloadable, and says which model and what to pass."""
     if os.path.isdir(name):
         return cls.from_pretrained(name, **kwargs)
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{what} model folder {name} does not exist (pass {flag} with a hub id or a folder)")
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)  # already in the local cache
     except OSError:

@@ -1,0 +1,185 @@
+"""evaluate.py: the metric maths on controlled inputs, model loading, the by-prompt layout, the comparison table,
+an end-to-end run on the tiny SDXL with a tiny adapter (resumable), and clear errors for bad input."""
+import json
+import shutil
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import sdxl
+
+TINY = ["--dino", "tiny", "--clip", "tiny", "--cmmd-clip", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return evaluate.load_metric_models("tiny", "tiny", "tiny")
+
+
+def numpy_mmd2(x, y, sigma, unbiased):
+    """Independent CMMD: explicit double loop over pairs, distances from coordinates (not from the dot product)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    def k(a, b):
+        return np.exp(-np.sum((a - b) ** 2) / (2 * sigma**2))
+
+    def within(s):
+        pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if not (unbiased and i == j)]
+        return sum(k(s[i], s[j]) for i, j in pairs) / len(pairs)
+    across = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
+    return 1000 * (within(x) + within(y) - 2 * across)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metric maths
+
+
+def test_cmmd_matches_independent_numpy_computation():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 12)), rng.normal(0.5, 1.0, size=(5, 12))
+    for sigma in (10.0, 0.7):  # 0.7: a bandwidth where the kernel is far from 1, so the test has teeth
+        for unbiased in (False, True):
+            expected = numpy_mmd2(x, y, sigma, unbiased)
+            assert evaluate.cmmd(x, y, sigma=sigma, unbiased=unbiased) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert evaluate.cmmd(x, y) > 0
+
+
+def test_cmmd_of_a_set_with_itself_is_zero_and_scale_invariant():
+    x = np.random.default_rng(1).normal(size=(6, 16))
+    assert abs(evaluate.cmmd(x, x)) < 1e-12
+    assert abs(evaluate.cmmd(x, 3.0 * x)) < 1e-12  # embeddings are L2-normalised first
+    # the paper's unbiased formula is not 0 on identical sets (why the biased form is reported)
+    assert evaluate.cmmd(x, x, sigma=0.7, unbiased=True) < -1
+
+
+def test_dino_and_clip_i_are_one_for_identical_embeddings_and_mean_cosine_otherwise():
+    e = torch.randn(1, 8)
+    assert torch.allclose(evaluate.mean_cosine(e.repeat(3, 1), 2 * e.repeat(4, 1)), torch.ones(3, dtype=torch.float64))
+    g, r = np.random.default_rng(2).normal(size=(3, 8)), np.random.default_rng(3).normal(size=(4, 8))
+    cos = np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in r] for a in g])
+    np.testing.assert_allclose(evaluate.mean_cosine(g, r).numpy(), cos.mean(axis=1), rtol=1e-12)
+
+
+def test_clip_t_and_dino_diversity_against_numpy():
+    a, b = np.random.default_rng(4).normal(size=(2, 5, 8))
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(evaluate.clip_t(a, b).numpy(), 100 * cos, rtol=1e-12)
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    pairs = [1 - an[i] @ an[j] for i in range(5) for j in range(i + 1, 5)]
+    assert evaluate.dino_diversity(a) == pytest.approx(np.mean(pairs), rel=1e-12)
+    assert evaluate.dino_diversity(np.repeat(a[:1], 3, axis=0)) == pytest.approx(0, abs=1e-12)
+
+
+def test_unique_token_is_stripped_for_clip_t():
+    assert evaluate.strip_token("a zjw dog in the snow", "zjw") == "a dog in the snow"
+    assert evaluate.strip_token("a red zjw backpack", "zjw") == "a red backpack"
+    assert evaluate.strip_token("a zjwx dog", "zjw") == "a zjwx dog"  # whole words only
+
+
+def test_identical_image_sets_score_one_and_the_prompt_reaches_clip_without_token(tiny_models, dreambooth_dir,
+                                                                                   monkeypatch):
+    path = dreambooth_dir / "dog6" / "00.jpg"
+    seen = []
+    real_embed_texts = evaluate.embed_texts
+    monkeypatch.setattr(evaluate, "embed_texts", lambda m, t, texts: seen.extend(texts) or real_embed_texts(m, t, texts))
+    entries = [(0, "a zjw dog in the snow", path), (0, "a zjw dog in the snow", path)]
+    rows, metrics, _ = evaluate.score(entries, [sdxl.load_image(path)] * 2, tiny_models, "zjw")
+    assert seen == ["a dog in the snow"] * 2
+    assert metrics["dino"] == pytest.approx(1, abs=1e-6) and metrics["clip_i"] == pytest.approx(1, abs=1e-6)
+    assert metrics["cmmd"] == pytest.approx(0, abs=1e-6) and metrics["dino_diversity"] == pytest.approx(0, abs=1e-6)
+    assert [row["dino"] for row in rows] == pytest.approx([1, 1], abs=1e-6)
+    other = [(0, "a zjw dog", dreambooth_dir / "cat" / "00.jpg")] * 2
+    _, metrics, _ = evaluate.score(other, [sdxl.load_image(path)], tiny_models, "zjw")
+    assert metrics["dino"] < 0.999 and metrics["cmmd"] > 1e-3  # a different subject is not "identical"
+
+
+def test_lpips_diversity_is_used_and_named_when_available(tiny_models, dreambooth_dir):
+    """With an LPIPS model (here a stand-in: mean |a - b|) diversity is the mean over pairs, called lpips_diversity."""
+    paths = [dreambooth_dir / "dog6" / f"0{i}.jpg" for i in range(3)]
+    _, metrics, images = evaluate.score([(0, "p", p) for p in paths], [sdxl.load_image(paths[0])], tiny_models,
+                                        "zjw", lpips_model=lambda a, b: (a - b).abs().mean().view(1, 1, 1, 1))
+    x = [np.asarray(im.resize((256, 256), Image.BICUBIC)).astype(np.float64) / 127.5 for im in images]
+    expected = np.mean([np.abs(x[i] - x[j]).mean() for i, j in [(0, 1), (0, 2), (1, 2)]])
+    assert metrics["lpips_diversity"] == pytest.approx(expected, rel=1e-5) and "dino_diversity" not in metrics
+
+
+def test_preprocess_resizes_crops_and_normalises():
+    image = Image.new("RGB", (40, 20), tuple(round(255 * m) for m in evaluate.CLIP_MEAN))
+    x = evaluate.preprocess([image, image.rotate(90, expand=True)], 16, evaluate.CLIP_MEAN, evaluate.CLIP_STD)
+    assert x.shape == (2, 3, 16, 16) and x.abs().max() < 0.02  # the mean colour normalises to ~0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model loading
+
+
+def test_metric_models_load_from_local_folders_through_from_pretrained(tiny_models, tmp_path, dreambooth_dir):
+    tiny_models.dino.save_pretrained(tmp_path / "dino")
+    tiny_models.clip.save_pretrained(tmp_path / "clip")
+    tiny_models.tokenizer.save_pretrained(tmp_path / "clip")
+    loaded = evaluate.load_metric_models(str(tmp_path / "dino"), str(tmp_path / "clip"), str(tmp_path / "clip"))
+    images = [sdxl.load_image(dreambooth_dir / "dog6" / "00.jpg")]
+    for a, b in ((tiny_models.dino, loaded.dino), (tiny_models.clip, loaded.clip)):
+        torch.testing.assert_close(evaluate.embed_images(a, images), evaluate.embed_images(b, images))
+    texts = ["a dog in the snow"]
+    torch.testing.assert_close(evaluate.embed_texts(tiny_models.clip, tiny_models.tokenizer, texts),
+                               evaluate.embed_texts(loaded.clip, loaded.tokenizer, texts))
+
+
+@pytest.mark.parametrize("flag", ["--dino", "--clip", "--cmmd-clip"])
+def test_missing_metric_model_fails_fast_naming_it(flag, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    names = dict(dino="tiny", clip="tiny", cmmd_clip="tiny")
+    names[flag[2:].replace("-", "_")] = "nobody/no-such-model"
+    start = time.time()
+    with pytest.raises(FileNotFoundError, match=f"'nobody/no-such-model' is not available.*pass {flag} DIR"):
+        evaluate.load_metric_models(**names)
+    assert time.time() - start < 10
+    with pytest.raises(FileNotFoundError, match=f"folder /no/such/dir does not exist .*{flag}"):
+        evaluate.load_metric_models(**{**names, flag[2:].replace("-", "_"): "/no/such/dir"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout, metrics-only, table
+
+
+def test_metrics_only_scores_a_folder_laid_out_by_prompt(tmp_path, dreambooth_dir):
+    images = tmp_path / "other_tool"
+    for folder, files in {"0_a_zjw_dog_on_the_beach": ["00.jpg", "01.jpg"], "1_x": ["02.jpg"]}.items():
+        (images / folder).mkdir(parents=True)
+        for name in files:
+            shutil.copy(dreambooth_dir / "dog6" / name, images / folder / name)
+    (images / "1_x" / "prompt.txt").write_text("a red zjw dog\n")
+    (images / "notes").mkdir()  # not <number>_...: ignored
+    out = tmp_path / "eval"
+    [metrics] = evaluate.main(["--metrics-only", str(images), "--subject", "dog6", "--data-dir", str(dreambooth_dir),
+                               "--out-dir", str(out)] + TINY)
+    rows = (out / "other_tool" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 4 and ",a zjw dog on the beach," in rows[1] and ",a red zjw dog," in rows[3]
+    assert metrics["n_images"] == 3 and metrics["n_prompts"] == 2 and metrics["n_real"] == 5
+    assert metrics["meaningless_tiny_models"] and (out / "other_tool" / "grid.png").is_file()
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        evaluate.main(["--metrics-only", str(tmp_path / "eval"), "--subject", "dog6", "--data-dir",
+                       str(dreambooth_dir)] + TINY)
+    with pytest.raises(SystemExit):  # --subject is required
+        evaluate.parse_args(["--metrics-only", str(images)])
+
+
+def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
+    runs = [dict(method="waveft", budget="k=2592", trainable_params=100, dino=d, cmmd=c)
+            for d, c in ((0.4, 1.0), (0.6, 2.0), (0.8, 3.0))] + \
+           [dict(method="lora", budget="r=1", trainable_params=120, dino=0.5, cmmd=1.5)]
+    table = evaluate.write_comparison(runs, tmp_path)
+    assert "| waveft | k=2592 | 100 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 |" in table
+    assert "| lora | r=1 | 120 | 1 | 0.500 ± 0.000 | 1.500 ± 0.000 |" in table
+    csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert csv_rows[0] == "method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,cmmd_std"
+    assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
+    assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
