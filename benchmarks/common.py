@@ -1,6 +1,6 @@
 """Shared timing helpers for the scripts in benchmarks/ (median wall time, one plain-text table).
 
-Each benchmark compares against its baseline in the same process; these two helpers keep every
+Each benchmark compares against its baseline in the same process; these few helpers keep every
 script's output in the same format. Deliberately no statistics beyond the median.
 """
 import time
@@ -15,9 +15,28 @@ def median_ms(fn, warmup=3, runs=10):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    mid = len(times) // 2
-    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+    return _median(times)
+
+
+def median_ms_interleaved(fns, warmup=3, runs=10):
+    """{name: median ms} for a dict of callables timed in turn within each run, so that load from other
+    processes on a shared machine hits every contender alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _median(t) for name, t in times.items()}
+
+
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
 def print_table(header, rows):
