@@ -16,6 +16,7 @@ Not here: training (train_dreambooth.py), metrics (evaluate.py), the adapter its
 import os
 import re
 import socket
+import textwrap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,7 +199,8 @@ def load_pipeline(model, dtype=torch.float32):
     """`tiny` -> build_tiny_pipeline(); a local diffusers folder or a hub id -> StableDiffusionXLPipeline.from_pretrained.
     A hub id is taken from the local cache if it is there; otherwise the hub must answer within seconds."""
     if model == "tiny":
-        return build_tiny_pipeline().to(dtype=dtype)
+        pipe = build_tiny_pipeline()
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from diffusers import StableDiffusionXLPipeline
     if os.path.isdir(model):
         pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
@@ -293,15 +295,17 @@ def generate(pipe, prompts, seeds=None, cfg=None):
 
 
 def image_grid(images, cols, labels=None):
-    """Paste images row by row into one image; an optional label is written in a strip above each image."""
+    """Paste images row by row into one image; an optional label is written (wrapped) in a strip above each."""
     width, height = images[0].size
-    strip = 14 if labels else 0
+    chars_per_line = max(1, width // 6)  # PIL's default bitmap font is about 6 px per character
+    labels = [textwrap.wrap(str(label or ""), chars_per_line) for label in labels] if labels else None
+    strip = 2 + 11 * max(len(lines) for lines in labels) if labels else 0
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (cols * width, rows * (height + strip)), "white")
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
         x, y = (i % cols) * width, (i // cols) * (height + strip)
         grid.paste(image.convert("RGB").resize((width, height)), (x, y + strip))
-        if labels and labels[i]:
-            draw.text((x + 2, y + 1), str(labels[i])[: max(1, width // 6)], fill="black")
+        if labels:
+            draw.multiline_text((x + 2, y + 1), "\n".join(labels[i]), fill="black", spacing=1)
     return grid
