@@ -1,0 +1,313 @@
+"""Tests for waveft.py: exactness against PEFT and against autograd through the dense dW, the fast path's
+precision and memory guarantees, injection, merge, save/load, training, and every error message."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+import waveft
+
+peft = pytest.importorskip("peft")
+
+
+def tiny_unet():
+    """A 2-level SDXL-architecture UNet (text_time conditioning), random weights, no download.
+    Its 32 attention projections are 64 x 64 and, for cross-attention to_k/to_v, 64 x 32."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, transformer_layers_per_block=1, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        use_linear_projection=True).eval()
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)})
+
+
+def run(unet, inputs):
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def randomize(model, std=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in waveft.adapted_layers(model):
+            for p in waveft._adapter_params(m):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def peft_layer(out_f, in_f, k, wavelet, use_idwt=True, dtype=torch.float64):
+    model = nn.Sequential(nn.Linear(in_f, out_f).to(dtype))
+    cfg = peft.WaveFTConfig(n_frequency=k, wavelet_family=wavelet, use_idwt=use_idwt, target_modules=["0"],
+                            init_weights=False)
+    return peft.inject_adapter_in_model(cfg, model)[0]
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db2", "db3", "db4"])
+@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (9, 7), (12, 5), (5, 16)])
+def test_delta_weight_and_positions_equal_peft(wavelet, shape):
+    k = min(20, shape[0] * shape[1])
+    layer = peft_layer(*shape, k, wavelet)
+    ours = waveft.WaveFTLinear(nn.Linear(shape[1], shape[0]).double(), k, 25.0, wavelet, 777, True)
+    assert torch.equal(ours.waveft_positions, layer.waveft_indices["default"])
+    with torch.no_grad():
+        ours.waveft_spectrum.copy_(layer.waveft_spectrum["default"])
+        expected = layer.get_delta_weight("default")
+        # 1e-9: PEFT's built-in filter tables carry ~10 significant digits (ours: float64 exact)
+        torch.testing.assert_close(ours.delta_weight(), expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+    assert expected.abs().max() > 0
+
+
+def test_weight_domain_baseline_equals_peft():
+    layer = peft_layer(9, 6, 17, "db1", use_idwt=False)
+    ours = waveft.WaveFTLinear(nn.Linear(6, 9).double(), 17, 25.0, "db1", 777, use_idwt=False)
+    with torch.no_grad():
+        ours.waveft_spectrum.copy_(layer.waveft_spectrum["default"])
+        torch.testing.assert_close(ours.delta_weight(), layer.get_delta_weight("default"), rtol=0, atol=0)
+
+
+def reference(layer, x):
+    """Plain autograd through the dense definition: y = x (W + dW)^T + b."""
+    return F.linear(x, layer.base.weight + layer.delta_weight(), layer.base.bias)
+
+
+@pytest.mark.parametrize("wavelet,use_idwt", [("db1", True), ("db2", True), ("db4", True), ("db1", False)])
+@pytest.mark.parametrize("shape,tokens", [((13, 10), (3, 2)), ((13, 10), (40, 3)), ((6, 17), (5,)), ((16, 16), (2, 50))])
+def test_fast_path_equals_dense_autograd_float64(wavelet, use_idwt, shape, tokens):
+    """(a) outputs and gradients (input and spectrum) match to 1e-6 relative, both forward strategies
+    (few tokens: factored A S B^T; many tokens: merged W + dW) are covered by the token counts."""
+    torch.manual_seed(0)
+    layer = waveft.WaveFTLinear(nn.Linear(shape[1], shape[0]).double(), 30, 25.0, wavelet, 777, use_idwt)
+    with torch.no_grad():
+        layer.waveft_spectrum.normal_()
+    x = torch.randn(*tokens, shape[1], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*tokens, shape[0], dtype=torch.float64)
+    grads = []
+    for fn in (layer, lambda x: reference(layer, x)):
+        y = fn(x)
+        grads.append((y, *torch.autograd.grad(y, (x, layer.waveft_spectrum), g)))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_low_precision_weight_keeps_small_updates():
+    """(b) with a bf16 W, a dW of 1e-4 relative to W still changes the output by x dW^T: the adapter runs
+    in the spectrum's float32 (merging into bf16 W would round such an update away entirely)."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to(torch.bfloat16)
+    layer = waveft.WaveFTLinear(base, 200, 25.0, "db1", 777, True)
+    assert layer.waveft_spectrum.dtype == torch.float32
+    x = torch.randn(3, 64)
+    y0 = layer(x)
+    with torch.no_grad():
+        layer.waveft_spectrum.normal_()
+        layer.waveft_spectrum.mul_(1e-4 * base.weight.float().abs().mean() / layer.delta_weight().abs().max())
+        dW = layer.delta_weight()
+        xb = x.to(torch.bfloat16)
+        naive = F.linear(xb, base.weight + dW.to(torch.bfloat16)).float() - F.linear(xb, base.weight).float()
+    y1 = layer(x.requires_grad_())
+    expected = x.detach() @ dW.T
+    torch.testing.assert_close(y1 - y0, expected, rtol=1e-2, atol=1e-3 * expected.abs().max().item())
+    assert (naive - expected).abs().max() > 0.5 * expected.abs().max()  # merging into bf16 W loses it
+    y1.square().sum().backward()
+    assert layer.waveft_spectrum.grad.dtype == torch.float32 and layer.waveft_spectrum.grad.abs().sum() > 0
+    assert x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tokens", [3, 400])
+def test_no_out_by_in_tensor_saved_for_backward(tokens):
+    """(c) autograd keeps only x, the frozen W itself and the k-vector; nothing of size out x in is new."""
+    layer = waveft.WaveFTLinear(nn.Linear(48, 64), 100, 25.0, "db2", 777, True)
+    x = torch.randn(tokens, 48, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    new = [t for t in saved if t.data_ptr() not in (layer.base.weight.data_ptr(), x.data_ptr())]
+    assert len(saved) >= 2 and all(t.numel() < 64 * 48 for t in new), [tuple(t.shape) for t in saved]
+    y.sum().backward()
+    assert layer.waveft_spectrum.grad is not None and x.grad is not None
+
+
+def test_zero_init_is_base_model_and_only_spectra_train(unet_inputs):
+    unet = tiny_unet()
+    before = run(unet, unet_inputs)
+    params = waveft.inject(unet, k=100)
+    assert torch.equal(run(unet, unet_inputs), before)
+    layers = waveft.adapted_layers(unet)
+    assert len(layers) == 32 and len(params) == 32
+    trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    assert all(n.endswith("waveft_spectrum") for n, _ in trainable) and len(trainable) == 32
+    assert waveft.count_parameters(unet) == 100 * 32 == sum(p.numel() for _, p in trainable)
+    shapes = {tuple(m.base.weight.shape) for _, m in layers}
+    assert shapes == {(64, 64), (64, 32)}
+    for _, m in layers:  # one cached draw per shape, shared by all layers of that shape
+        assert m.waveft_positions is waveft.draw_positions(*m.base.weight.shape, 100, 777)
+
+
+def test_lora_zero_init_and_count(unet_inputs):
+    unet = tiny_unet()
+    before = run(unet, unet_inputs)
+    waveft.inject(unet, method="lora", rank=2)
+    assert torch.equal(run(unet, unet_inputs), before)
+    expected = sum(2 * (m.base.in_features + m.base.out_features) for _, m in waveft.adapted_layers(unet))
+    assert waveft.count_parameters(unet) == expected
+
+
+@pytest.mark.parametrize("method", ["waveft", "lora"])
+def test_merge_equals_unmerged_and_unmerge_restores(unet_inputs, method):
+    unet = tiny_unet()
+    weights = {n: p.clone() for n, p in unet.named_parameters()}
+    waveft.inject(unet, method=method, k=300, wavelet="db3")
+    randomize(unet, std=0.004 if method == "waveft" else 0.1)
+    unmerged = run(unet, unet_inputs)
+    assert (unmerged - run(tiny_unet(), unet_inputs)).abs().max() > 1e-3  # the adapter does something
+    waveft.merge(unet)
+    torch.testing.assert_close(run(unet, unet_inputs), unmerged, rtol=1e-4, atol=1e-5)
+    waveft.unmerge(unet)
+    for n, m in waveft.adapted_layers(unet):
+        torch.testing.assert_close(m.base.weight, weights[n + ".weight"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(unet, unet_inputs), unmerged, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_refuses_nan():
+    model = nn.Sequential(nn.Linear(8, 8))
+    waveft.inject(model, k=4, target_modules=["0"])
+    with torch.no_grad():
+        model[0].waveft_spectrum[0] = float("nan")
+    weight = model[0].base.weight.clone()
+    with pytest.raises(ValueError, match="'0'.*NaN"):
+        waveft.merge(model)
+    assert torch.equal(model[0].base.weight, weight) and not model[0].merged
+
+
+@pytest.mark.parametrize("method", ["waveft", "lora"])
+def test_save_load_round_trip(tmp_path, unet_inputs, method):
+    unet = tiny_unet()
+    waveft.inject(unet, method=method, k=150, wavelet="db2", seed=5, rank=1, scaling=10.0, exclude_modules=["attn2.to_k"])
+    randomize(unet, std=0.05)
+    expected = run(unet, unet_inputs)
+    path = tmp_path / "adapter.safetensors"
+    waveft.save(unet, path, extra_metadata={"step": 7})
+    fresh = tiny_unet()
+    meta = waveft.load(fresh, path)
+    torch.testing.assert_close(run(fresh, unet_inputs), expected, rtol=0, atol=0)
+    assert meta == waveft.read_metadata(path)
+    assert (meta["method"], meta["k"], meta["scaling"], meta["wavelet"], meta["seed"], meta["rank"], meta["step"]) \
+        == (method, 150, 10.0, "db2", 5, 1, 7)
+    assert meta["use_idwt"] is True and meta["target_modules"] == list(waveft.DEFAULT_TARGETS)
+    assert len(meta["layers"]) == 28 and meta["layers"]["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"] == [64, 32]
+    waveft.load(fresh, path)  # loading again into an adapted model also works
+    assert waveft.count_parameters(fresh) == waveft.count_parameters(unet)
+
+
+def test_load_uses_saved_positions(tmp_path):
+    model = nn.Sequential(nn.Linear(10, 12))
+    waveft.inject(model, k=7, target_modules=["0"])
+    with torch.no_grad():
+        model[0].waveft_positions = torch.tensor([[0, 1, 2, 3, 4, 5, 11], [9, 8, 7, 6, 5, 4, 0]])
+        model[0].waveft_spectrum.normal_()
+    x = torch.randn(4, 10)
+    path = tmp_path / "a.safetensors"
+    waveft.save(model, path)
+    fresh = nn.Sequential(nn.Linear(10, 12))
+    fresh.load_state_dict({"0.weight": model[0].base.weight, "0.bias": model[0].base.bias})
+    waveft.load(fresh, path)
+    assert torch.equal(fresh[0].waveft_positions, model[0].waveft_positions)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_adam_reduces_loss_on_toy_regression():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        teacher[0].weight.add_(0.05 * torch.randn_like(teacher[0].weight))
+    params = waveft.inject(model, k=400, target_modules=["0", "2"])
+    opt = torch.optim.Adam(params, lr=1e-3)
+    x = torch.randn(256, 32)
+    target = teacher(x).detach()
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_matching_rules_and_summary(capsys):
+    unet = tiny_unet()
+    waveft.inject(unet, target_modules=r".*attn1\.to_(q|v)", exclude_modules=["up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"],
+                  k=10, verbose=True)
+    names = [n for n, _ in waveft.adapted_layers(unet)]
+    assert len(names) == 7 and all(n.endswith(("attn1.to_q", "attn1.to_v")) for n in names)
+    out = capsys.readouterr().out
+    assert "64 x 64" in out and "7" in out and "total trainable parameters: 70" in out
+
+
+def test_errors(tmp_path):
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match=r"no module matched.*to_qq.*conv_in"):
+        waveft.inject(unet, target_modules=["to_qq"])
+    with pytest.raises(ValueError, match=r"'down_blocks.1.attentions.0.transformer_blocks.0.attn1' .*Attention.*not an nn.Linear"):
+        waveft.inject(unet, target_modules=r".*attn1")
+    with pytest.raises(ValueError, match=r"k=0 .*attn1.to_q.* 64 x 64"):
+        waveft.inject(unet, k=0)
+    with pytest.raises(ValueError, match=r"k=4097 .*64 x 64.*4096"):
+        waveft.inject(unet, k=4097)
+    with pytest.raises(ValueError, match=r"unknown wavelet 'sym4'.*db1"):
+        waveft.inject(unet, wavelet="sym4")
+    with pytest.raises(ValueError, match="unknown method"):
+        waveft.inject(unet, method="vera")
+    assert not waveft.adapted_layers(unet) and all(p.requires_grad for p in unet.parameters())  # errors change nothing
+    with pytest.raises(ValueError, match="no adapters to save"):
+        waveft.save(unet, tmp_path / "x.safetensors")
+    waveft.inject(unet, k=10)
+    with pytest.raises(ValueError, match="already has adapters"):
+        waveft.inject(unet, k=10)
+    path = tmp_path / "unet.safetensors"
+    waveft.save(unet, path)
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"(?s)another model.*not adapted Linear layers in the model \(32\)"):
+        waveft.load(other, path)
+    wider = tiny_unet()
+    wider.mid_block.attentions[0].transformer_blocks[0].attn1.to_q = nn.Linear(64, 65, bias=False)
+    with pytest.raises(ValueError, match=r"(?s)shape mismatches.*mid_block.*attn1.to_q: file \(64, 64\), model \(65, 64\)"):
+        waveft.load(wider, path)
+    pickled = tmp_path / "adapter.bin"
+    torch.save({"a": torch.zeros(1)}, pickled)
+    with pytest.raises(ValueError, match="cannot read .*adapter.bin as a safetensors"):
+        waveft.load(tiny_unet(), pickled)
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db2"])
+def test_spectrum_interchange_with_peft(unet_inputs, wavelet):
+    """A spectrum trained here, copied into a PEFT WaveFTConfig model, gives the same outputs, and back."""
+    ours, theirs = tiny_unet(), tiny_unet()
+    waveft.inject(ours, k=120, wavelet=wavelet)
+    cfg = peft.WaveFTConfig(n_frequency=120, wavelet_family=wavelet, target_modules=list(waveft.DEFAULT_TARGETS))
+    theirs = peft.inject_adapter_in_model(cfg, theirs)
+    pairs = [(m.waveft_spectrum, dict(theirs.named_modules())[name].waveft_spectrum["default"])
+             for name, m in waveft.adapted_layers(ours)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mine, peft_spectrum in pairs:  # trained here -> PEFT
+            peft_spectrum.copy_(mine.normal_(generator=g).mul_(0.05))
+    torch.testing.assert_close(run(ours, unet_inputs), run(theirs, unet_inputs), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for mine, peft_spectrum in pairs:  # trained in PEFT -> here
+            mine.copy_(peft_spectrum.normal_(generator=g).mul_(0.05))
+    expected = run(theirs, unet_inputs)
+    assert (expected - run(tiny_unet(), unet_inputs)).abs().max() > 1e-3
+    torch.testing.assert_close(run(ours, unet_inputs), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,437 @@
+"""WaveFT: fine-tune a frozen nn.Linear through k sparse coefficients in the 2-D wavelet domain.
+
+For a frozen weight W (out x in) and bias b, WaveFT (Bilican et al., arXiv 2505.12532; PEFT's WaveFTConfig)
+trains k scalars `spectrum` at k fixed random `positions` of an otherwise-zero coefficient matrix C:
+
+    dW = scaling * crop(IDWT2(C)),        y = x W^T + b + x dW^T
+
+C is (out+R) x (in+R) with R = filter length - 2, each side rounded up to even; the k values sit at
+positions + R//2 (centred), C's quarters are (cA | cH) over (cV | cD), one level of dwt.idwt2 inverts it
+and the top-left out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
+-> (idx // in, idx % in), so spectra are interchangeable with PEFT. `delta_weight()` is this definition.
+
+Training never builds an out x in *gradient*. The inverse transform is separable: dW = scaling * A S B^T,
+where A (out x H) and B (in x W) are 1-D synthesis-and-crop operators (a stride-2 transposed convolution
+with the low/high-pass filters) and S (H x W) is C with its off-diagonal quarters swapped into
+"band order" (so that rows follow the row filter), still k-sparse. Two cost tricks follow:
+  1. coefficient gradient: dL/ds_(a,b) = scaling * sum_tokens (A^T g)_a (B^T x)_b, i.e. two cheap 1-D
+     analyses of g and x (L multiply-adds per value) and k sampled dot products (sampled_addmm), in
+     O(tokens * (out + in + k)) instead of the dense g^T x (tokens * out * in);
+  2. forward / input gradient: for many tokens one matmul with W + dW, where dW is scattered from the k
+     coefficients' L x L footprints (cheap, transient, never saved); for few tokens or a low-precision W,
+     y = x W^T + b + scaling * A (S (B^T x)) in the spectrum's float32, so small updates survive a bf16 W.
+method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
+"""
+import json
+import os
+import re
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dwt
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # SDXL UNet attention projections
+_POSITIONS = {}  # (out, in, k, seed) -> (2, k) positions, shared by all layers of one shape
+_PLANS = {}  # (id(positions), wavelet, use_idwt, device) -> _plan(...) dict
+
+
+def draw_positions(out_features, in_features, k, seed):
+    """PEFT's positions: (2, k) int64 rows and cols. Cached: randperm of 2.6M elements costs ~30 ms."""
+    key = (out_features, in_features, k, seed)
+    if key not in _POSITIONS:
+        flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(seed))[:k]
+        _POSITIONS[key] = torch.stack([flat // in_features, flat % in_features])  # (2, k)
+    return _POSITIONS[key]
+
+
+def _padded(n, wavelet, use_idwt):
+    """Coefficient length for an output of length n: n + R, rounded up to even (no padding without IDWT)."""
+    if not use_idwt:
+        return n
+    n = n + len(dwt.wavelet_filters(wavelet)[2]) - 2
+    return n + n % 2
+
+
+def delta_weight_of(spectrum, positions, shape, wavelet, scaling, use_idwt):
+    """The definition, exactly as PEFT: scaling * crop(IDWT2(C)) (or the scattered C without IDWT)."""
+    out_f, in_f = shape
+    if not use_idwt:
+        return scaling * torch.zeros(shape, dtype=spectrum.dtype, device=spectrum.device).index_put(
+            (positions[0], positions[1]), spectrum)
+    H, W = _padded(out_f, wavelet, True), _padded(in_f, wavelet, True)
+    C = torch.zeros(H, W, dtype=spectrum.dtype, device=spectrum.device)
+    C = C.index_put(((positions[0] + (H - out_f) // 2), (positions[1] + (W - in_f) // 2)), spectrum)
+    h, w = H // 2, W // 2
+    full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), wavelet)  # (H - R, W - R)
+    r0, c0 = (full.shape[0] - out_f) // 2, (full.shape[1] - in_f) // 2
+    return scaling * full[r0:r0 + out_f, c0:c0 + in_f]
+
+
+def _plan(positions, shape, wavelet, use_idwt, device):
+    """Index tables of the separable form dW = A S B^T, computed once per (positions, wavelet, device)."""
+    key = (id(positions), tuple(shape), wavelet, use_idwt, str(device))
+    if key in _PLANS and _PLANS[key]["positions"] is positions:
+        return _PLANS[key]
+    out_f, in_f = shape
+    H, W = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
+    rows, cols = positions.to(device)
+    if use_idwt:
+        r, c = rows + (H - out_f) // 2, cols + (W - in_f) // 2  # positions in the padded C
+        top, left = r < H // 2, c < W // 2
+        # C's cH (top-right) is high-pass along rows, cV (bottom-left) along cols: the row band is
+        # "right half", the column band "bottom half". a, b index S = [lo | hi] x [lo | hi].
+        a = torch.where(left, 0, H // 2) + torch.where(top, r, r - H // 2)
+        b = torch.where(top, 0, W // 2) + torch.where(left, c, c - W // 2)
+        _, _, lo, hi = dwt.wavelet_filters(wavelet, torch.float64, device)
+        taps = torch.stack([lo, hi])  # (2, L)
+        L = taps.shape[1]
+        # Footprint of coefficient (a, b) in dW: rows 2*(a mod H/2) + p - (L-2), cols likewise, p, q < L.
+        out_r = 2 * (a % (H // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        out_c = 2 * (b % (W // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        wr, wc = taps[(a >= H // 2).long()], taps[(b >= W // 2).long()]  # (k, L) filter taps
+        wr, wc = wr * ((out_r >= 0) & (out_r < out_f)), wc * ((out_c >= 0) & (out_c < in_f))  # crop
+        flat = out_r.clamp(0, out_f - 1)[:, :, None] * in_f + out_c.clamp(0, in_f - 1)[:, None, :]  # (k, L, L)
+        foot = wr[:, :, None] * wc[:, None, :]  # (k, L, L)
+    else:
+        a, b, taps = rows, cols, None
+        flat, foot = (rows * in_f + cols)[:, None], torch.ones(len(rows), 1, dtype=torch.float64, device=device)
+    by_row, by_col = torch.argsort(a * W + b), torch.argsort(b * H + a)
+    plan = dict(positions=positions, H=H, W=W, taps=None if taps is None else taps.tolist(), out=out_f, inp=in_f,
+                row_order=by_row, row_ptr=_ptr(a[by_row], H), row_col=b[by_row],  # CSR of S, (H x W)
+                col_order=by_col, col_ptr=_ptr(b[by_col], W), col_row=a[by_col],  # CSR of S^T, (W x H)
+                flat=flat.reshape(len(a), -1), foot=foot.reshape(len(a), -1))  # (k, L*L) each
+    _PLANS[key] = plan
+    return plan
+
+
+def _ptr(sorted_rows, n_rows):
+    return torch.cat([sorted_rows.new_zeros(1), torch.cumsum(torch.bincount(sorted_rows, minlength=n_rows), 0)])
+
+
+def _csr(ptr, idx, values, size):
+    with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
+
+
+def _analyze(v, taps, n_coef, out=None):
+    """v (M, n) -> (M, n_coef) = v A: the adjoint of synthesis-and-crop, [low band | high band]."""
+    if taps is None:  # no IDWT: A is the identity
+        return v if out is None else out.copy_(v)
+    L, half = len(taps[0]), n_coef // 2
+    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
+    out = torch.empty(v.shape[0], n_coef, dtype=v.dtype, device=v.device) if out is None else out
+    for band, dst in ((0, out[:, :half]), (1, out[:, half:])):
+        torch.mul(vp[:, 0:n_coef:2], taps[band][0], out=dst)
+        for p in range(1, L):
+            dst.add_(vp[:, p:p + n_coef:2], alpha=taps[band][p])
+    return out
+
+
+def _synthesize(z, taps, n):
+    """z (M, n_coef) = [low | high] -> (M, n): upsample, filter, keep samples L-2 .. L-2+n (= A z)."""
+    if taps is None:
+        return z
+    L, half = len(taps[0]), z.shape[1] // 2
+    full = z.new_zeros(z.shape[0], z.shape[1] + L - 2)
+    for p in range(L):
+        full[:, p:p + z.shape[1]:2].add_(z[:, :half], alpha=taps[0][p]).add_(z[:, half:], alpha=taps[1][p])
+    return full[:, L - 2:L - 2 + n]
+
+
+def _merged_weight(weight, spectrum, plan, scaling):
+    """W + dW by scattering each coefficient's L x L footprint: O(k L^2) work plus one copy of W."""
+    vals = (scaling * spectrum[:, None] * plan["foot"].to(spectrum.dtype)).reshape(-1)  # (k * L * L,)
+    return weight.reshape(-1).index_add(0, plan["flat"].reshape(-1), vals.to(weight.dtype)).view_as(weight)
+
+
+class _WaveFTFunction(torch.autograd.Function):
+    """y = x (W + dW)^T + b without saving any out x in tensor; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spectrum, plan, scaling):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        n, (out_f, in_f), cdt = x2.shape[0], weight.shape, spectrum.dtype
+        merged = x.dtype == weight.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
+        if merged:  # many tokens: one matmul, dW costs O(out*in) once
+            y = F.linear(x2, _merged_weight(weight, spectrum, plan, scaling), bias)
+        else:  # few tokens or low-precision W: adapter path A (S (B^T x)) in the spectrum's dtype
+            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W)
+            S = _csr(plan["row_ptr"], plan["row_col"], spectrum[plan["row_order"]], (plan["H"], plan["W"]))
+            z = (S @ xa.T).T  # (N, H)
+            y = F.linear(x2.to(weight.dtype), weight, bias).to(cdt) + scaling * _synthesize(z, plan["taps"], out_f)
+        ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
+        ctx.plan, ctx.scaling, ctx.merged = plan, scaling, merged
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, spectrum = ctx.saved_tensors
+        plan, scaling, cdt = ctx.plan, ctx.scaling, spectrum.dtype
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
+        n, (out_f, in_f) = x2.shape[0], weight.shape
+        grad_x = grad_w = grad_b = grad_s = None
+        ga_t = torch.empty(plan["H"], n, dtype=cdt, device=g.device)  # (H, N): (A^T g)^T, rows contiguous
+        _analyze(g2.to(cdt), plan["taps"], plan["H"], out=ga_t.T)
+        if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g)^T (B^T x)
+            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W)
+            pattern = _csr(plan["row_ptr"], plan["row_col"], spectrum.new_zeros(len(spectrum)), (plan["H"], plan["W"]))
+            sampled = torch.sparse.sampled_addmm(pattern, ga_t, xa, beta=0.0, alpha=scaling).values()  # row order
+            grad_s = torch.empty_like(spectrum).index_put_((plan["row_order"],), sampled)
+        if ctx.needs_input_grad[0]:
+            if ctx.merged:  # trick 2: one matmul with the transient W + dW
+                grad_x = g2 @ _merged_weight(weight, spectrum, plan, scaling)
+            else:  # g W + scaling * B (S^T (A^T g))
+                St = _csr(plan["col_ptr"], plan["col_row"], spectrum[plan["col_order"]], (plan["W"], plan["H"]))
+                xb = _synthesize((St @ ga_t).T, plan["taps"], in_f)  # (N, in)
+                grad_x = ((g2.to(weight.dtype) @ weight).to(cdt) + scaling * xb)
+            grad_x = grad_x.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # only if someone unfroze W
+            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, grad_s, None, None
+
+
+class WaveFTLinear(nn.Module):
+    """A frozen nn.Linear plus k trainable wavelet coefficients (`waveft_spectrum`)."""
+
+    def __init__(self, base, k, scaling, wavelet, seed, use_idwt, positions=None):
+        super().__init__()
+        self.base, self.k, self.scaling, self.wavelet, self.seed, self.use_idwt = base, k, scaling, wavelet, seed, use_idwt
+        self.merged = False
+        dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32  # never train in bf16
+        self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
+        positions = draw_positions(base.out_features, base.in_features, k, seed) if positions is None else positions
+        self.register_buffer("waveft_positions", positions.to(base.weight.device))  # (2, k) rows, cols
+
+    def delta_weight(self):
+        return delta_weight_of(self.waveft_spectrum, self.waveft_positions, self.base.weight.shape,
+                               self.wavelet, self.scaling, self.use_idwt)
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        plan = _plan(self.waveft_positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device)
+        return _WaveFTFunction.apply(x, self.base.weight, self.base.bias, self.waveft_spectrum, plan, self.scaling)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a rank-r update scaling * B A (`lora_A` r x in, `lora_B` out x r, B = 0)."""
+
+    def __init__(self, base, rank, scaling):
+        super().__init__()
+        self.base, self.rank, self.scaling, self.merged = base, rank, scaling, False
+        dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # PEFT's default init of A
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=base.weight.device))
+
+    def delta_weight(self):
+        return self.scaling * self.lora_B @ self.lora_A
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (..., out), float32
+        return (y.to(h.dtype) + self.scaling * h).to(x.dtype)
+
+
+def adapted_layers(model):
+    """[(dotted name, layer)] of every WaveFT/LoRA layer in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (WaveFTLinear, LoRALinear))]
+
+
+def count_parameters(model):
+    """Number of trainable adapter values (k per WaveFT layer, r * (in + out) per LoRA layer)."""
+    return sum(p.numel() for _, m in adapted_layers(model) for p in _adapter_params(m))
+
+
+def _adapter_params(layer):
+    return [layer.waveft_spectrum] if isinstance(layer, WaveFTLinear) else [layer.lora_A, layer.lora_B]
+
+
+def _matches(name, patterns):
+    """PEFT's rule: a str is a regex full-match on the dotted path, a list/tuple an exact name or dot-suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777, use_idwt=True, rank=1,
+           target_modules=DEFAULT_TARGETS, exclude_modules=(), verbose=False):
+    """Replace every matching nn.Linear by a WaveFT (or LoRA) layer, freeze the rest, return the trainables.
+
+    scaling=None means 25.0 for WaveFT (the authors' SDXL value) and 1.0 for LoRA (alpha = rank, as in
+    the paper's LoRA baseline)."""
+    if method not in ("waveft", "lora"):
+        raise ValueError(f"unknown method {method!r}; use 'waveft' or 'lora'")
+    if method == "waveft" and wavelet not in dwt.WAVELETS:
+        raise ValueError(f"unknown wavelet {wavelet!r}; supported: {', '.join(dwt.WAVELETS)}")
+    if method == "lora" and (not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if adapted_layers(model):
+        raise ValueError("model already has adapters; inject into a fresh model (or load into this one)")
+    scaling = float((25.0 if method == "waveft" else 1.0) if scaling is None else scaling)
+    names = [n for n, _ in model.named_modules() if n]
+    targets = [n for n in names if _matches(n, target_modules) and not _matches(n, exclude_modules or ())]
+    if not targets:
+        raise ValueError(f"no module matched target_modules={target_modules!r} (exclude_modules="
+                         f"{exclude_modules!r}); some module names in this model: {names[:3] + names[-3:]}")
+    modules = dict(model.named_modules())
+    for name in targets:
+        mod = modules[name]
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"module {name!r} matched target_modules but is a {type(mod).__name__}, "
+                             "not an nn.Linear; narrow target_modules or add it to exclude_modules")
+        if method == "waveft" and not 0 < k <= mod.out_features * mod.in_features:
+            raise ValueError(f"k={k} is invalid for layer {name!r} of shape {mod.out_features} x "
+                             f"{mod.in_features}: need 1 <= k <= {mod.out_features * mod.in_features}")
+    model.requires_grad_(False)
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        base = modules[name]
+        layer = (WaveFTLinear(base, k, scaling, wavelet, seed, use_idwt) if method == "waveft"
+                 else LoRALinear(base, rank, scaling))
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    model._waveft_config = dict(method=method, k=k, scaling=scaling, wavelet=wavelet, seed=seed,
+                                use_idwt=use_idwt, rank=rank, target_modules=_jsonable(target_modules),
+                                exclude_modules=_jsonable(exclude_modules))
+    params = [p for _, m in adapted_layers(model) for p in _adapter_params(m)]
+    if verbose:
+        _print_summary(model, method, params)
+    return params
+
+
+def _jsonable(patterns):
+    return patterns if isinstance(patterns, str) else list(patterns or ())
+
+
+def _print_summary(model, method, params):
+    by_shape = {}
+    for _, m in adapted_layers(model):
+        shape = (m.base.out_features, m.base.in_features)
+        by_shape[shape] = by_shape.get(shape, 0) + 1
+    per_layer = (lambda o, i: model._waveft_config["k"]) if method == "waveft" else \
+        (lambda o, i: model._waveft_config["rank"] * (o + i))
+    print(f"{method}: {sum(by_shape.values())} adapted layers, {model._waveft_config}")
+    print(f"  {'out x in':>13}  {'layers':>6}  {'trainable':>11}")
+    for (o, i), count in sorted(by_shape.items()):
+        print(f"  {f'{o} x {i}':>13}  {count:>6}  {count * per_layer(o, i):>11,}")
+    print(f"  total trainable parameters: {sum(p.numel() for p in params):,}")
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold each layer's dW into its frozen W (for inference); refuses to write NaN/inf into W."""
+    for name, layer in adapted_layers(model):
+        if not layer.merged:
+            merged = layer.base.weight + layer.delta_weight().to(layer.base.weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"merging layer {name!r} would put NaN/inf into its weight; adapter is broken")
+            layer.base.weight.copy_(merged)
+            layer.merged = True
+
+
+@torch.no_grad()
+def unmerge(model):
+    """Subtract each merged layer's dW from W again (exact up to rounding in W's dtype)."""
+    for name, layer in adapted_layers(model):
+        if layer.merged:
+            layer.base.weight.sub_(layer.delta_weight().to(layer.base.weight.dtype))
+            layer.merged = False
+
+
+def save(model, path, extra_metadata=None):
+    """Write the adapter (spectra + positions, or LoRA A/B) and its config to a safetensors file."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("model has no adapters to save; call waveft.inject first")
+    tensors = {}
+    for name, m in layers:
+        if isinstance(m, WaveFTLinear):
+            tensors[f"{name}.waveft_spectrum"] = m.waveft_spectrum.detach().float().cpu().contiguous()
+            tensors[f"{name}.waveft_positions"] = m.waveft_positions.to(torch.int32).cpu()  # (2, k)
+        else:
+            tensors[f"{name}.lora_A"] = m.lora_A.detach().float().cpu().contiguous()
+            tensors[f"{name}.lora_B"] = m.lora_B.detach().float().cpu().contiguous()
+    meta = dict(model._waveft_config, layers={n: [m.base.out_features, m.base.in_features] for n, m in layers},
+                **(extra_metadata or {}))
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in meta.items()})
+    os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written adapter
+
+
+def read_metadata(path):
+    """The adapter file's metadata as plain python values (method, k, scaling, ..., layers)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as err:  # missing file, pickle, truncated file...
+        raise ValueError(f"cannot read {path} as a safetensors adapter file: {err}") from None
+    if "method" not in raw or "layers" not in raw:
+        raise ValueError(f"{path} is a safetensors file but not a waveft adapter (no 'method'/'layers' metadata)")
+    return {key: json.loads(value) for key, value in raw.items()}
+
+
+@torch.no_grad()
+def load(model, path):
+    """Load an adapter file into the model, injecting the adapters first if it has none. Returns the metadata.
+
+    Saved positions are trusted (they define the adapter); when they equal the fresh draw for the seed the
+    layer keeps the shared, cached tensor."""
+    meta = read_metadata(path)
+    want = {name: tuple(shape) for name, shape in meta["layers"].items()}
+    if not adapted_layers(model):
+        modules = dict(model.named_modules())
+        have = {n: (m.out_features, m.in_features) for n, m in modules.items() if n in want and isinstance(m, nn.Linear)}
+        _check_same_layers(path, want, have)
+        inject(model, method=meta["method"], k=meta["k"], scaling=meta["scaling"], wavelet=meta["wavelet"],
+               seed=meta["seed"], use_idwt=meta["use_idwt"], rank=meta["rank"],
+               target_modules="|".join(re.escape(n) for n in want))
+        model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
+    layers = dict(adapted_layers(model))
+    _check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
+    with safe_open(str(path), framework="pt") as f:
+        for name, m in layers.items():
+            if m.merged:
+                raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
+            if isinstance(m, WaveFTLinear) != (meta["method"] == "waveft"):
+                raise ValueError(f"{path} holds a {meta['method']} adapter but layer {name!r} is a {type(m).__name__}")
+            for attr in ("waveft_spectrum",) if isinstance(m, WaveFTLinear) else ("lora_A", "lora_B"):
+                value = _get(f, path, f"{name}.{attr}", getattr(m, attr).shape)
+                getattr(m, attr).copy_(value)
+            if isinstance(m, WaveFTLinear) and f"{name}.waveft_positions" in f.keys():
+                positions = _get(f, path, f"{name}.waveft_positions", m.waveft_positions.shape).long()
+                rows_ok = positions[0].lt(m.base.out_features).all() and positions[1].lt(m.base.in_features).all()
+                if not (rows_ok and positions.ge(0).all()):
+                    raise ValueError(f"{path}: positions of layer {name!r} fall outside its {tuple(want[name])} weight")
+                if not torch.equal(positions, m.waveft_positions.cpu()):
+                    m.waveft_positions = positions.to(m.waveft_positions.device)
+    return meta
+
+
+def _get(f, path, key, shape):
+    if key not in f.keys():
+        raise ValueError(f"{path} has no tensor {key!r}")
+    value = f.get_tensor(key)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{path}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(shape)}")
+    return value
+
+
+def _check_same_layers(path, want, have):
+    """Raise a ValueError listing missing/unexpected layer names and differing (out, in) shapes."""
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = [f"{n}: file {want[n]}, model {have[n]}" for n in sorted(set(want) & set(have)) if want[n] != have[n]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"adapter file {path} does not fit this model (was it saved for another model?)\n"
+                         f"  layers in the file but not adapted Linear layers in the model ({len(missing)}): {missing[:5]}\n"
+                         f"  adapted layers in the model but not in the file ({len(unexpected)}): {unexpected[:5]}\n"
+                         f"  shape mismatches (out, in) ({len(shapes)}): {shapes[:5]}")
