@@ -330,6 +330,11 @@ def read_run(folder, data_dir=None, model=None):
             raise FileNotFoundError(f"run folder {folder} has no {file}: pass folders written by train_dreambooth.py "
                                     f"(a run that has not finished has no adapter.safetensors yet)")
     config = json.loads((folder / "config.json").read_text())
+    import waveft
+    trained_for = waveft.read_metadata(folder / "adapter.safetensors").get("model", config["model"])  # checks the file
+    if trained_for != config["model"]:
+        raise ValueError(f"{folder}: adapter.safetensors was trained for model {trained_for!r} but config.json says "
+                         f"{config['model']!r}; the two files come from different runs")
     if model is not None and model != config["model"]:
         raise ValueError(f"{folder}: its adapter was trained for model {config['model']!r} (config.json), not for "
                          f"--model {model!r}; drop --model to evaluate each run with its own model")

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import evaluate
 import sdxl
@@ -183,3 +183,123 @@ def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
     assert csv_rows[0] == "method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,cmmd_std"
     assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
     assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# end to end on the tiny SDXL with a tiny adapter from train_dreambooth.py --model tiny
+
+SMOKE = ["--max-prompts", "2", "--images-per-prompt", "2", "--steps", "2", "--resolution", "64"] + TINY
+
+
+def copy_run(run_dir, dest, **config_changes):
+    """A private copy of the shared fixture run (config.json + adapter only), optionally with an edited config."""
+    dest.mkdir(parents=True)
+    shutil.copy(run_dir / "adapter.safetensors", dest)
+    config = json.loads((run_dir / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    run = copy_run(tiny_run_dir, tmp / "runs" / tiny_run_dir.name)
+    out = tmp / "eval"
+    [metrics] = evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE)
+    return run, out, metrics
+
+
+def test_end_to_end_writes_grid_scores_metrics_and_table(evaluated):
+    import waveft
+    run, out, metrics = evaluated
+    result = out / run.name
+    config = json.loads((run / "config.json").read_text())
+    prompts = sdxl.prompts_for(config["data_dir"], "dog6")[:2]
+    rows = (result / "scores.csv").read_text().splitlines()
+    assert rows[0] == "run,subject,prompt_idx,prompt,file,seed,dino,clip_i,clip_t" and len(rows) == 5
+    assert [(r.split(",")[3], r.split(",")[5]) for r in rows[1:]] == [(p, s) for p in prompts for s in ("42", "43")]
+    saved = json.loads((result / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics)) and saved["n_images"] == 4 and saved["n_real"] == 5
+    assert all(np.isfinite(saved[m]) for m in ("dino", "clip_i", "clip_t", "cmmd", "dino_diversity"))
+    meta = waveft.read_metadata(run / "adapter.safetensors")
+    assert saved["trainable_params"] == len(meta["layers"]) * meta["k"] and saved["method"] == config["method"]
+    assert (result / "images" / "01_a_zjw_dog_in_the_snow" / "prompt.txt").read_text() == prompts[1] + "\n"
+    grid = np.asarray(Image.open(result / "grid.png"))  # 5 real photos wide; real row + 2 prompt rows, with labels
+    assert grid.shape[1] == 5 * 64 and grid.shape[0] % 3 == 0
+    cell_h = grid.shape[0] // 3
+    real = ImageOps.fit(sdxl.load_image(sdxl.instance_images(config["data_dir"], "dog6")[1]), (64, 64))
+    assert np.array_equal(grid[cell_h - 64:cell_h, 64:128], np.asarray(real))
+    generated = Image.open(result / "images" / "01_a_zjw_dog_in_the_snow" / "seed43.png")
+    assert np.array_equal(grid[3 * cell_h - 64:, 64:128], np.asarray(generated))
+    assert (grid[2 * cell_h - 64:2 * cell_h, 128:] == 255).all()  # prompt rows have 2 images: the rest is blank
+    table = (out / "comparison.md").read_text()
+    assert f"| {config['method']} | k={config['k']} | {saved['trainable_params']} | 1 |" in table
+    assert (out / "comparison.csv").read_text().startswith("method,budget,trainable_params,subjects,dino_mean")
+
+
+def test_images_are_the_merged_adapter_at_each_seed(evaluated):
+    import waveft
+    run, out, _ = evaluated
+    pipe = sdxl.load_pipeline("tiny")
+    waveft.load(pipe.unet, run / "adapter.safetensors")
+    waveft.merge(pipe.unet)
+    cfg = sdxl.GenerationConfig(num_inference_steps=2, resolution=64)
+    expected = sdxl.generate(pipe, ["a zjw dog in the snow"], [42, 43], cfg)  # same batch as evaluate.py's call
+    for seed, image in zip((42, 43), expected):
+        saved = Image.open(out / run.name / "images" / "01_a_zjw_dog_in_the_snow" / f"seed{seed}.png")
+        assert np.array_equal(np.asarray(saved), np.asarray(image))
+    waveft.unmerge(pipe.unet)
+    with torch.no_grad():
+        for _, layer in waveft.adapted_layers(pipe.unet):
+            layer.waveft_spectrum.zero_()  # dW = 0: the base model
+    base = sdxl.generate(pipe, ["a zjw dog in the snow"], [42, 43], cfg)
+    assert np.abs(np.asarray(base[1], dtype=int) - np.asarray(expected[1], dtype=int)).max() > 10  # adapter is on
+
+
+def test_second_run_skips_existing_images_and_regenerates_only_missing_ones(evaluated, monkeypatch):
+    run, out, metrics = evaluated
+    images = sorted((out / run.name / "images").rglob("*.png"))
+    mtimes = [p.stat().st_mtime_ns for p in images]
+    calls = []
+    real_generate = sdxl.generate
+    monkeypatch.setattr(sdxl, "generate", lambda pipe, prompts, seeds, cfg: calls.append((prompts, seeds)) or
+                        real_generate(pipe, prompts, seeds, cfg))
+    [again] = evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE)
+    assert calls == [] and [p.stat().st_mtime_ns for p in images] == mtimes
+    assert again == metrics
+    images[1].unlink()  # 00_.../seed43.png: as if the previous evaluation was killed while writing it
+    evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE)
+    assert calls == [(["a zjw dog in the jungle"], [43])] and images[1].is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_run_folders_fail_clearly_before_loading_models(tiny_run_dir, tmp_path, dreambooth_dir):
+    no_adapter = tmp_path / "no_adapter"
+    no_adapter.mkdir()
+    shutil.copy(tiny_run_dir / "config.json", no_adapter)
+    with pytest.raises(FileNotFoundError, match="no_adapter has no adapter.safetensors"):
+        evaluate.main(["--runs", str(no_adapter)] + SMOKE)
+    with pytest.raises(ValueError, match="unknown subject 'dog42'.*dog6"):
+        evaluate.main(["--runs", str(copy_run(tiny_run_dir, tmp_path / "r1", subject="dog42"))] + SMOKE)
+    with pytest.raises(FileNotFoundError, match="(?s)r2: DreamBooth dataset not found.*git clone"):
+        evaluate.main(["--runs", str(copy_run(tiny_run_dir, tmp_path / "r2", data_dir=str(tmp_path)))] + SMOKE)
+    run = copy_run(tiny_run_dir, tmp_path / "r3")
+    with pytest.raises(ValueError, match="trained for model 'tiny'.*not for --model 'stabilityai/sdxl-other'"):
+        evaluate.main(["--runs", str(run), "--model", "stabilityai/sdxl-other"] + SMOKE)
+    other = copy_run(tiny_run_dir, tmp_path / "r4", model=str(tmp_path / "another_sdxl"))
+    with pytest.raises(ValueError, match="trained for model 'tiny' but config.json says .*another_sdxl"):
+        evaluate.main(["--runs", str(other)] + SMOKE)
+
+
+def test_adapter_for_a_different_architecture_fails_clearly(tiny_run_dir, tmp_path, monkeypatch):
+    import waveft
+    run = copy_run(tiny_run_dir, tmp_path / "run")
+    model = torch.nn.Sequential()
+    model.add_module("to_q", torch.nn.Linear(8, 8))  # a model with a to_q that the tiny UNet does not have
+    waveft.inject(model, k=4)
+    waveft.save(model, run / "adapter.safetensors", extra_metadata=dict(model="tiny"))
+    with pytest.raises(ValueError, match=r"adapter .*run/adapter.safetensors does not fit model 'tiny'"):
+        evaluate.main(["--runs", str(run), "--out-dir", str(tmp_path / "eval")] + SMOKE)
