@@ -121,8 +121,8 @@ def _kernels(wavelet, dtype, device):
 
 @functools.lru_cache(maxsize=None)
 def _extension_index(n, left, right, mode, device):
-    """Indices into a length-n signal that produce it extended by `left`/`right` samples in `mode`."""
-    j = torch.arange(-left, n + right, device=device)
+    """Indices into a length-n signal of the `left` samples before it and the `right` samples after it."""
+    j = torch.cat([torch.arange(-left, 0, device=device), torch.arange(n, n + right, device=device)])
     if mode == "symmetric":
         r = j % (2 * n)
         return torch.where(r < n, r, 2 * n - 1 - r)
@@ -138,12 +138,14 @@ def _extension_index(n, left, right, mode, device):
 
 
 def _pad(x, left, right, mode, dim):
-    """Extend x along the (negative) dimension `dim`."""
+    """Extend x along the (negative) dimension `dim`. Only the few padding samples are gathered (a
+    full-size index_select along the last dim is slow); torch.cat then copies x once."""
     if left == 0 and right == 0:
         return x
     if mode == "zero":
         return F.pad(x, (0, 0) * (-dim - 1) + (left, right))
-    return x.index_select(dim, _extension_index(x.shape[dim], left, right, mode, x.device))
+    index = _extension_index(x.shape[dim], left, right, mode, x.device)
+    return torch.cat([x.index_select(dim, index[:left]), x, x.index_select(dim, index[left:])], dim)
 
 
 def _forward_pads(n, filter_len, mode):

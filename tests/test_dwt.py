@@ -14,6 +14,16 @@ LENGTH_1D = 2048
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These inputs are tiny: intra-op threads only add overhead, and on a shared 2-core machine a parallel
+    region that waits for a descheduled thread makes the suite 20x slower. Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_matches(ours, reference, dtype, what):
     """ours: tensor (or nested tuples/lists of them) in `dtype`; reference: PyWavelets' float64 result."""
     if isinstance(reference, (list, tuple)):
