@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -309,6 +310,9 @@ def main(argv=None):
                 (loss / opts.grad_accum).backward()
                 step_loss += losses[0].item() / opts.grad_accum
                 step_prior += losses[1].item() / opts.grad_accum if opts.prior_preservation else 0.0
+            if not math.isfinite(step_loss):  # stop before the optimizer writes NaN into the adapter
+                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the last good state is in "
+                                         f"{checkpoint_path} (if one was written): lower --lr, or check the data")
             torch.nn.utils.clip_grad_norm_(params.values(), opts.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

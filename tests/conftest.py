@@ -25,3 +25,18 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sdxl")
     sdxl.build_tiny_pipeline().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, dreambooth_dir):
+    """Output folder of one short real `train_dreambooth.py --model tiny` run on dog6 (4 steps at 64 px), run as a
+    subprocess exactly as a user would. Its console output is kept next to it in train.log."""
+    import subprocess
+    out = tmp_path_factory.mktemp("tiny_run")
+    argv = [sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog6", "--k", "2000", "--model", "tiny",
+            "--data-dir", str(dreambooth_dir), "--output-dir", str(out), "--resolution", "64", "--steps", "4",
+            "--grad-accum", "2", "--checkpoint-every", "2", "--sample-steps", "2"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    (out / "train.log").write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "dog6-waveft-k2000"
