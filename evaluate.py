@@ -258,7 +258,7 @@ def read_image_folder(images_dir):
 
 
 def score(entries, real_images, models, unique_token, lpips_model=None):
-    """entries: [(prompt_idx, prompt, path)]. Returns (one row per image, the run's metrics)."""
+    """entries: [(prompt_idx, prompt, path)]. Returns (one row per image, the run's metrics, the loaded images)."""
     images = [sdxl.load_image(path) for _, _, path in tqdm(entries, desc="scoring", unit="image")]
     prompts = [prompt for _, prompt, _ in entries]
     dino, dino_real = embed_images(models.dino, images), embed_images(models.dino, real_images)
@@ -294,7 +294,7 @@ def write_grid(path, real_images, entries, images, thumb=256):
     cells, labels = [], []
     for row in [[(f"real {i}", im) for i, im in enumerate(real_images)]] + \
                [[(f"{prompt} | {Path(f).stem}", im) for f, im in v] for (_, prompt), v in by_prompt.items()]:
-        row = [(label, ImageOps.fit(im, (thumb, thumb))) for label, im in row[:cols]]  # centre-cropped squares
+        row = [(label, ImageOps.fit(im, (thumb, thumb))) for label, im in row]  # centre-cropped squares
         row += [("", blank)] * (cols - len(row))
         labels += [label for label, _ in row]
         cells += [im for _, im in row]
@@ -455,7 +455,13 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.runs:
-        runs = [read_run(folder, args.data_dir, args.model) for folder in args.runs]
+        # `outputs/*` also matches folders that are no runs at all (class-images/): skipped, with a note
+        folders = [f for f in args.runs if any((Path(f) / n).exists() for n in ("config.json", "adapter.safetensors"))]
+        for folder in sorted(set(args.runs) - set(folders)):
+            print(f"skipping {folder}: not a run folder (no config.json, no adapter.safetensors)", file=sys.stderr)
+        if not folders:
+            raise FileNotFoundError(f"none of --runs {' '.join(args.runs)} is a run folder of train_dreambooth.py")
+        runs = [read_run(folder, args.data_dir, args.model) for folder in folders]
         if len({run.name for run in runs}) < len(runs):
             raise ValueError("two run folders have the same name; their results would overwrite each other")
     else:
@@ -490,8 +496,9 @@ def main(argv=None):
                        trainable_params=count_trainable(run.adapter) if run.adapter else None,
                        n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
                        **metrics, metric_models=models.names, meaningless_tiny_models=tiny,
-                       generation=dict(model=run.config.get("model"), steps=gen_cfg.num_inference_steps,
-                                       resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale))
+                       generation=dict(model=run.config["model"], steps=gen_cfg.num_inference_steps,
+                                       resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
+                                       seeds=seeds) if run.adapter else None)
         write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows])
         (run_out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_grid(run_out / "grid.png", real_images, entries, images)

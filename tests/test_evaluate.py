@@ -264,7 +264,9 @@ def test_second_run_skips_existing_images_and_regenerates_only_missing_ones(eval
     real_generate = sdxl.generate
     monkeypatch.setattr(sdxl, "generate", lambda pipe, prompts, seeds, cfg: calls.append((prompts, seeds)) or
                         real_generate(pipe, prompts, seeds, cfg))
-    [again] = evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE)
+    not_a_run = out.parent / "class-images"  # what `outputs/*` also matches: skipped
+    not_a_run.mkdir()
+    [again] = evaluate.main(["--runs", str(run), str(not_a_run), "--out-dir", str(out)] + SMOKE)
     assert calls == [] and [p.stat().st_mtime_ns for p in images] == mtimes
     assert again == metrics
     images[1].unlink()  # 00_.../seed43.png: as if the previous evaluation was killed while writing it
@@ -282,6 +284,9 @@ def test_bad_run_folders_fail_clearly_before_loading_models(tiny_run_dir, tmp_pa
     shutil.copy(tiny_run_dir / "config.json", no_adapter)
     with pytest.raises(FileNotFoundError, match="no_adapter has no adapter.safetensors"):
         evaluate.main(["--runs", str(no_adapter)] + SMOKE)
+    (tmp_path / "class-images").mkdir()
+    with pytest.raises(FileNotFoundError, match="none of --runs .*class-images is a run folder"):
+        evaluate.main(["--runs", str(tmp_path / "class-images")] + SMOKE)
     with pytest.raises(ValueError, match="unknown subject 'dog42'.*dog6"):
         evaluate.main(["--runs", str(copy_run(tiny_run_dir, tmp_path / "r1", subject="dog42"))] + SMOKE)
     with pytest.raises(FileNotFoundError, match="(?s)r2: DreamBooth dataset not found.*git clone"):
