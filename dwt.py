@@ -4,29 +4,27 @@ Reference: WaveFT (Bilican et al., arXiv 2505.12532) builds its weight update as
 coefficient matrix; this file is that transform, checked against PyWavelets to float64 precision.
 Not here: symN/coifN/biorthogonal wavelets, CWT, packets, or any WaveFT-specific padding/cropping.
 
-Filters. A Daubechies filter h of length L = 2N has N vanishing moments. Its squared frequency response
-is |H(w)|^2 = 2 cos^{2N}(w/2) P(sin^2(w/2)) with P(y) = sum_{k<N} C(N-1+k, k) y^k, so h is found by
-spectral factorisation: each root y of P gives a pair z, 1/z of roots of z + 1/z = 2 - 4y; keeping the
-one inside the unit circle (plus N zeros at z = -1) gives the minimum-phase filter, scaled to sum sqrt(2).
-That filter is PyWavelets' reconstruction ("synthesis") low-pass `rec_lo`. The other three follow:
+Filters. A Daubechies low-pass filter h of length L = 2N has N vanishing moments and satisfies
+|H(w)|^2 = 2 cos^{2N}(w/2) P(sin^2(w/2)) with P(y) = sum_{k<N} C(N-1+k, k) y^k. Spectral factorisation:
+each root y of P gives a pair z, 1/z solving z + 1/z = 2 - 4y; the roots inside the unit circle plus N
+zeros at z = -1 give the minimum-phase filter, scaled to sum sqrt(2). That is PyWavelets' `rec_lo`, and
   dec_lo = rec_lo reversed,  rec_hi[n] = (-1)^n dec_lo[n],  dec_hi = rec_hi reversed.
-The analysis filters (dec_*) split a signal into coefficients, the synthesis filters (rec_*) rebuild it;
-for an orthogonal wavelet each is the time-reverse of the other, so the inverse is the adjoint.
+Analysis filters (dec_*) split a signal into coefficients, synthesis filters (rec_*) rebuild it; for an
+orthogonal wavelet each is the other time-reversed, so the inverse transform is the adjoint.
 
-Forward, one level along an axis of length n. PyWavelets extends x at both ends (mode below), takes the
-full convolution with dec and keeps the odd samples: cA[i] = sum_j dec_lo[j] x[2i + 1 - j].
-torch's conv1d/conv2d compute *correlation* (sum_m w[m] x[i + m]), so we pass the flipped filter
-g = dec[::-1]: cA[i] = sum_m g[m] x[2i + m - (L - 2)]. Hence: pad L - 2 samples on the left, enough on
-the right for out = floor((n + L - 1) / 2) outputs (padded length 2*out + L - 2), then conv with stride 2.
-In "periodization" mode the output has out = ceil(n/2) samples (odd n is first extended by repeating
-its last sample), the signal is periodic and the left pad is L/2 - 1, which makes the transform orthonormal.
+Forward, one level along an axis of length n: PyWavelets extends x at both ends (modes below), convolves
+with dec and keeps the odd samples, cA[i] = sum_j dec_lo[j] x[2i + 1 - j]. torch's conv computes
+*correlation*, sum_m w[m] x[i + m], so we pass the flipped filter g = dec[::-1] and get
+cA[i] = sum_m g[m] x[2i + m - (L - 2)]: pad L - 2 samples on the left and enough on the right for
+out = floor((n + L - 1) / 2) outputs (padded length 2*out + L - 2), then conv with stride 2.
+"periodization" wraps around instead: out = ceil(n/2) (odd n first repeats its last sample), left pad
+L/2 - 1, and the transform is orthonormal.
 
-Inverse. Upsample by 2 and *convolve* with rec: exactly what conv_transpose computes, so rec filters are
-NOT flipped. The full result has 2n + L - 2 samples; PyWavelets keeps the central 2n - L + 2, i.e.
-conv_transpose's `padding=L-2` crops L - 2 samples at each end. In periodization mode the coefficients are
-first wrapped around by L//4 samples, and the crop keeps exactly 2n samples.
-In 2-D the transform is separable: the 4 sub-band kernels are outer products (rows x columns) of the 1-D
-filters, so one stride-2 conv2d does a whole analysis level and one conv_transpose2d a synthesis level.
+Inverse: upsample by 2 and *convolve* with rec, which is exactly conv_transpose, so rec is NOT flipped.
+Of the full 2n + L - 2 samples PyWavelets keeps the central 2n - L + 2: conv_transpose's padding=L-2
+crops L - 2 at each end. For periodization the coefficients are wrapped by L//4 first and 2n are kept.
+In 2-D the 4 sub-band kernels are outer products (rows x cols) of the 1-D filters, so one stride-2
+conv2d does a whole analysis level and one conv_transpose2d a whole synthesis level.
 
 Boundary modes: PyWavelets names vs torch.nn.functional.pad names (for a signal  a b c d):
   PyWavelets      extension                       torch F.pad
@@ -36,13 +34,12 @@ Boundary modes: PyWavelets names vs torch.nn.functional.pad names (for a signal 
   reflect         ... c b | a b c d | c b ...      "reflect": whole-sample, the edge is not repeated
   periodic        ... c d | a b c d | a b ...      "circular"
   periodization   periodic, ceil(n/2) outputs      "circular" plus the shorter output
-The same word means different things: torch's "reflect" is PyWavelets' "reflect", NOT its default
-"symmetric". We pad by gathering indices (index_select), which also works when the pad is longer than
-the signal (torch's reflect/circular refuse that), as happens for db10 on short axes.
+So torch's "reflect" is PyWavelets' "reflect", NOT PyWavelets' default "symmetric". We gather padding
+samples by index, which also works when the pad is longer than the signal (db10 on short axes), where
+torch's reflect/circular padding refuses.
 
-dtypes: the output dtype and device follow the input; float16/bfloat16 inputs are upcast to float32
-internally (CPU half convolutions are slow or missing, and fp32 accumulation is more accurate) and the
-results are cast back.
+dtypes: output dtype and device follow the input; float16/bfloat16 are computed in float32 (CPU half
+convolutions are slow or missing, and fp32 accumulation is more accurate) and cast back.
 """
 import functools
 import math
@@ -71,13 +68,8 @@ def _daubechies_rec_lo(order):
         companion = torch.diag(torch.ones(N - 2, dtype=torch.float64), -1)  # (N-1, N-1)
         companion[:, -1] = -p_coeffs[:-1] / p_coeffs[-1]
         y = torch.linalg.eigvals(companion)  # complex128, N - 1 roots
-    # eigvals alone already reaches ~3e-15 for db10; two Newton steps on P are cheap insurance.
-    for _ in range(2):
-        value, slope = torch.zeros_like(y), torch.zeros_like(y)
-        for c in p_coeffs.flip(0):  # Horner for P and P'
-            slope = slope * y + value
-            value = value * y + c
-        y = y - value / slope
+    # No root polishing needed: db10's filter matches PyWavelets to 4e-15 (the tests ask 1e-12). For much
+    # longer filters (N > ~20) the roots of P become ill-conditioned and this construction loses digits.
     # y = (2 - z - 1/z) / 4  <=>  z^2 - 2 b z + 1 = 0 with b = 1 - 2y; the two roots are z and 1/z.
     b = 1 - 2 * y
     z = b - torch.sqrt(b * b - 1)
@@ -119,7 +111,7 @@ def _kernels(wavelet, dtype, device):
     return analysis.unsqueeze(1), synthesis.unsqueeze(1), outer(analysis), outer(synthesis)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4096)
 def _extension_index(n, left, right, mode, device):
     """Indices into a length-n signal of the `left` samples before it and the `right` samples after it."""
     j = torch.cat([torch.arange(-left, 0, device=device), torch.arange(n, n + right, device=device)])
@@ -157,33 +149,45 @@ def _forward_pads(n, filter_len, mode):
     return left, 2 * out + filter_len - 2 - n - left
 
 
-def _check_mode(mode):
+def _check(fn, tensors, ndim, mode):
+    """Clear errors for bad input, instead of a torch error deep inside conv (or a silent wrong answer)."""
     if mode not in MODES:
-        raise ValueError(f"unsupported mode {mode!r}; supported modes: {', '.join(MODES)}")
-
-
-def _check_tensor(x, ndim, fn):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{fn} expects a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < ndim:
-        axes = "(..., n)" if ndim == 1 else "(..., height, width)"
-        raise ValueError(f"{fn} needs a tensor with at least {ndim} dimension(s) {axes}, "
-                         f"got shape {tuple(x.shape)} ({x.dim()}-D)")
-    if x.numel() == 0:
-        raise ValueError(f"{fn} got an empty tensor of shape {tuple(x.shape)}; every dimension must be >= 1")
-    if not x.is_floating_point():
-        raise ValueError(f"{fn} expects a floating-point tensor (float16, bfloat16, float32, float64), "
-                         f"got {x.dtype}")
+        raise ValueError(f"{fn}: unsupported mode {mode!r}; supported modes: {', '.join(MODES)}")
+    for x in tensors:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{fn} expects torch.Tensor inputs, got {type(x).__name__}")
+        if x.dim() < ndim:
+            axes = "(..., n)" if ndim == 1 else "(..., height, width)"
+            raise ValueError(f"{fn} needs tensors of shape {axes}, got shape {tuple(x.shape)} ({x.dim()}-D)")
+        if x.numel() == 0:
+            raise ValueError(f"{fn} got an empty tensor of shape {tuple(x.shape)}; every dimension must be >= 1")
+        if not x.is_floating_point():
+            raise ValueError(f"{fn} expects a floating-point tensor (float16, bfloat16, float32, float64), "
+                             f"got {x.dtype}")
+        if x.shape != tensors[0].shape:
+            raise ValueError(f"{fn} needs coefficients of equal shape, got {[tuple(t.shape) for t in tensors]}")
 
 
 def _work_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _prepare_synthesis(coeffs, filter_len, mode, dims, fn):
+    """(coeffs, crop) for a stride-2 conv_transpose that keeps PyWavelets' part of the output."""
+    if mode == "periodization":  # wrap L//4 coefficients around each end; the crop then keeps 2n samples
+        wrap = filter_len // 4
+        for dim in dims:
+            coeffs = _pad(coeffs, wrap, wrap, "periodic", dim)
+        return coeffs, 2 * wrap + filter_len // 2 - 1
+    if min(coeffs.shape[d] for d in dims) < filter_len // 2:
+        raise ValueError(f"{fn}: coefficients of shape {tuple(coeffs.shape[-len(dims):])} are too short for filter "
+                         f"length {filter_len}; need at least {filter_len // 2} per axis (or mode='periodization')")
+    return coeffs, filter_len - 2  # full output 2n + L - 2 -> central 2n - L + 2
+
+
 def dwt(x, wavelet, mode="symmetric", dim=-1):
     """One analysis level along `dim`: returns (cA, cD), like pywt.dwt(x, wavelet, mode, axis=dim)."""
-    _check_tensor(x, 1, "dwt")
-    _check_mode(mode)
+    _check("dwt", [x], 1, mode)
     analysis = _kernels(wavelet, _work_dtype(x.dtype), x.device)[0]
     xt = x.movedim(dim, -1)
     batch, n = xt.shape[:-1], xt.shape[-1]
@@ -195,28 +199,19 @@ def dwt(x, wavelet, mode="symmetric", dim=-1):
 
 def idwt(cA, cD, wavelet, mode="symmetric", dim=-1):
     """One synthesis level along `dim`, like pywt.idwt(cA, cD, wavelet, mode, axis=dim)."""
-    _check_mode(mode)
-    for c in (cA, cD):
-        _check_tensor(c, 1, "idwt")
-    if cA.shape != cD.shape:
-        raise ValueError(f"idwt needs cA and cD of equal shape, got {tuple(cA.shape)} and {tuple(cD.shape)}")
+    _check("idwt", [cA, cD], 1, mode)
     synthesis = _kernels(wavelet, _work_dtype(cA.dtype), cA.device)[1]
-    filter_len = synthesis.shape[-1]
     cA, cD = cA.movedim(dim, -1), cD.movedim(dim, -1)
     batch, n = cA.shape[:-1], cA.shape[-1]
     coeffs = torch.stack([cA.reshape(-1, n), cD.reshape(-1, n)], 1).to(synthesis.dtype)  # (B, 2, n)
-    crop = filter_len - 2
-    if mode == "periodization":
-        wrap = filter_len // 4
-        coeffs, crop = _pad(coeffs, wrap, wrap, "periodic", -1), 2 * wrap + filter_len // 2 - 1
+    coeffs, crop = _prepare_synthesis(coeffs, synthesis.shape[-1], mode, [-1], "idwt")
     y = F.conv_transpose1d(coeffs, synthesis, stride=2, padding=crop)  # (B, 1, length)
     return y.reshape(*batch, -1).movedim(-1, dim).to(cA.dtype)
 
 
 def dwt2(x, wavelet, mode="symmetric"):
     """One 2-D analysis level over the last two dims: (cA, (cH, cV, cD)), like pywt.dwt2."""
-    _check_tensor(x, 2, "dwt2")
-    _check_mode(mode)
+    _check("dwt2", [x], 2, mode)
     analysis = _kernels(wavelet, _work_dtype(x.dtype), x.device)[2]
     filter_len = analysis.shape[-1]
     batch, (height, width) = x.shape[:-2], x.shape[-2:]
@@ -233,22 +228,12 @@ def idwt2(coeffs, wavelet, mode="symmetric"):
 
     One stride-2 conv_transpose2d with the 4 outer-product kernels; output (..., 2n-L+2, 2m-L+2)
     (or (..., 2n, 2m) in periodization mode)."""
-    _check_mode(mode)
     cA, (cH, cV, cD) = coeffs
-    bands = (cA, cH, cV, cD)
-    for c in bands:
-        _check_tensor(c, 2, "idwt2")
-    if any(c.shape != cA.shape for c in bands):
-        raise ValueError(f"idwt2 needs cA, cH, cV, cD of equal shape, got {[tuple(c.shape) for c in bands]}")
+    _check("idwt2", [cA, cH, cV, cD], 2, mode)
     synthesis = _kernels(wavelet, _work_dtype(cA.dtype), cA.device)[3]
-    filter_len = synthesis.shape[-1]
     batch, (n, m) = cA.shape[:-2], cA.shape[-2:]
-    stacked = torch.stack(bands, -3).reshape(-1, 4, n, m).to(synthesis.dtype)
-    crop = filter_len - 2
-    if mode == "periodization":
-        wrap = filter_len // 4
-        stacked = _pad(_pad(stacked, wrap, wrap, "periodic", -2), wrap, wrap, "periodic", -1)
-        crop = 2 * wrap + filter_len // 2 - 1
+    stacked = torch.stack([cA, cH, cV, cD], -3).reshape(-1, 4, n, m).to(synthesis.dtype)
+    stacked, crop = _prepare_synthesis(stacked, synthesis.shape[-1], mode, [-2, -1], "idwt2")
     y = F.conv_transpose2d(stacked, synthesis, stride=2, padding=crop)  # (B, 1, H, W)
     return y.reshape(*batch, *y.shape[-2:]).to(cA.dtype)
 
@@ -277,7 +262,7 @@ def _trim_to(a, d, dims):
 
 def wavedec(x, wavelet, mode="symmetric", level=None, dim=-1):
     """Multi-level 1-D transform: [cA_n, cD_n, ..., cD_1], like pywt.wavedec(..., axis=dim)."""
-    _check_tensor(x, 1, "wavedec")
+    _check("wavedec", [x], 1, mode)
     level = _check_level(level, x.shape[dim], wavelet)
     details = []
     for _ in range(level):
@@ -296,7 +281,7 @@ def waverec(coeffs, wavelet, mode="symmetric", dim=-1):
 
 def wavedec2(x, wavelet, mode="symmetric", level=None):
     """Multi-level 2-D transform: [cA_n, (cH_n, cV_n, cD_n), ..., (cH_1, cV_1, cD_1)], like pywt.wavedec2."""
-    _check_tensor(x, 2, "wavedec2")
+    _check("wavedec2", [x], 2, mode)
     level = _check_level(level, min(x.shape[-2:]), wavelet)
     details = []
     for _ in range(level):

@@ -194,6 +194,7 @@ BAD_INPUTS = [  # (call, the bad value, the allowed values) that must both appea
     (lambda: dwt.wavedec2(torch.randn(16), "haar"), "shape (16,)", "(..., height, width)"),
     (lambda: dwt.dwt2(torch.ones(8, 8, dtype=torch.int64), "haar"), "torch.int64", "float32"),
     (lambda: dwt.idwt2((X2, (X2, X2, X2[:-1])), "haar"), "(63, 40)", "equal shape"),
+    (lambda: dwt.idwt2((X2[:3, :3],) * 1 + ((X2[:3, :3],) * 3,), "db4"), "(3, 3)", "at least 4"),
 ]
 
 
