@@ -1,6 +1,6 @@
 """Evaluate DreamBooth runs: generate the protocol's images with each trained adapter, then score them.
 
-The idea (DreamBooth, Ruiz et al. 2023; WaveFT paper §5): a personalised model should (1) draw *the* subject, not
+The idea (DreamBooth, Ruiz et al. 2023): a personalised model should (1) draw *the* subject, not
 just any dog, and (2) still follow the prompt. (1) is measured by comparing generated images with the real photos
 of the subject in an embedding space, (2) by comparing each image with its prompt in CLIP's joint space. Notation:
 e(.) is an L2-normalised embedding, G the generated images of one subject, R its 4-6 real photos.
@@ -47,7 +47,8 @@ import sdxl
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO was trained with these
-METRICS = ("dino", "clip_i", "clip_t", "cmmd", "lpips_diversity", "dino_diversity")
+METRICS = dict(dino="DINO ↑", clip_i="CLIP-I ↑", clip_t="CLIP-T ↑", cmmd="CMMD ↓", lpips_diversity="LPIPS diversity ↑",
+               dino_diversity="DINO diversity ↑")  # column names of the comparison table
 
 # ----------------------------------------------------------------------------------------------------------------
 # The metrics, on embeddings (rows = images). float64: they are tiny and then exact to compare.
@@ -405,12 +406,12 @@ def write_comparison(all_metrics, out_dir):
     for m in all_metrics:
         groups.setdefault((m["method"], m["budget"]), []).append(m)
     names = [name for name in METRICS if any(name in m for m in all_metrics)]
-    md = ["| method | k or rank | trainable params | subjects | " + " | ".join(names) + " |",
+    md = ["| method | k or rank | trainable params | subjects | " + " | ".join(METRICS[n] for n in names) + " |",
           "|---" * (4 + len(names)) + "|"]
     rows = []
     for (method, budget), runs in groups.items():
-        params = "/".join(str(p) for p in dict.fromkeys(m["trainable_params"] for m in runs))
-        row = dict(method=method, budget=budget, trainable_params=params, subjects=len(runs))
+        params = list(dict.fromkeys(m["trainable_params"] for m in runs))  # one value, unless the runs differ
+        row = dict(method=method, budget=budget, trainable_params="/".join(map(str, params)), subjects=len(runs))
         cells = []
         for name in names:
             values = [m[name] for m in runs if name in m]
@@ -418,7 +419,8 @@ def write_comparison(all_metrics, out_dir):
             row.update({f"{name}_mean": round(mean, 4), f"{name}_std": round(std, 4)})
             cells.append(f"{mean:.3f} ± {std:.3f}" if name != "clip_t" else f"{mean:.2f} ± {std:.2f}")
         rows.append(row)
-        md.append(f"| {method} | {budget} | {params} | {len(runs)} | " + " | ".join(cells) + " |")
+        md.append(f"| {method} | {budget} | {'/'.join(f'{p:,}' if p else '-' for p in params)} | {len(runs)} | "
+                  + " | ".join(cells) + " |")
     (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
     write_csv(out_dir / "comparison.csv", rows)
     return "\n".join(md)

@@ -173,14 +173,16 @@ def test_metrics_only_scores_a_folder_laid_out_by_prompt(tmp_path, dreambooth_di
 
 
 def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
-    runs = [dict(method="waveft", budget="k=2592", trainable_params=100, dino=d, cmmd=c)
+    runs = [dict(method="waveft", budget="k=2592", trainable_params=1000, dino=d, cmmd=c)
             for d, c in ((0.4, 1.0), (0.6, 2.0), (0.8, 3.0))] + \
            [dict(method="lora", budget="r=1", trainable_params=120, dino=0.5, cmmd=1.5)]
     table = evaluate.write_comparison(runs, tmp_path)
-    assert "| waveft | k=2592 | 100 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 |" in table
+    assert "| waveft | k=2592 | 1,000 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 |" in table
     assert "| lora | r=1 | 120 | 1 | 0.500 ± 0.000 | 1.500 ± 0.000 |" in table
+    assert table.startswith("| method | k or rank | trainable params | subjects | DINO ↑ | CMMD ↓ |")
     csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
     assert csv_rows[0] == "method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,cmmd_std"
+    assert csv_rows[1] == "waveft,k=2592,1000,3,0.6,0.2,2.0,1.0"
     assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
     assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
 
@@ -233,7 +235,7 @@ def test_end_to_end_writes_grid_scores_metrics_and_table(evaluated):
     assert np.array_equal(grid[3 * cell_h - 64:, 64:128], np.asarray(generated))
     assert (grid[2 * cell_h - 64:2 * cell_h, 128:] == 255).all()  # prompt rows have 2 images: the rest is blank
     table = (out / "comparison.md").read_text()
-    assert f"| {config['method']} | k={config['k']} | {saved['trainable_params']} | 1 |" in table
+    assert f"| {config['method']} | k={config['k']} | {saved['trainable_params']:,} | 1 |" in table
     assert (out / "comparison.csv").read_text().startswith("method,budget,trainable_params,subjects,dino_mean")
 
 
