@@ -24,6 +24,11 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
 def assert_matches(ours, reference, dtype, what):
     """ours: tensor (or nested tuples/lists of them) in `dtype`; reference: PyWavelets' float64 result."""
     if isinstance(reference, (list, tuple)):
