@@ -72,9 +72,9 @@ def delta_weight_of(spectrum, positions, shape, wavelet, scaling, use_idwt):
     return scaling * full[r0:r0 + out_f, c0:c0 + in_f]
 
 
-def _plan(positions, shape, wavelet, use_idwt, device):
+def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     """Index tables of the separable form dW = A S B^T, computed once per (positions, wavelet, device)."""
-    key = (id(positions), tuple(shape), wavelet, use_idwt, str(device))
+    key = (id(positions), tuple(shape), wavelet, use_idwt, str(device), dtype)
     if key in _PLANS and _PLANS[key]["positions"] is positions:
         return _PLANS[key]
     out_f, in_f = shape
@@ -94,17 +94,20 @@ def _plan(positions, shape, wavelet, use_idwt, device):
         out_r = 2 * (a % (H // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
         out_c = 2 * (b % (W // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
         wr, wc = taps[(a >= H // 2).long()], taps[(b >= W // 2).long()]  # (k, L) filter taps
+        row_scale, col_scale = wr[:, 0], wc[:, 0]  # (k,) first taps, see _analyze
         wr, wc = wr * ((out_r >= 0) & (out_r < out_f)), wc * ((out_c >= 0) & (out_c < in_f))  # crop
         flat = out_r.clamp(0, out_f - 1)[:, :, None] * in_f + out_c.clamp(0, in_f - 1)[:, None, :]  # (k, L, L)
         foot = wr[:, :, None] * wc[:, None, :]  # (k, L, L)
     else:
         a, b, taps = rows, cols, None
         flat, foot = (rows * in_f + cols)[:, None], torch.ones(len(rows), 1, dtype=torch.float64, device=device)
+        row_scale = col_scale = foot[:, 0]
     by_row, by_col = torch.argsort(a * W + b), torch.argsort(b * H + a)
     plan = dict(positions=positions, H=H, W=W, taps=None if taps is None else taps.tolist(), out=out_f, inp=in_f,
                 row_order=by_row, row_ptr=_ptr(a[by_row], H), row_col=b[by_row],  # CSR of S, (H x W)
                 col_order=by_col, col_ptr=_ptr(b[by_col], W), col_row=a[by_col],  # CSR of S^T, (W x H)
-                flat=flat.reshape(len(a), -1), foot=foot.reshape(len(a), -1))  # (k, L*L) each
+                flat=flat.reshape(len(a), -1), foot=foot.reshape(len(a), -1).to(dtype),  # (k, L*L) each
+                row_scale=row_scale.to(dtype), col_scale=col_scale.to(dtype))
     _PLANS[key] = plan
     return plan
 
@@ -120,16 +123,20 @@ def _csr(ptr, idx, values, size):
 
 
 def _analyze(v, taps, n_coef, out=None):
-    """v (M, n) -> (M, n_coef) = v A: the adjoint of synthesis-and-crop, [low band | high band]."""
+    """v (M, n) -> (M, n_coef) = v A / band_scale: the adjoint of synthesis-and-crop, [low band | high band].
+
+    Each band is divided by its first tap (callers fold that into the k coefficients, plan["*_scale"]):
+    for Haar this makes each band one add or subtract, the cheapest possible pass over v."""
     if taps is None:  # no IDWT: A is the identity
         return v if out is None else out.copy_(v)
     L, half = len(taps[0]), n_coef // 2
     vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
     out = torch.empty(v.shape[0], n_coef, dtype=v.dtype, device=v.device) if out is None else out
     for band, dst in ((0, out[:, :half]), (1, out[:, half:])):
-        torch.mul(vp[:, 0:n_coef:2], taps[band][0], out=dst)
-        for p in range(1, L):
-            dst.add_(vp[:, p:p + n_coef:2], alpha=taps[band][p])
+        t = taps[band]
+        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
+        for p in range(2, L):
+            dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
     return out
 
 
@@ -146,7 +153,8 @@ def _synthesize(z, taps, n):
 
 def _merged_weight(weight, spectrum, plan, scaling):
     """W + dW by scattering each coefficient's L x L footprint: O(k L^2) work plus one copy of W."""
-    vals = (scaling * spectrum[:, None] * plan["foot"].to(spectrum.dtype)).reshape(-1)  # (k * L * L,)
+    foot = plan["foot"] if plan["foot"].dtype == spectrum.dtype else plan["foot"].to(spectrum.dtype)
+    vals = (scaling * spectrum[:, None] * foot).reshape(-1)  # (k * L * L,)
     return weight.reshape(-1).index_add(0, plan["flat"].reshape(-1), vals.to(weight.dtype)).view_as(weight)
 
 
@@ -161,10 +169,11 @@ class _WaveFTFunction(torch.autograd.Function):
         if merged:  # many tokens: one matmul, dW costs O(out*in) once
             y = F.linear(x2, _merged_weight(weight, spectrum, plan, scaling), bias)
         else:  # few tokens or low-precision W: adapter path A (S (B^T x)) in the spectrum's dtype
-            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W)
-            S = _csr(plan["row_ptr"], plan["row_col"], spectrum[plan["row_order"]], (plan["H"], plan["W"]))
-            z = (S @ xa.T).T  # (N, H)
-            y = F.linear(x2.to(weight.dtype), weight, bias).to(cdt) + scaling * _synthesize(z, plan["taps"], out_f)
+            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W), B^T x / col_scale
+            values = (spectrum * plan["col_scale"])[plan["row_order"]]
+            z = (_csr(plan["row_ptr"], plan["row_col"], values, (plan["H"], plan["W"])) @ xa.T).T  # (N, H)
+            y = torch.add(F.linear(x2.to(weight.dtype), weight, bias).to(cdt), _synthesize(z, plan["taps"], out_f),
+                          alpha=scaling)
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.plan, ctx.scaling, ctx.merged = plan, scaling, merged
         return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
@@ -176,20 +185,24 @@ class _WaveFTFunction(torch.autograd.Function):
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
         n, (out_f, in_f) = x2.shape[0], weight.shape
         grad_x = grad_w = grad_b = grad_s = None
-        ga_t = torch.empty(plan["H"], n, dtype=cdt, device=g.device)  # (H, N): (A^T g)^T, rows contiguous
-        _analyze(g2.to(cdt), plan["taps"], plan["H"], out=ga_t.T)
+        ga_t = torch.empty(plan["H"], n, dtype=cdt, device=g.device)  # (H, N): (A^T g)^T / row_scale
+        _analyze(g2.to(cdt), plan["taps"], plan["H"], out=ga_t.T)  # written transposed: sampled_addmm wants rows
         if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g)^T (B^T x)
-            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W)
+            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W), B^T x / col_scale
             pattern = _csr(plan["row_ptr"], plan["row_col"], spectrum.new_zeros(len(spectrum)), (plan["H"], plan["W"]))
             sampled = torch.sparse.sampled_addmm(pattern, ga_t, xa, beta=0.0, alpha=scaling).values()  # row order
             grad_s = torch.empty_like(spectrum).index_put_((plan["row_order"],), sampled)
+            grad_s *= plan["row_scale"] * plan["col_scale"]
+            del xa, pattern, sampled  # free before grad_x: lower peak memory
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # trick 2: one matmul with the transient W + dW
+                del ga_t
                 grad_x = g2 @ _merged_weight(weight, spectrum, plan, scaling)
             else:  # g W + scaling * B (S^T (A^T g))
-                St = _csr(plan["col_ptr"], plan["col_row"], spectrum[plan["col_order"]], (plan["W"], plan["H"]))
-                xb = _synthesize((St @ ga_t).T, plan["taps"], in_f)  # (N, in)
-                grad_x = ((g2.to(weight.dtype) @ weight).to(cdt) + scaling * xb)
+                values = (spectrum * plan["row_scale"])[plan["col_order"]]
+                xb = _synthesize((_csr(plan["col_ptr"], plan["col_row"], values, (plan["W"], plan["H"])) @ ga_t).T,
+                                 plan["taps"], in_f)  # (N, in)
+                grad_x = torch.add((g2.to(weight.dtype) @ weight).to(cdt), xb, alpha=scaling)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:  # only if someone unfroze W
             grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
@@ -217,7 +230,8 @@ class WaveFTLinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        plan = _plan(self.waveft_positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device)
+        plan = _plan(self.waveft_positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device,
+                     self.waveft_spectrum.dtype)
         return _WaveFTFunction.apply(x, self.base.weight, self.base.bias, self.waveft_spectrum, plan, self.scaling)
 
 

@@ -1,0 +1,129 @@
+"""One adapted linear layer at SDXL's attention shapes: forward+backward time and memory vs a frozen nn.Linear.
+
+    python benchmarks/bench_layer.py            (CPU, 2 threads, about 1-2 minutes)
+
+Cases: 640 x 640 with 4096 tokens, 1280 x 1280 with 1024 tokens, 2048 -> 1280 with 77 tokens (cross-attention
+to_k). Variants, all on the same random weight, float32: the frozen nn.Linear (baseline), our LoRA r=1,
+PEFT LoRA r=1, PEFT WaveFT (k=2592, db1) and our WaveFT (k=2592, db1). One step is y = layer(x) followed by
+torch.autograd.grad(y, [x, adapter params], g): the input gradient plus every adapter gradient.
+
+Time: median of RUNS steps after warm-up; the variants are interleaved step by step so that load from
+other processes on the machine hits all of them alike.
+
+Memory, two honest CPU measures (torch has no CPU allocator statistics):
+  peak MB  - the peak, over one step, of bytes allocated by torch minus bytes freed, read from
+             torch.profiler(profile_memory=True) allocation events in time order. It counts y, the
+             gradients, tensors saved for backward and every transient (e.g. a dense dW or W + dW);
+             x, g and the weights exist before the step and are not counted.
+  saved MB - bytes of tensors saved for backward that are new storages (not x, not a parameter),
+             recorded with torch.autograd.graph.saved_tensors_hooks: what a deep network keeps per layer.
+Before timing, the script checks that our WaveFT and PEFT's give the same y and spectrum gradient.
+"""
+import copy
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import peft  # noqa: E402
+import waveft  # noqa: E402
+from benchmarks.common import print_table  # noqa: E402
+
+CASES = [(640, 640, 4096), (1280, 1280, 1024), (1280, 2048, 77)]  # (out, in, tokens)
+K, RUNS, WARMUP = 2592, 15, 3
+
+
+def variants(out_f, in_f):
+    torch.manual_seed(0)
+    base = nn.Linear(in_f, out_f).requires_grad_(False)
+    made = {"frozen nn.Linear": nn.Sequential(copy.deepcopy(base))}
+    made["our LoRA r=1"] = nn.Sequential(copy.deepcopy(base))
+    waveft.inject(made["our LoRA r=1"], method="lora", rank=1, target_modules=["0"])
+    made["PEFT LoRA r=1"] = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=1, lora_alpha=1, target_modules=["0"]), nn.Sequential(copy.deepcopy(base)))
+    made["PEFT WaveFT k=2592"] = peft.inject_adapter_in_model(
+        peft.WaveFTConfig(n_frequency=K, target_modules=["0"]), nn.Sequential(copy.deepcopy(base)))
+    made["ours WaveFT k=2592"] = nn.Sequential(copy.deepcopy(base))
+    waveft.inject(made["ours WaveFT k=2592"], k=K, target_modules=["0"])
+    spectrum = torch.randn(K) * 1e-3  # nonzero adapters, the same spectrum in PEFT's and ours
+    with torch.no_grad():
+        made["PEFT WaveFT k=2592"][0].waveft_spectrum["default"].copy_(spectrum)
+        made["ours WaveFT k=2592"][0].waveft_spectrum.copy_(spectrum)
+        for name in ("our LoRA r=1", "PEFT LoRA r=1"):
+            for p in made[name].parameters():
+                if p.requires_grad:
+                    p.normal_(std=1e-2)
+    return made
+
+
+def step(model, x, g):
+    y = model(x)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return y, torch.autograd.grad(y, [x] + trainable, g)
+
+
+def peak_mb(model, x, g):
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(model, x, g)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def saved_mb(model, x, g):
+    known = {x.data_ptr()} | {p.data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in known:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    del y
+    return sum(storages.values()) / 2**20
+
+
+def check_against_peft(made, x, g):
+    (y_ours, (_, gs_ours)), (y_peft, (_, gs_peft)) = (step(made[n], x, g) for n in ("ours WaveFT k=2592", "PEFT WaveFT k=2592"))
+    torch.testing.assert_close(y_ours, y_peft, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gs_ours, gs_peft, rtol=1e-3, atol=1e-3 * gs_peft.abs().max().item())
+
+
+def main():
+    torch.set_num_threads(2)
+    import time
+    rows = []
+    for out_f, in_f, tokens in CASES:
+        made = variants(out_f, in_f)
+        x = torch.randn(tokens, in_f, requires_grad=True)
+        g = torch.randn(tokens, out_f)
+        check_against_peft(made, x, g)
+        times = {name: [] for name in made}
+        for run in range(WARMUP + RUNS):
+            for name, model in made.items():
+                start = time.perf_counter()
+                step(model, x, g)
+                if run >= WARMUP:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        mem = {name: (peak_mb(model, x, g), saved_mb(model, x, g)) for name, model in made.items()}
+        base_ms, base_mb = med["frozen nn.Linear"], mem["frozen nn.Linear"][0]
+        for name in made:
+            rows.append([f"{in_f}->{out_f} x{tokens}", name, med[name], f"{med[name] / base_ms:.2f}x",
+                         f"{med[name] / med['our LoRA r=1']:.2f}x", mem[name][0], f"{mem[name][0] / base_mb:.2f}x",
+                         mem[name][1]])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {RUNS} fwd+bwd steps")
+    print_table(["layer x tokens", "variant", "fwd+bwd ms", "vs frozen", "vs our LoRA", "peak MB", "peak vs frozen",
+                 "saved MB"], rows)
+    print(f"spectrum of one layer: {K * 4 / 2**20:.3f} MB (k={K} float32)")
+
+
+if __name__ == "__main__":
+    main()
