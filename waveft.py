@@ -37,7 +37,7 @@ import dwt
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # SDXL UNet attention projections
 _POSITIONS = {}  # (out, in, k, seed) -> (2, k) positions, shared by all layers of one shape
-_PLANS = {}  # (id(positions), wavelet, use_idwt, device) -> _plan(...) dict
+_PLANS = {}  # (id(positions), shape, wavelet, use_idwt, device, dtype) -> _plan(...); holds positions alive
 
 
 def draw_positions(out_features, in_features, k, seed):
@@ -75,7 +75,7 @@ def delta_weight_of(spectrum, positions, shape, wavelet, scaling, use_idwt):
 def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     """Index tables of the separable form dW = A S B^T, computed once per (positions, wavelet, device)."""
     key = (id(positions), tuple(shape), wavelet, use_idwt, str(device), dtype)
-    if key in _PLANS and _PLANS[key]["positions"] is positions:
+    if key in _PLANS:
         return _PLANS[key]
     out_f, in_f = shape
     H, W = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
@@ -103,7 +103,7 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         flat, foot = (rows * in_f + cols)[:, None], torch.ones(len(rows), 1, dtype=torch.float64, device=device)
         row_scale = col_scale = foot[:, 0]
     by_row, by_col = torch.argsort(a * W + b), torch.argsort(b * H + a)
-    plan = dict(positions=positions, H=H, W=W, taps=None if taps is None else taps.tolist(), out=out_f, inp=in_f,
+    plan = dict(positions=positions, H=H, W=W, taps=None if taps is None else taps.tolist(),
                 row_order=by_row, row_ptr=_ptr(a[by_row], H), row_col=b[by_row],  # CSR of S, (H x W)
                 col_order=by_col, col_ptr=_ptr(b[by_col], W), col_row=a[by_col],  # CSR of S^T, (W x H)
                 flat=flat.reshape(len(a), -1), foot=foot.reshape(len(a), -1).to(dtype),  # (k, L*L) each
@@ -188,12 +188,13 @@ class _WaveFTFunction(torch.autograd.Function):
         ga_t = torch.empty(plan["H"], n, dtype=cdt, device=g.device)  # (H, N): (A^T g)^T / row_scale
         _analyze(g2.to(cdt), plan["taps"], plan["H"], out=ga_t.T)  # written transposed: sampled_addmm wants rows
         if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g)^T (B^T x)
-            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W), B^T x / col_scale
+            xa_t = torch.empty(plan["W"], n, dtype=cdt, device=x.device)  # (W, N): (B^T x)^T / col_scale
+            _analyze(x2.to(cdt), plan["taps"], plan["W"], out=xa_t.T)  # column-major: sampled_addmm won't copy it
             pattern = _csr(plan["row_ptr"], plan["row_col"], spectrum.new_zeros(len(spectrum)), (plan["H"], plan["W"]))
-            sampled = torch.sparse.sampled_addmm(pattern, ga_t, xa, beta=0.0, alpha=scaling).values()  # row order
+            sampled = torch.sparse.sampled_addmm(pattern, ga_t, xa_t.T, beta=0.0, alpha=scaling).values()  # row order
             grad_s = torch.empty_like(spectrum).index_put_((plan["row_order"],), sampled)
             grad_s *= plan["row_scale"] * plan["col_scale"]
-            del xa, pattern, sampled  # free before grad_x: lower peak memory
+            del xa_t, pattern, sampled  # free before grad_x: lower peak memory
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # trick 2: one matmul with the transient W + dW
                 del ga_t

@@ -22,6 +22,7 @@ Before timing, the script checks that our WaveFT and PEFT's give the same y and 
 import copy
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -98,7 +99,7 @@ def check_against_peft(made, x, g):
 
 def main():
     torch.set_num_threads(2)
-    import time
+    load_before = os.getloadavg()[0]
     rows = []
     for out_f, in_f, tokens in CASES:
         made = variants(out_f, in_f)
@@ -119,7 +120,9 @@ def main():
             rows.append([f"{in_f}->{out_f} x{tokens}", name, med[name], f"{med[name] / base_ms:.2f}x",
                          f"{med[name] / med['our LoRA r=1']:.2f}x", mem[name][0], f"{mem[name][0] / base_mb:.2f}x",
                          mem[name][1]])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {RUNS} fwd+bwd steps")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {RUNS} fwd+bwd steps; "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (trust the ratios only near 0-1: "
+          "with other processes on the cores, every parallel op waits for a descheduled thread)")
     print_table(["layer x tokens", "variant", "fwd+bwd ms", "vs frozen", "vs our LoRA", "peak MB", "peak vs frozen",
                  "saved MB"], rows)
     print(f"spectrum of one layer: {K * 4 / 2**20:.3f} MB (k={K} float32)")
