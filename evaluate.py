@@ -377,13 +377,12 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device):
     if total == 0:
         return 0  # nothing to do: not even the pipeline is loaded
     import waveft
-    pipe = sdxl.load_pipeline(run.config["model"])
+    pipe = sdxl.load_pipeline(run.config["model"]).to(device)  # float32 weights; generate() autocasts on CUDA
     try:
         waveft.load(pipe.unet, run.adapter)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"adapter {run.adapter} does not fit model {run.config['model']!r}: {error}") from None
     waveft.merge(pipe.unet)  # the update is folded into W: sampling costs what the base model costs
-    pipe.to(device)
     with tqdm(total=total, desc=f"{run.name}: generating", unit="image") as bar:
         for i, prompt, missing in todo:
             if not missing:
