@@ -353,10 +353,14 @@ def check_subject(run, where):
 
 
 def method_and_budget(config):
-    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592') or ('lora', 'r=1'), as in the output folder names."""
+    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592') or ('lora', 'r=1'), as in the output folder names; a
+    non-default wavelet or scaling is added to the method, so a sweep over them does not share one table line."""
     method = config.get("method", "external")
     if method == "waveft" and config.get("use_idwt", True) in (False, "false", "False", 0):
         method = "waveft_noidwt"
+    if method.startswith("waveft"):
+        method += f" {config['wavelet']}" if config.get("wavelet", "db1") != "db1" else ""
+        method += f" scaling={config['scaling']:g}" if config.get("scaling") not in (None, 25) else ""
     budget = f"r={config.get('rank')}" if method == "lora" else f"k={config['k']}" if "k" in config else ""
     return method, budget
 
@@ -414,6 +418,9 @@ def write_comparison(all_metrics, out_dir):
         cells = []
         for name in names:
             values = [m[name] for m in runs if name in m]
+            if not values:
+                cells.append("-")
+                continue
             mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             row.update({f"{name}_mean": round(mean, 4), f"{name}_std": round(std, 4)})
             cells.append(f"{mean:.3f} ± {std:.3f}" if name != "clip_t" else f"{mean:.2f} ± {std:.2f}")

@@ -185,6 +185,9 @@ def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
     assert csv_rows[1] == "waveft,k=2592,1000,3,0.6,0.2,2.0,1.0"
     assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
     assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
+    assert evaluate.method_and_budget(dict(method="waveft", k=9, wavelet="db1", scaling=25.0)) == ("waveft", "k=9")
+    assert evaluate.method_and_budget(dict(method="waveft", k=9, wavelet="db4", scaling=10.0)) == \
+        ("waveft db4 scaling=10", "k=9")
 
 
 # ----------------------------------------------------------------------------------------------------------------
