@@ -23,13 +23,15 @@ merged. Metric scores are means over a run's images; the comparison table gives 
     python evaluate.py --runs outputs/dog6-waveft-k2000 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
         --resolution 64 --dino tiny --clip tiny --cmmd-clip tiny  # CPU smoke run: tiny models, meaningless numbers
 
-Layout: <out-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder,
-then scores.csv (one row per image), metrics.json, grid.png; <out-dir>/comparison.{md,csv} over all runs.
+Layout: <out-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder and
+images/generation.json (settings + adapter hash: a rerun skips existing images only if they match), then scores.csv
+(one row per image), metrics.json, grid.png; <out-dir>/comparison.{md,csv} over all runs.
 `--metrics-only DIR` reads DIR in the layout of images/: one folder `<number>_<anything>` per prompt holding the
 images (any names) and, optionally, prompt.txt (else the prompt is the folder name after the number, "_" -> " ").
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
 import re
@@ -373,13 +375,29 @@ def count_trainable(adapter):
                    if key.endswith(("waveft_spectrum", "lora_A", "lora_B")))
 
 
-def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device):
-    """Generate every (prompt, seed) image not on disk yet (resumable); returns how many were made."""
+def generation_settings(run, gen_cfg):
+    """Everything an image depends on besides its prompt and seed (the adapter by its hash)."""
+    return dict(model=run.config["model"], adapter_sha256=hashlib.sha256(run.adapter.read_bytes()).hexdigest(),
+                steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
+                solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
+
+
+def generate_missing(run, images_dir, prompts, seeds, settings, gen_cfg, device):
+    """Generate every (prompt, seed) image not on disk yet (resumable); returns how many were made. Images on disk
+    made with other settings or another adapter (recorded in generation.json) are an error, never silently reused."""
+    record = images_dir / "generation.json"
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        old = json.loads(record.read_text())
+        changed = [key for key in settings if old.get(key) != settings[key]]
+        raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
+                         f"that folder or pass another --out-dir")
     path = {(i, s): images_dir / f"{i:02d}_{slug(p)}" / f"seed{s}.png" for i, p in enumerate(prompts) for s in seeds}
     todo = [(i, p, [s for s in seeds if not path[i, s].is_file()]) for i, p in enumerate(prompts)]
     total = sum(len(missing) for _, _, missing in todo)
     if total == 0:
         return 0  # nothing to do: not even the pipeline is loaded
+    images_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
     import waveft
     pipe = sdxl.load_pipeline(run.config["model"]).to(device)  # float32 weights; generate() autocasts on CUDA
     try:
@@ -492,7 +510,8 @@ def main(argv=None):
             prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:args.max_prompts]
             seeds = [args.seed + i for i in range(args.images_per_prompt)]
             images_dir = run_out / "images"
-            generate_missing(run, images_dir, prompts, seeds, gen_cfg, device)
+            settings = generation_settings(run, gen_cfg)
+            generate_missing(run, images_dir, prompts, seeds, settings, gen_cfg, device)
             entries = [(i, p, images_dir / f"{i:02d}_{slug(p)}" / f"seed{s}.png")
                        for i, p in enumerate(prompts) for s in seeds]
         else:
@@ -504,9 +523,7 @@ def main(argv=None):
                        trainable_params=count_trainable(run.adapter) if run.adapter else None,
                        n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
                        **metrics, metric_models=models.names, meaningless_tiny_models=tiny,
-                       generation=dict(model=run.config["model"], steps=gen_cfg.num_inference_steps,
-                                       resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
-                                       seeds=seeds) if run.adapter else None)
+                       generation=dict(settings, seeds=seeds) if run.adapter else None)
         write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows])
         (run_out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_grid(run_out / "grid.png", real_images, entries, images)

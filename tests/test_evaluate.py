@@ -277,6 +277,8 @@ def test_second_run_skips_existing_images_and_regenerates_only_missing_ones(eval
     images[1].unlink()  # 00_.../seed43.png: as if the previous evaluation was killed while writing it
     evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE)
     assert calls == [(["a zjw dog in the jungle"], [43])] and images[1].is_file()
+    with pytest.raises(ValueError, match="holds images made with other steps"):  # never reuse stale images
+        evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE + ["--steps", "3"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
