@@ -2,9 +2,7 @@
 an end-to-end run on the tiny SDXL with a tiny adapter (resumable), and clear errors for bad input."""
 import json
 import shutil
-import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -315,3 +313,13 @@ def test_adapter_for_a_different_architecture_fails_clearly(tiny_run_dir, tmp_pa
     waveft.save(model, run / "adapter.safetensors", extra_metadata=dict(model="tiny"))
     with pytest.raises(ValueError, match=r"adapter .*run/adapter.safetensors does not fit model 'tiny'"):
         evaluate.main(["--runs", str(run), "--out-dir", str(tmp_path / "eval")] + SMOKE)
+
+
+def test_command_line_error_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, str(evaluate.__file__), "--runs", str(tmp_path / "nope")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(f"evaluate.py: error: none of --runs {tmp_path / 'nope'} is a run folder "
+                                          f"of train_dreambooth.py")
