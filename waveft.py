@@ -122,6 +122,12 @@ def _csr(ptr, idx, values, size):
         return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
 
 
+def _sparse_times(ptr, idx, values, size, dense):
+    """CSR (size) @ dense (size[1], N) -> (size[0], N); addmm with out= avoids `@`'s extra result copy."""
+    out = dense.new_zeros(size[0], dense.shape[1])
+    return torch.addmm(out, _csr(ptr, idx, values, size), dense, out=out)
+
+
 def _analyze(v, taps, n_coef, out=None):
     """v (M, n) -> (M, n_coef) = v A / band_scale: the adjoint of synthesis-and-crop, [low band | high band].
 
@@ -140,15 +146,18 @@ def _analyze(v, taps, n_coef, out=None):
     return out
 
 
-def _synthesize(z, taps, n):
-    """z (M, n_coef) = [low | high] -> (M, n): upsample, filter, keep samples L-2 .. L-2+n (= A z)."""
+def _synthesize_into(out, z, taps, alpha):
+    """out (M, n) += alpha * A z for z (M, n_coef) = [low | high]: upsample, filter, crop, in place."""
     if taps is None:
-        return z
-    L, half = len(taps[0]), z.shape[1] // 2
-    full = z.new_zeros(z.shape[0], z.shape[1] + L - 2)
-    for p in range(L):
-        full[:, p:p + z.shape[1]:2].add_(z[:, :half], alpha=taps[0][p]).add_(z[:, half:], alpha=taps[1][p])
-    return full[:, L - 2:L - 2 + n]
+        return out.add_(z, alpha=alpha)
+    n, half, L = out.shape[1], z.shape[1] // 2, len(taps[0])
+    for p in range(L):  # tap p sends coefficient i to output 2i + p - (L-2); keep those inside [0, n)
+        j0 = p - (L - 2)
+        i0, i1 = max(0, (1 - j0) // 2), min(half, (n - 1 - j0) // 2 + 1)
+        if i1 > i0:
+            dst = out[:, 2 * i0 + j0:2 * i1 + j0 - 1:2]  # (M, i1 - i0)
+            dst.add_(z[:, i0:i1], alpha=alpha * taps[0][p]).add_(z[:, half + i0:half + i1], alpha=alpha * taps[1][p])
+    return out
 
 
 def _merged_weight(weight, spectrum, plan, scaling):
@@ -169,11 +178,12 @@ class _WaveFTFunction(torch.autograd.Function):
         if merged:  # many tokens: one matmul, dW costs O(out*in) once
             y = F.linear(x2, _merged_weight(weight, spectrum, plan, scaling), bias)
         else:  # few tokens or low-precision W: adapter path A (S (B^T x)) in the spectrum's dtype
-            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (N, W), B^T x / col_scale
+            xa_t = torch.empty(plan["W"], n, dtype=cdt, device=x.device)  # (W, N): (B^T x)^T / col_scale
+            _analyze(x2.to(cdt), plan["taps"], plan["W"], out=xa_t.T)
             values = (spectrum * plan["col_scale"])[plan["row_order"]]
-            z = (_csr(plan["row_ptr"], plan["row_col"], values, (plan["H"], plan["W"])) @ xa.T).T  # (N, H)
-            y = torch.add(F.linear(x2.to(weight.dtype), weight, bias).to(cdt), _synthesize(z, plan["taps"], out_f),
-                          alpha=scaling)
+            z = _sparse_times(plan["row_ptr"], plan["row_col"], values, (plan["H"], plan["W"]), xa_t)  # (H, N)
+            del xa_t
+            y = _synthesize_into(F.linear(x2.to(weight.dtype), weight, bias).to(cdt), z.T, plan["taps"], scaling)
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.plan, ctx.scaling, ctx.merged = plan, scaling, merged
         return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
@@ -201,9 +211,9 @@ class _WaveFTFunction(torch.autograd.Function):
                 grad_x = g2 @ _merged_weight(weight, spectrum, plan, scaling)
             else:  # g W + scaling * B (S^T (A^T g))
                 values = (spectrum * plan["row_scale"])[plan["col_order"]]
-                xb = _synthesize((_csr(plan["col_ptr"], plan["col_row"], values, (plan["W"], plan["H"])) @ ga_t).T,
-                                 plan["taps"], in_f)  # (N, in)
-                grad_x = torch.add((g2.to(weight.dtype) @ weight).to(cdt), xb, alpha=scaling)
+                z = _sparse_times(plan["col_ptr"], plan["col_row"], values, (plan["W"], plan["H"]), ga_t)  # (W, N)
+                del ga_t
+                grad_x = _synthesize_into((g2.to(weight.dtype) @ weight).to(cdt), z.T, plan["taps"], scaling)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:  # only if someone unfroze W
             grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)

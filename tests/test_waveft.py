@@ -117,7 +117,7 @@ def test_low_precision_weight_keeps_small_updates():
         naive = F.linear(xb, base.weight + dW.to(torch.bfloat16)).float() - F.linear(xb, base.weight).float()
     y1 = layer(x.requires_grad_())
     expected = x.detach() @ dW.T
-    torch.testing.assert_close(y1 - y0, expected, rtol=1e-2, atol=1e-3 * expected.abs().max().item())
+    torch.testing.assert_close(y1 - y0, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
     assert (naive - expected).abs().max() > 0.5 * expected.abs().max()  # merging into bf16 W loses it
     y1.square().sum().backward()
     assert layer.waveft_spectrum.grad.dtype == torch.float32 and layer.waveft_spectrum.grad.abs().sum() > 0
