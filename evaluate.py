@@ -482,6 +482,9 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.runs:
+        for folder in args.runs:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"run folder {folder} does not exist")
         # `outputs/*` also matches folders that are no runs at all (class-images/): skipped, with a note
         folders = [f for f in args.runs if any((Path(f) / n).exists() for n in ("config.json", "adapter.safetensors"))]
         for folder in sorted(set(args.runs) - set(folders)):
