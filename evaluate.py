@@ -333,7 +333,13 @@ def read_run(folder, data_dir=None, model=None):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"run folder {folder} has no {file}: pass folders written by train_dreambooth.py "
                                     f"(a run that has not finished has no adapter.safetensors yet)")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        missing = {"subject", "model"} - set(config)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"{folder / 'config.json'} is not a train_dreambooth.py config: {error}") from None
+    if missing:
+        raise ValueError(f"{folder / 'config.json'} has no {' or '.join(sorted(missing))}: not a train_dreambooth.py config")
     import waveft
     trained_for = waveft.read_metadata(folder / "adapter.safetensors").get("model", config["model"])  # checks the file
     if trained_for != config["model"]:

@@ -289,6 +289,10 @@ def test_bad_run_folders_fail_clearly_before_loading_models(tiny_run_dir, tmp_pa
     shutil.copy(tiny_run_dir / "config.json", no_adapter)
     with pytest.raises(FileNotFoundError, match="no_adapter has no adapter.safetensors"):
         evaluate.main(["--runs", str(no_adapter)] + SMOKE)
+    (no_adapter / "config.json").write_text("[1, 2]")
+    shutil.copy(tiny_run_dir / "adapter.safetensors", no_adapter)
+    with pytest.raises(ValueError, match="no_adapter/config.json .*not a train_dreambooth.py config"):
+        evaluate.main(["--runs", str(no_adapter)] + SMOKE)
     (tmp_path / "class-images").mkdir()
     with pytest.raises(FileNotFoundError, match="none of --runs .*class-images is a run folder"):
         evaluate.main(["--runs", str(tmp_path / "class-images")] + SMOKE)
