@@ -17,9 +17,12 @@ with the low/high-pass filters) and S (H x W) is C with its off-diagonal quarter
   1. coefficient gradient: dL/ds_(a,b) = scaling * sum_tokens (A^T g)_a (B^T x)_b, i.e. two cheap 1-D
      analyses of g and x (L multiply-adds per value) and k sampled dot products (sampled_addmm), in
      O(tokens * (out + in + k)) instead of the dense g^T x (tokens * out * in);
-  2. forward / input gradient: for many tokens one matmul with W + dW, where dW is scattered from the k
-     coefficients' L x L footprints (cheap, transient, never saved); for few tokens or a low-precision W,
-     y = x W^T + b + scaling * A (S (B^T x)) in the spectrum's float32, so small updates survive a bf16 W.
+  2. forward and input gradient: whichever needs the smaller transient. Many tokens: one matmul with
+     W + dW, dW scattered from the k coefficients' L x L footprints (an out x in copy, never saved).
+     Few tokens (tokens * (out + in) < out * in, e.g. cross-attention to_k/to_v on 77 text tokens):
+     y = x W^T + b + scaling * A (S (B^T x)), and likewise grad_x = g W + scaling * B (S^T (A^T g)).
+     A bf16/fp16 W always takes the second form, with the adapter in the spectrum's float32, so
+     updates far below W's precision still change y.
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
 """
 import json
@@ -195,8 +198,9 @@ class _WaveFTFunction(torch.autograd.Function):
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
         n, (out_f, in_f) = x2.shape[0], weight.shape
         grad_x = grad_w = grad_b = grad_s = None
-        ga_t = torch.empty(plan["H"], n, dtype=cdt, device=g.device)  # (H, N): (A^T g)^T / row_scale
-        _analyze(g2.to(cdt), plan["taps"], plan["H"], out=ga_t.T)  # written transposed: sampled_addmm wants rows
+        if ctx.needs_input_grad[3] or not ctx.merged:
+            ga_t = torch.empty(plan["H"], n, dtype=cdt, device=g.device)  # (H, N): (A^T g)^T / row_scale
+            _analyze(g2.to(cdt), plan["taps"], plan["H"], out=ga_t.T)  # written transposed: sampled_addmm wants rows
         if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g)^T (B^T x)
             xa_t = torch.empty(plan["W"], n, dtype=cdt, device=x.device)  # (W, N): (B^T x)^T / col_scale
             _analyze(x2.to(cdt), plan["taps"], plan["W"], out=xa_t.T)  # column-major: sampled_addmm won't copy it
@@ -207,7 +211,7 @@ class _WaveFTFunction(torch.autograd.Function):
             del xa_t, pattern, sampled  # free before grad_x: lower peak memory
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # trick 2: one matmul with the transient W + dW
-                del ga_t
+                ga_t = None
                 grad_x = g2 @ _merged_weight(weight, spectrum, plan, scaling)
             else:  # g W + scaling * B (S^T (A^T g))
                 values = (spectrum * plan["row_scale"])[plan["col_order"]]

@@ -311,3 +311,15 @@ def test_spectrum_interchange_with_peft(unet_inputs, wavelet):
     expected = run(theirs, unet_inputs)
     assert (expected - run(tiny_unet(), unet_inputs)).abs().max() > 1e-3
     torch.testing.assert_close(run(ours, unet_inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_spectrum_still_gives_input_gradient():
+    layer = waveft.WaveFTLinear(nn.Linear(12, 9).double(), 20, 25.0, "db2", 777, True)
+    with torch.no_grad():
+        layer.waveft_spectrum.normal_()
+    layer.waveft_spectrum.requires_grad_(False)
+    for tokens in (2, 50):  # both forward strategies
+        x = torch.randn(tokens, 12, dtype=torch.float64, requires_grad=True)
+        ours, = torch.autograd.grad(layer(x).square().sum(), x)
+        ref, = torch.autograd.grad(reference(layer, x).square().sum(), x)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
