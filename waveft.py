@@ -40,7 +40,7 @@ import dwt
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # SDXL UNet attention projections
 _POSITIONS = {}  # (out, in, k, seed) -> (2, k) positions, shared by all layers of one shape
-_PLANS = {}  # (id(positions), shape, wavelet, use_idwt, device, dtype) -> _plan(...); holds positions alive
+_PLANS = {}  # ((k, seed) or id(positions), shape, wavelet, use_idwt, device, dtype) -> _plan(...)
 
 
 def draw_positions(out_features, in_features, k, seed):
@@ -75,12 +75,16 @@ def delta_weight_of(spectrum, positions, shape, wavelet, scaling, use_idwt):
     return scaling * full[r0:r0 + out_f, c0:c0 + in_f]
 
 
-def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
-    """Index tables of the separable form dW = A S B^T, computed once per (positions, wavelet, device)."""
+def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32, seed=None):
+    """Index tables of the separable form dW = A S B^T, computed once per (positions, wavelet, device).
+
+    With `seed`, the positions are the seed's draw: all layers of one shape share one plan."""
+    out_f, in_f = shape
+    if seed is not None:
+        positions = draw_positions(out_f, in_f, len(positions[0]), seed)
     key = (id(positions), tuple(shape), wavelet, use_idwt, str(device), dtype)
     if key in _PLANS:
         return _PLANS[key]
-    out_f, in_f = shape
     H, W = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
     rows, cols = positions.to(device)
     if use_idwt:
@@ -111,7 +115,7 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
                 col_order=by_col, col_ptr=_ptr(b[by_col], W), col_row=a[by_col],  # CSR of S^T, (W x H)
                 flat=flat.reshape(len(a), -1), foot=foot.reshape(len(a), -1).to(dtype),  # (k, L*L) each
                 row_scale=row_scale.to(dtype), col_scale=col_scale.to(dtype))
-    _PLANS[key] = plan
+    _PLANS[key] = plan  # the plan keeps `positions` alive, so its id is never reused
     return plan
 
 
@@ -229,14 +233,15 @@ class _WaveFTFunction(torch.autograd.Function):
 class WaveFTLinear(nn.Module):
     """A frozen nn.Linear plus k trainable wavelet coefficients (`waveft_spectrum`)."""
 
-    def __init__(self, base, k, scaling, wavelet, seed, use_idwt, positions=None):
+    def __init__(self, base, k, scaling, wavelet, seed, use_idwt):
         super().__init__()
         self.base, self.k, self.scaling, self.wavelet, self.seed, self.use_idwt = base, k, scaling, wavelet, seed, use_idwt
         self.merged = False
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32  # never train in bf16
         self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
-        positions = draw_positions(base.out_features, base.in_features, k, seed) if positions is None else positions
-        self.register_buffer("waveft_positions", positions.to(base.weight.device))  # (2, k) rows, cols
+        self._checked = None  # the positions tensor last compared with the seed's draw, and the verdict
+        self.register_buffer("waveft_positions", draw_positions(base.out_features, base.in_features, k, seed)
+                             .to(base.weight.device))  # (2, k) rows, cols
 
     def delta_weight(self):
         return delta_weight_of(self.waveft_spectrum, self.waveft_positions, self.base.weight.shape,
@@ -245,8 +250,12 @@ class WaveFTLinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        plan = _plan(self.waveft_positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device,
-                     self.waveft_spectrum.dtype)
+        positions = self.waveft_positions
+        if self._checked is None or self._checked[0] is not positions:  # new tensor: moved, loaded or replaced
+            drawn = draw_positions(*self.base.weight.shape, self.k, self.seed)
+            self._checked = (positions, torch.equal(positions.cpu(), drawn))
+        plan = _plan(positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device,
+                     self.waveft_spectrum.dtype, self.seed if self._checked[1] else None)
         return _WaveFTFunction.apply(x, self.base.weight, self.base.bias, self.waveft_spectrum, plan, self.scaling)
 
 

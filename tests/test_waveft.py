@@ -323,3 +323,19 @@ def test_frozen_spectrum_still_gives_input_gradient():
         ours, = torch.autograd.grad(layer(x).square().sum(), x)
         ref, = torch.autograd.grad(reference(layer, x).square().sum(), x)
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_replaced_positions_get_their_own_plan():
+    """Layers with the seed's positions share one cached plan per shape; a layer whose positions were
+    replaced (or loaded) must not use, or overwrite, that shared plan."""
+    custom, drawn = (nn.Sequential(nn.Linear(10, 12)) for _ in range(2))
+    for m in (custom, drawn):
+        waveft.inject(m, k=7, target_modules=["0"])
+    with torch.no_grad():
+        custom[0].waveft_positions = torch.tensor([[0, 1, 2, 3, 4, 5, 11], [9, 8, 7, 6, 5, 4, 0]])
+        for m in (custom, drawn):
+            m[0].waveft_spectrum.normal_()
+    for tokens in (4, 40):
+        x = torch.randn(tokens, 10)
+        for m in (custom, drawn):
+            torch.testing.assert_close(m(x), reference(m[0], x), rtol=1e-5, atol=1e-4)
