@@ -319,10 +319,11 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
     scaling = float((25.0 if method == "waveft" else 1.0) if scaling is None else scaling)
     names = [n for n, _ in model.named_modules() if n]
     targets = [n for n in names if _matches(n, target_modules) and not _matches(n, exclude_modules or ())]
-    if not targets:
-        raise ValueError(f"no module matched target_modules={target_modules!r} (exclude_modules="
-                         f"{exclude_modules!r}); some module names in this model: {names[:3] + names[-3:]}")
     modules = dict(model.named_modules())
+    if not targets:
+        linear = [n for n in names if isinstance(modules[n], nn.Linear)]
+        raise ValueError(f"no module matched target_modules={target_modules!r} (exclude_modules={exclude_modules!r});"
+                         f" {len(linear)} nn.Linear modules in this model, e.g. {linear[:4] or names[:4]}")
     for name in targets:
         mod = modules[name]
         if not isinstance(mod, nn.Linear):

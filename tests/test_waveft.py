@@ -258,7 +258,7 @@ def test_matching_rules_and_summary(capsys):
 
 def test_errors(tmp_path):
     unet = tiny_unet()
-    with pytest.raises(ValueError, match=r"no module matched.*to_qq.*conv_in"):
+    with pytest.raises(ValueError, match=r"no module matched.*to_qq.*nn.Linear modules in this model, e.g. \['time_embedding"):
         waveft.inject(unet, target_modules=["to_qq"])
     with pytest.raises(ValueError, match=r"'down_blocks.1.attentions.0.transformer_blocks.0.attn1' .*Attention.*not an nn.Linear"):
         waveft.inject(unet, target_modules=r".*attn1")
