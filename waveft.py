@@ -179,8 +179,19 @@ class _WaveFTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spectrum, plan, scaling):
+        # Under autocast the frozen matmul runs in the autocast dtype, as nn.Linear's would; the adapter stays in
+        # the spectrum's dtype. Every other cast is explicit, so autocast is switched off inside.
+        amp = torch.is_autocast_enabled(x.device.type)
+        ctx.base_dtype = torch.get_autocast_dtype(x.device.type) if amp else weight.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return _WaveFTFunction._forward(ctx, x, weight, bias, spectrum, plan, scaling)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, spectrum, plan, scaling):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         n, (out_f, in_f), cdt = x2.shape[0], weight.shape, spectrum.dtype
+        frozen, weight = weight, weight.to(ctx.base_dtype)  # the cast (if any) is transient, never saved
+        bias = None if bias is None else bias.to(ctx.base_dtype)
         merged = x.dtype == weight.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
         if merged:  # many tokens: one matmul, dW costs O(out*in) once
             y = F.linear(x2, _merged_weight(weight, spectrum, plan, scaling), bias)
@@ -191,14 +202,14 @@ class _WaveFTFunction(torch.autograd.Function):
             z = _sparse_times(plan["row_ptr"], plan["row_col"], values, (plan["H"], plan["W"]), xa_t)  # (H, N)
             del xa_t
             y = _synthesize_into(F.linear(x2.to(weight.dtype), weight, bias).to(cdt), z.T, plan["taps"], scaling)
-        ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
+        ctx.save_for_backward(x, frozen, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.plan, ctx.scaling, ctx.merged = plan, scaling, merged
         return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, spectrum = ctx.saved_tensors
-        plan, scaling, cdt = ctx.plan, ctx.scaling, spectrum.dtype
+        x, frozen, spectrum = ctx.saved_tensors
+        plan, scaling, cdt, weight = ctx.plan, ctx.scaling, spectrum.dtype, frozen.to(ctx.base_dtype)
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
         n, (out_f, in_f) = x2.shape[0], weight.shape
         grad_x = grad_w = grad_b = grad_s = None
@@ -224,9 +235,9 @@ class _WaveFTFunction(torch.autograd.Function):
                 grad_x = _synthesize_into((g2.to(weight.dtype) @ weight).to(cdt), z.T, plan["taps"], scaling)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:  # only if someone unfroze W
-            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+            grad_w = (g2.T @ x2.to(g2.dtype)).to(frozen.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(weight.dtype)
+            grad_b = g2.sum(0).to(frozen.dtype)
         return grad_x, grad_w, grad_b, grad_s, None, None
 
 

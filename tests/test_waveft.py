@@ -339,3 +339,22 @@ def test_replaced_positions_get_their_own_plan():
         x = torch.randn(tokens, 10)
         for m in (custom, drawn):
             torch.testing.assert_close(m(x), reference(m[0], x), rtol=1e-5, atol=1e-4)
+
+
+def test_autocast_bf16_runs_base_in_bf16_and_adapter_in_float32():
+    """Under torch.autocast (the training script's bf16 mode) the frozen matmul runs in bf16 like nn.Linear,
+    the adapter and its gradient stay float32 and match the float32 reference to bf16 accuracy."""
+    torch.manual_seed(0)
+    layer = waveft.WaveFTLinear(nn.Linear(48, 40), 60, 25.0, "db2", 777, True)
+    with torch.no_grad():
+        layer.waveft_spectrum.normal_(std=0.01)
+    for tokens in (3, 100):
+        x = torch.randn(tokens, 48, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        gs, gx = torch.autograd.grad(y.float().square().sum(), (layer.waveft_spectrum, x))
+        y_ref = reference(layer, x)
+        gs_ref, gx_ref = torch.autograd.grad(y_ref.square().sum(), (layer.waveft_spectrum, x))
+        assert gs.dtype == torch.float32
+        for ours, ref in ((y.float(), y_ref), (gs, gs_ref), (gx, gx_ref)):
+            torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
