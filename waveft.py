@@ -448,12 +448,15 @@ def load(model, path):
         model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
     layers = dict(adapted_layers(model))
     _check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
+    keys = ("method", "scaling") + (("k", "wavelet", "use_idwt") if meta["method"] == "waveft" else ("rank",))
+    differ = [f"{key}: file {meta[key]!r}, model {model._waveft_config[key]!r}" for key in keys
+              if meta[key] != model._waveft_config[key]]
+    if differ:
+        raise ValueError(f"{path} was saved with another adapter config than this model's: {'; '.join(differ)}")
     with safe_open(str(path), framework="pt") as f:
         for name, m in layers.items():
             if m.merged:
                 raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
-            if isinstance(m, WaveFTLinear) != (meta["method"] == "waveft"):
-                raise ValueError(f"{path} holds a {meta['method']} adapter but layer {name!r} is a {type(m).__name__}")
             for attr in ("waveft_spectrum",) if isinstance(m, WaveFTLinear) else ("lora_A", "lora_B"):
                 value = _get(f, path, f"{name}.{attr}", getattr(m, attr).shape)
                 getattr(m, attr).copy_(value)

@@ -285,6 +285,10 @@ def test_errors(tmp_path):
     wider.mid_block.attentions[0].transformer_blocks[0].attn1.to_q = nn.Linear(64, 65, bias=False)
     with pytest.raises(ValueError, match=r"(?s)shape mismatches.*mid_block.*attn1.to_q: file \(64, 64\), model \(65, 64\)"):
         waveft.load(wider, path)
+    other_k = tiny_unet()
+    waveft.inject(other_k, k=11, wavelet="db2")
+    with pytest.raises(ValueError, match=r"another adapter config.*k: file 10, model 11; wavelet: file 'db1', model 'db2'"):
+        waveft.load(other_k, path)
     pickled = tmp_path / "adapter.bin"
     torch.save({"a": torch.zeros(1)}, pickled)
     with pytest.raises(ValueError, match="cannot read .*adapter.bin as a safetensors"):
