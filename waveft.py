@@ -250,9 +250,9 @@ class WaveFTLinear(nn.Module):
         self.merged = False
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32  # never train in bf16
         self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
-        self._checked = None  # the positions tensor last compared with the seed's draw, and the verdict
+        self._checked = None  # (positions tensor last compared with the seed's draw, equal?); replace, don't edit
         self.register_buffer("waveft_positions", draw_positions(base.out_features, base.in_features, k, seed)
-                             .to(base.weight.device))  # (2, k) rows, cols
+                             .to(base.weight.device, copy=True))  # (2, k) rows, cols; own copy (the cache is shared)
 
     def delta_weight(self):
         return delta_weight_of(self.waveft_spectrum, self.waveft_positions, self.base.weight.shape,

@@ -150,8 +150,10 @@ def test_zero_init_is_base_model_and_only_spectra_train(unet_inputs):
     assert waveft.count_parameters(unet) == 100 * 32 == sum(p.numel() for _, p in trainable)
     shapes = {tuple(m.base.weight.shape) for _, m in layers}
     assert shapes == {(64, 64), (64, 32)}
-    for _, m in layers:  # one cached draw per shape, shared by all layers of that shape
-        assert m.waveft_positions is waveft.draw_positions(*m.base.weight.shape, 100, 777)
+    for _, m in layers:  # one cached draw per shape (each layer holds its own copy as a buffer)
+        assert torch.equal(m.waveft_positions, waveft.draw_positions(*m.base.weight.shape, 100, 777))
+    plans = {id(waveft._plan(m.waveft_positions, m.base.weight.shape, "db1", True, "cpu", seed=777)) for _, m in layers}
+    assert len(plans) == 2  # one index plan per shape
 
 
 def test_lora_zero_init_and_count(unet_inputs):
