@@ -15,6 +15,16 @@ import sdxl
 TINY = ["--dino", "tiny", "--clip", "tiny", "--cmmd-clip", "tiny"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Every model here is tiny: a second intra-op thread only adds overhead, and on a shared 2-core machine a
+    parallel region waiting for a descheduled thread is many times slower. Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_models():
     return evaluate.load_metric_models("tiny", "tiny", "tiny")
