@@ -53,7 +53,7 @@ class Options:
     unique_token: str = "zjw"  # the prompt is "a <unique_token> <class>"
     steps: int = 500  # optimizer steps
     grad_accum: int = 4  # micro-batches (of 1 image) per optimizer step
-    resolution: int = 1024  # square training crops
+    resolution: int = None  # square training crops; default 1024 (64 for --model tiny: 8 x 8 latents, a CPU demo)
     lr: float = 1e-4  # AdamW learning rate, constant
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9/0.999, eps 1e-8)
     max_grad_norm: float = 1.0  # gradient clipping
@@ -86,17 +86,22 @@ def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     for field in dataclasses.fields(Options):
         flag, help_text = "--" + field.name.replace("_", "-"), comments.get(field.name, "")
+        if field.default not in (None, dataclasses.MISSING):
+            help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"
         if field.default is dataclasses.MISSING:
             parser.add_argument(flag, type=field.type, required=True, help=help_text)
         elif field.type is bool:  # "--flag", "--flag true", "--flag false"
-            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=field.default, help=help_text)
+            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=field.default, help=help_text,
+                                metavar="true|false")
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=f"{help_text} ({field.default})")
+            parser.add_argument(flag, type=field.type, default=field.default, help=help_text)
     opts = Options(**vars(parser.parse_args(argv)))
     if opts.method not in ("waveft", "lora"):
         parser.error(f"--method must be waveft or lora, not {opts.method!r}")
     if opts.mixed_precision not in ("bf16", "no"):
         parser.error(f"--mixed-precision must be bf16 or no, not {opts.mixed_precision!r}")
+    if opts.resolution is None:
+        opts.resolution = 64 if opts.model == "tiny" else 1024
     if opts.resolution % 64 or opts.resolution <= 0:
         parser.error(f"--resolution must be a positive multiple of 64, not {opts.resolution}")
     if min(opts.k, opts.rank, opts.steps, opts.grad_accum, opts.checkpoint_every) <= 0:
@@ -244,7 +249,10 @@ def main(argv=None):
         {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
          "run_name": run_name(opts), "argv": sys.argv[1:] if argv is None else list(argv)}, indent=2))
 
-    pipe = sdxl.load_pipeline(opts.model).to(device)  # fp32 everywhere to start with; the VAE stays fp32
+    pipe = sdxl.load_pipeline(opts.model)  # float32; the VAE and text encoders stay float32
+    if use_bf16:
+        pipe.unet.to(torch.bfloat16)  # the frozen UNet in bf16 halves its memory; the adapters will be float32
+    pipe.to(device)
     gen_cfg = sdxl.GenerationConfig(resolution=opts.resolution, num_inference_steps=opts.sample_steps)
     generator = torch.Generator().manual_seed(opts.seed)  # the training RNG: crops, order, VAE samples, noise, t
 
@@ -253,20 +261,19 @@ def main(argv=None):
     prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt])
     if opts.prior_preservation:
         class_paths = ensure_class_images(pipe, opts, class_name, gen_cfg)
-        prior = encode_images(pipe.vae, [sdxl.load_image(p) for p in class_paths], class_paths, opts.resolution, generator, device)
+        class_images = [sdxl.load_image(path) for path in class_paths]
+        prior = encode_images(pipe.vae, class_images, class_paths, opts.resolution, generator, device)
         prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt, f"a {class_name}"])
     if not (torch.isfinite(prompt_embeds).all() and torch.isfinite(pooled).all()):
         raise ValueError(f"text embeddings of {instance_prompt!r} are not finite")
     latent_scale, latent_shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", 0) or 0
     pipe.vae.to("cpu"), pipe.text_encoder.to("cpu"), pipe.text_encoder_2.to("cpu")  # free the accelerator
 
-    # The model: frozen UNet (bf16 weights on CUDA to halve memory) + fp32 trainable adapters.
+    # The model: frozen UNet + trainable adapters (waveft creates them in float32 even on a bf16 UNet).
     unet = pipe.unet
     unet.requires_grad_(False)
-    if use_bf16:
-        unet.to(torch.bfloat16)
     waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
-                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank)  # adapters are created fp32
+                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank)
     params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
     if device.type == "cuda" and opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -310,7 +317,7 @@ def main(argv=None):
                 (loss / opts.grad_accum).backward()
                 step_loss += losses[0].item() / opts.grad_accum
                 step_prior += losses[1].item() / opts.grad_accum if opts.prior_preservation else 0.0
-            if not math.isfinite(step_loss):  # stop before the optimizer writes NaN into the adapter
+            if not math.isfinite(step_loss + step_prior):  # stop before the optimizer writes NaN into the adapter
                 raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the last good state is in "
                                          f"{checkpoint_path} (if one was written): lower --lr, or check the data")
             torch.nn.utils.clip_grad_norm_(params.values(), opts.max_grad_norm)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -152,6 +153,17 @@ def test_baselines_run_in_the_same_loop(dreambooth_dir, tmp_path, method_args, f
     assert getattr(layer, tensor).abs().sum() > 0 and layer.scaling == (25.0 if "waveft" in folder else 1.0)
 
 
+def test_prior_preservation_generates_class_images_once_and_logs_both_terms(dreambooth_dir, tmp_path):
+    argv = tiny_argv(dreambooth_dir, tmp_path, "--k", "2000", "--steps", "2", "--prior-preservation",
+                     "--class-images", "2")
+    run_dir = train_dreambooth.main(argv)
+    class_images = sorted((tmp_path / "class-images" / "tiny" / "dog").glob("*.png"))
+    assert [p.name for p in class_images] == ["0000.png", "0001.png"]
+    assert Image.open(class_images[0]).size == (64, 64)
+    rows = list(csv.DictReader(open(run_dir / "loss.csv")))
+    assert len(rows) == 2 and all(float(row["loss"]) > 0 and float(row["prior_loss"]) > 0 for row in rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: each with its specific error
 
@@ -185,7 +197,8 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
         assert exit_info.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     assert train_dreambooth.parse_options(["--subject", "x", "--use-idwt", "false", "--prior-preservation"]) == \
-        train_dreambooth.Options(subject="x", use_idwt=False, prior_preservation=True, scaling=25.0)
+        train_dreambooth.Options(subject="x", use_idwt=False, prior_preservation=True, scaling=25.0,
+                                 resolution=1024)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +253,7 @@ def test_tiny_pipeline_is_deterministic_and_loads_from_disk(tiny_model_dir):
     images = sdxl.generate(fresh, ["a zjw dog", "a cat"], seeds=(1, 2), cfg=cfg)
     again = sdxl.generate(loaded, ["a cat"], seeds=(2,), cfg=cfg)
     assert len(images) == 4 and images[0].size == (64, 64)
-    pixels = [torch.tensor(list(image.getdata()), dtype=torch.float32) for image in images + again]
+    pixels = [torch.tensor(np.asarray(image), dtype=torch.float32) for image in images + again]
     assert (pixels[3] - pixels[4]).abs().max() <= 2  # (prompt, seed) decides the image, batched or not
     assert (pixels[2] - pixels[3]).abs().mean() > 5  # and another seed gives another image
     assert type(fresh.scheduler).__name__ == "DDPMScheduler"  # generate() swaps its sampler only temporarily
