@@ -307,7 +307,7 @@ def write_grid(path, real_images, entries, images, thumb=256):
 
 def write_csv(path, rows):
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))  # all keys
         writer.writeheader()
         writer.writerows(rows)
 

@@ -183,14 +183,15 @@ def test_metrics_only_scores_a_folder_laid_out_by_prompt(tmp_path, dreambooth_di
 def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
     runs = [dict(method="waveft", budget="k=2592", trainable_params=1000, dino=d, cmmd=c)
             for d, c in ((0.4, 1.0), (0.6, 2.0), (0.8, 3.0))] + \
-           [dict(method="lora", budget="r=1", trainable_params=120, dino=0.5, cmmd=1.5)]
+           [dict(method="lora", budget="r=1", trainable_params=120, dino=0.5, cmmd=1.5, dino_diversity=0.25)]
     table = evaluate.write_comparison(runs, tmp_path)
-    assert "| waveft | k=2592 | 1,000 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 |" in table
-    assert "| lora | r=1 | 120 | 1 | 0.500 ± 0.000 | 1.500 ± 0.000 |" in table
-    assert table.startswith("| method | k or rank | trainable params | subjects | DINO ↑ | CMMD ↓ |")
+    assert "| lora | r=1 | 120 | 1 | 0.500 ± 0.000 | 1.500 ± 0.000 | 0.250 ± 0.000 |" in table
+    assert "| waveft | k=2592 | 1,000 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 | - |" in table  # no diversity there
+    assert table.startswith("| method | k or rank | trainable params | subjects | DINO ↑ | CMMD ↓ | DINO diversity ↑ |")
     csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
-    assert csv_rows[0] == "method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,cmmd_std"
-    assert csv_rows[1] == "waveft,k=2592,1000,3,0.6,0.2,2.0,1.0"
+    assert csv_rows[0] == ("method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,cmmd_std,"
+                           "dino_diversity_mean,dino_diversity_std")
+    assert csv_rows[1:] == ["waveft,k=2592,1000,3,0.6,0.2,2.0,1.0,,", "lora,r=1,120,1,0.5,0.0,1.5,0.0,0.25,0.0"]
     assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
     assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
     assert evaluate.method_and_budget(dict(method="waveft", k=9, wavelet="db1", scaling=25.0)) == ("waveft", "k=9")
