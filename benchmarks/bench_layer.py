@@ -1,13 +1,13 @@
 """One adapted linear layer at SDXL's attention shapes: forward+backward time and memory vs a frozen nn.Linear.
 
-    python benchmarks/bench_layer.py            (CPU, 2 threads, about 1-2 minutes)
+    python benchmarks/bench_layer.py [--threads 2]     (CPU, about 1-2 minutes)
 
 Cases: 640 x 640 with 4096 tokens, 1280 x 1280 with 1024 tokens, 2048 -> 1280 with 77 tokens (cross-attention
 to_k). Variants, all on the same random weight, float32: the frozen nn.Linear (baseline), our LoRA r=1,
 PEFT LoRA r=1, PEFT WaveFT (k=2592, db1) and our WaveFT (k=2592, db1). One step is y = layer(x) followed by
 torch.autograd.grad(y, [x, adapter params], g): the input gradient plus every adapter gradient.
 
-Time: median of RUNS steps after warm-up; the variants are interleaved step by step so that load from
+Time: median of 15 steps (45 for the short 77-token case) after warm-up; the variants are interleaved step by step so that load from
 other processes on the machine hits all of them alike.
 
 Memory, two honest CPU measures (torch has no CPU allocator statistics):
@@ -33,8 +33,8 @@ import peft  # noqa: E402
 import waveft  # noqa: E402
 from benchmarks.common import print_table  # noqa: E402
 
-CASES = [(640, 640, 4096), (1280, 1280, 1024), (1280, 2048, 77)]  # (out, in, tokens)
-K, RUNS, WARMUP = 2592, 15, 3
+CASES = [(640, 640, 4096, 15), (1280, 1280, 1024, 15), (1280, 2048, 77, 45)]  # (out, in, tokens, timed steps)
+K, WARMUP = 2592, 3
 
 
 def variants(out_f, in_f):
@@ -98,16 +98,17 @@ def check_against_peft(made, x, g):
 
 
 def main():
-    torch.set_num_threads(2)
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
+    torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     rows = []
-    for out_f, in_f, tokens in CASES:
+    for out_f, in_f, tokens, runs in CASES:
         made = variants(out_f, in_f)
         x = torch.randn(tokens, in_f, requires_grad=True)
         g = torch.randn(tokens, out_f)
         check_against_peft(made, x, g)
         times = {name: [] for name in made}
-        for run in range(WARMUP + RUNS):
+        for run in range(WARMUP + runs):
             for name, model in made.items():
                 start = time.perf_counter()
                 step(model, x, g)
@@ -120,7 +121,8 @@ def main():
             rows.append([f"{in_f}->{out_f} x{tokens}", name, med[name], f"{med[name] / base_ms:.2f}x",
                          f"{med[name] / med['our LoRA r=1']:.2f}x", mem[name][0], f"{mem[name][0] / base_mb:.2f}x",
                          mem[name][1]])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {RUNS} fwd+bwd steps; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of 15 (45 for 77 tokens) "
+          "fwd+bwd steps; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (trust the ratios only near 0-1: "
           "with other processes on the cores, every parallel op waits for a descheduled thread)")
     print_table(["layer x tokens", "variant", "fwd+bwd ms", "vs frozen", "vs our LoRA", "peak MB", "peak vs frozen",
