@@ -6,6 +6,7 @@ a python + diffusers import per case.
 """
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,16 @@ import waveft
 from conftest import REPO
 
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The tiny model gains nothing from a second intra-op thread, and on a shared 2-core machine a parallel
+    region waiting for a descheduled thread is many times slower. One thread also fixes the summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_argv(data_dir, out, *extra):
@@ -79,7 +90,7 @@ def test_adapter_loads_into_fresh_tiny_unet_and_changes_it(tiny_run_dir):
 def test_cli_reports_bad_input_without_traceback(dreambooth_dir, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog4",
                              "--data-dir", str(dreambooth_dir), "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1
     assert "error: unknown subject 'dog4'" in result.stderr and "dog6" in result.stderr
     assert "Traceback" not in result.stderr
