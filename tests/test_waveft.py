@@ -297,7 +297,7 @@ def test_errors(tmp_path):
         waveft.load(tiny_unet(), pickled)
 
 
-@pytest.mark.parametrize("wavelet", ["db1", "db2"])
+@pytest.mark.parametrize("wavelet", ["db1"])  # other wavelets: dW equality with PEFT above
 def test_spectrum_interchange_with_peft(unet_inputs, wavelet):
     """A spectrum trained here, copied into a PEFT WaveFTConfig model, gives the same outputs, and back."""
     ours, theirs = tiny_unet(), tiny_unet()
