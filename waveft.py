@@ -101,22 +101,36 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32, seed
         out_r = 2 * (a % (H // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
         out_c = 2 * (b % (W // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
         wr, wc = taps[(a >= H // 2).long()], taps[(b >= W // 2).long()]  # (k, L) filter taps
-        row_scale, col_scale = wr[:, 0], wc[:, 0]  # (k,) first taps, see _analyze
-        wr, wc = wr * ((out_r >= 0) & (out_r < out_f)), wc * ((out_c >= 0) & (out_c < in_f))  # crop
-        flat = out_r.clamp(0, out_f - 1)[:, :, None] * in_f + out_c.clamp(0, in_f - 1)[:, None, :]  # (k, L, L)
-        foot = wr[:, :, None] * wc[:, None, :]  # (k, L, L)
-    else:
-        a, b, taps = rows, cols, None
-        flat, foot = (rows * in_f + cols)[:, None], torch.ones(len(rows), 1, dtype=torch.float64, device=device)
-        row_scale = col_scale = foot[:, 0]
-    by_row, by_col = torch.argsort(a * W + b), torch.argsort(b * H + a)
+    else:  # no IDWT: A = B = identity, S = C
+        a, b, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]
+        wr = wc = torch.ones(len(rows), 1, dtype=torch.float64, device=device)
+    in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # the crop
+    flat = out_r.clamp(0, out_f - 1)[:, :, None] * in_f + out_c.clamp(0, in_f - 1)[:, None, :]  # (k, L, L)
+    foot = (wr * in_r)[:, :, None] * (wc * in_c)[:, None, :]  # (k, L, L)
+    by_row = torch.argsort(a * W + b)
     plan = dict(positions=positions, H=H, W=W, taps=None if taps is None else taps.tolist(),
-                row_order=by_row, row_ptr=_ptr(a[by_row], H), row_col=b[by_row],  # CSR of S, (H x W)
-                col_order=by_col, col_ptr=_ptr(b[by_col], W), col_row=a[by_col],  # CSR of S^T, (W x H)
+                row_order=by_row, row_ptr=_ptr(a[by_row], H), row_col=b[by_row],  # CSR pattern of S, (H x W)
                 flat=flat.reshape(len(a), -1), foot=foot.reshape(len(a), -1).to(dtype),  # (k, L*L) each
-                row_scale=row_scale.to(dtype), col_scale=col_scale.to(dtype))
+                row_scale=wr[:, 0].to(dtype), col_scale=wc[:, 0].to(dtype),  # (k,) first taps, see _analyze
+                AS=_folded(out_r, wr, in_r, b, out_f, W, dtype),  # A S (out x W), for the forward
+                BSt=_folded(out_c, wc, in_c, a, in_f, H, dtype))  # B S^T (in x H), for grad_x
     _PLANS[key] = plan  # the plan keeps `positions` alive, so its id is never reused
     return plan
+
+
+def _folded(out_idx, taps, inside, other, n_rows, n_cols, dtype):
+    """CSR structure of A S (or B S^T): coefficient k puts taps[k, p] * value_k at (out_idx[k, p], other[k])."""
+    coef = torch.arange(len(other), device=other.device)[:, None].expand_as(out_idx)[inside]  # (entries,)
+    where, inv = torch.unique(out_idx[inside] * n_cols + other[coef], return_inverse=True)  # sum duplicates
+    return dict(ptr=_ptr(where // n_cols, n_rows), col=where % n_cols, inv=inv, coef=coef,
+                tap=taps[inside].to(dtype), size=(n_rows, n_cols))
+
+
+def _folded_times(folded, values, dense):
+    """(A S) @ dense for S's k values (or B S^T): one sparse matmul, no separate synthesis pass."""
+    summed = values.new_zeros(len(folded["col"])).index_add_(0, folded["inv"], values[folded["coef"]] * folded["tap"])
+    out = dense.new_zeros(folded["size"][0], dense.shape[1])
+    return torch.addmm(out, _csr(folded["ptr"], folded["col"], summed, folded["size"]), dense, out=out)
 
 
 def _ptr(sorted_rows, n_rows):
@@ -127,12 +141,6 @@ def _csr(ptr, idx, values, size):
     with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
-
-
-def _sparse_times(ptr, idx, values, size, dense):
-    """CSR (size) @ dense (size[1], N) -> (size[0], N); addmm with out= avoids `@`'s extra result copy."""
-    out = dense.new_zeros(size[0], dense.shape[1])
-    return torch.addmm(out, _csr(ptr, idx, values, size), dense, out=out)
 
 
 def _analyze(v, taps, n_coef, out=None):
@@ -150,20 +158,6 @@ def _analyze(v, taps, n_coef, out=None):
         torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
         for p in range(2, L):
             dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
-    return out
-
-
-def _synthesize_into(out, z, taps, alpha):
-    """out (M, n) += alpha * A z for z (M, n_coef) = [low | high]: upsample, filter, crop, in place."""
-    if taps is None:
-        return out.add_(z, alpha=alpha)
-    n, half, L = out.shape[1], z.shape[1] // 2, len(taps[0])
-    for p in range(L):  # tap p sends coefficient i to output 2i + p - (L-2); keep those inside [0, n)
-        j0 = p - (L - 2)
-        i0, i1 = max(0, (1 - j0) // 2), min(half, (n - 1 - j0) // 2 + 1)
-        if i1 > i0:
-            dst = out[:, 2 * i0 + j0:2 * i1 + j0 - 1:2]  # (M, i1 - i0)
-            dst.add_(z[:, i0:i1], alpha=alpha * taps[0][p]).add_(z[:, half + i0:half + i1], alpha=alpha * taps[1][p])
     return out
 
 
@@ -198,10 +192,9 @@ class _WaveFTFunction(torch.autograd.Function):
         else:  # few tokens or low-precision W: adapter path A (S (B^T x)) in the spectrum's dtype
             xa_t = torch.empty(plan["W"], n, dtype=cdt, device=x.device)  # (W, N): (B^T x)^T / col_scale
             _analyze(x2.to(cdt), plan["taps"], plan["W"], out=xa_t.T)
-            values = (spectrum * plan["col_scale"])[plan["row_order"]]
-            z = _sparse_times(plan["row_ptr"], plan["row_col"], values, (plan["H"], plan["W"]), xa_t)  # (H, N)
+            z = _folded_times(plan["AS"], spectrum * plan["col_scale"], xa_t)  # (out, N) = A S B^T x^T
             del xa_t
-            y = _synthesize_into(F.linear(x2.to(weight.dtype), weight, bias).to(cdt), z.T, plan["taps"], scaling)
+            y = F.linear(x2.to(weight.dtype), weight, bias).to(cdt).add_(z.T, alpha=scaling)
         ctx.save_for_backward(x, frozen, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.plan, ctx.scaling, ctx.merged = plan, scaling, merged
         return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
@@ -229,10 +222,9 @@ class _WaveFTFunction(torch.autograd.Function):
                 ga_t = None
                 grad_x = g2 @ _merged_weight(weight, spectrum, plan, scaling)
             else:  # g W + scaling * B (S^T (A^T g))
-                values = (spectrum * plan["row_scale"])[plan["col_order"]]
-                z = _sparse_times(plan["col_ptr"], plan["col_row"], values, (plan["W"], plan["H"]), ga_t)  # (W, N)
+                z = _folded_times(plan["BSt"], spectrum * plan["row_scale"], ga_t)  # (in, N) = B S^T A^T g^T
                 del ga_t
-                grad_x = _synthesize_into((g2.to(weight.dtype) @ weight).to(cdt), z.T, plan["taps"], scaling)
+                grad_x = (g2.to(weight.dtype) @ weight).to(cdt).add_(z.T, alpha=scaling)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:  # only if someone unfroze W
             grad_w = (g2.T @ x2.to(g2.dtype)).to(frozen.dtype)
