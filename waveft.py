@@ -20,7 +20,8 @@ with the low/high-pass filters) and S (H x W) is C with its off-diagonal quarter
   2. forward and input gradient: whichever needs the smaller transient. Many tokens: one matmul with
      W + dW, dW scattered from the k coefficients' L x L footprints (an out x in copy, never saved).
      Few tokens (tokens * (out + in) < out * in, e.g. cross-attention to_k/to_v on 77 text tokens):
-     y = x W^T + b + scaling * A (S (B^T x)), and likewise grad_x = g W + scaling * B (S^T (A^T g)).
+     y = x W^T + b + scaling * (A S)(B^T x), and grad_x = g W + scaling * (B S^T)(A^T g), where A S and
+     B S^T are themselves sparse (k * L nonzeros): one 1-D analysis and one sparse matmul each.
      A bf16/fp16 W always takes the second form, with the adapter in the spectrum's float32, so
      updates far below W's precision still change y.
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
@@ -238,7 +239,8 @@ class WaveFTLinear(nn.Module):
 
     def __init__(self, base, k, scaling, wavelet, seed, use_idwt):
         super().__init__()
-        self.base, self.k, self.scaling, self.wavelet, self.seed, self.use_idwt = base, k, scaling, wavelet, seed, use_idwt
+        self.base, self.k, self.scaling, self.wavelet, self.seed = base, k, scaling, wavelet, seed
+        self.use_idwt = use_idwt
         self.merged = False
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32  # never train in bf16
         self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
@@ -432,7 +434,8 @@ def load(model, path):
     want = {name: tuple(shape) for name, shape in meta["layers"].items()}
     if not adapted_layers(model):
         modules = dict(model.named_modules())
-        have = {n: (m.out_features, m.in_features) for n, m in modules.items() if n in want and isinstance(m, nn.Linear)}
+        have = {n: (m.out_features, m.in_features) for n, m in modules.items()
+                if n in want and isinstance(m, nn.Linear)}
         _check_same_layers(path, want, have)
         inject(model, method=meta["method"], k=meta["k"], scaling=meta["scaling"], wavelet=meta["wavelet"],
                seed=meta["seed"], use_idwt=meta["use_idwt"], rank=meta["rank"],
@@ -477,6 +480,7 @@ def _check_same_layers(path, want, have):
     shapes = [f"{n}: file {want[n]}, model {have[n]}" for n in sorted(set(want) & set(have)) if want[n] != have[n]]
     if missing or unexpected or shapes:
         raise ValueError(f"adapter file {path} does not fit this model (was it saved for another model?)\n"
-                         f"  layers in the file but not adapted Linear layers in the model ({len(missing)}): {missing[:5]}\n"
+                         f"  layers in the file but not adapted Linear layers in the model ({len(missing)}): "
+                         f"{missing[:5]}\n"
                          f"  adapted layers in the model but not in the file ({len(unexpected)}): {unexpected[:5]}\n"
                          f"  shape mismatches (out, in) ({len(shapes)}): {shapes[:5]}")
