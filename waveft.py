@@ -190,7 +190,7 @@ class _WaveFTFunction(torch.autograd.Function):
         merged = x.dtype == weight.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
         if merged:  # many tokens: one matmul, dW costs O(out*in) once
             y = F.linear(x2, _merged_weight(weight, spectrum, plan, scaling), bias)
-        else:  # few tokens or low-precision W: adapter path A (S (B^T x)) in the spectrum's dtype
+        else:  # few tokens or low-precision W: adapter path (A S)(B^T x) in the spectrum's dtype
             xa_t = torch.empty(plan["W"], n, dtype=cdt, device=x.device)  # (W, N): (B^T x)^T / col_scale
             _analyze(x2.to(cdt), plan["taps"], plan["W"], out=xa_t.T)
             z = _folded_times(plan["AS"], spectrum * plan["col_scale"], xa_t)  # (out, N) = A S B^T x^T
@@ -222,7 +222,7 @@ class _WaveFTFunction(torch.autograd.Function):
             if ctx.merged:  # trick 2: one matmul with the transient W + dW
                 ga_t = None
                 grad_x = g2 @ _merged_weight(weight, spectrum, plan, scaling)
-            else:  # g W + scaling * B (S^T (A^T g))
+            else:  # g W + scaling * (B S^T)(A^T g)
                 z = _folded_times(plan["BSt"], spectrum * plan["row_scale"], ga_t)  # (in, N) = B S^T A^T g^T
                 del ga_t
                 grad_x = (g2.to(weight.dtype) @ weight).to(cdt).add_(z.T, alpha=scaling)
