@@ -196,7 +196,7 @@ def _hub_reachable(timeout=3.0):
 
 
 def load_pipeline(model, dtype=torch.float32):
-    """`tiny` -> build_tiny_pipeline(); a local diffusers folder or a hub id -> StableDiffusionXLPipeline.from_pretrained.
+    """`tiny` -> build_tiny_pipeline(); a local diffusers folder or a hub id -> diffusers' from_pretrained.
     A hub id is taken from the local cache if it is there; otherwise the hub must answer within seconds."""
     if model == "tiny":
         pipe = build_tiny_pipeline()

@@ -1,6 +1,6 @@
 """DreamBooth personalisation of Stable Diffusion XL with WaveFT adapters, in one plain PyTorch loop.
 
-DreamBooth (Ruiz et al., arXiv 2208.12242) teaches a text-to-image model one subject from 3-5 photos by fine-tuning
+DreamBooth (Ruiz et al., arXiv 2208.12242) teaches a text-to-image model one subject from 4-6 photos by fine-tuning
 it to denoise those photos when prompted "a zjw dog" (zjw: a rare token). Here only WaveFT adapters on the SDXL
 UNet's attention projections train (Bilican et al., arXiv 2505.12532): k coefficients per layer in the wavelet domain.
 One optimizer step, batch 1 x grad-accum 4, each micro-batch being
@@ -356,7 +356,8 @@ def main(argv=None):
     prompts = prompts[:opts.validation_prompts]
     seeds = gen_cfg.seeds[:2]
     images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
-    sdxl.image_grid(images, cols=len(seeds), labels=[p for p in prompts for _ in seeds]).save(run_dir / "validation.png")
+    grid = sdxl.image_grid(images, cols=len(seeds), labels=[p for p in prompts for _ in seeds])
+    grid.save(run_dir / "validation.png")
     print(f"saved {run_dir / 'adapter.safetensors'} and {run_dir / 'validation.png'}")
     return run_dir
 

@@ -75,7 +75,8 @@ def test_run_writes_outputs_config_and_summary(tiny_run_dir):
 
 def test_adapter_loads_into_fresh_tiny_unet_and_changes_it(tiny_run_dir):
     meta = waveft.read_metadata(tiny_run_dir / "adapter.safetensors")
-    assert (meta["method"], meta["k"], meta["scaling"], meta["wavelet"], meta["seed"]) == ("waveft", 2000, 25.0, "db1", 777)
+    settings = (meta["method"], meta["k"], meta["scaling"], meta["wavelet"], meta["seed"], meta["use_idwt"])
+    assert settings == ("waveft", 2000, 25.0, "db1", 777, True)
     assert (meta["model"], meta["subject"], meta["class_name"], meta["unique_token"]) == ("tiny", "dog6", "dog", "zjw")
     assert meta["training"]["seed"] == 42 and meta["training"]["steps"] == 4
     unet = sdxl.build_tiny_pipeline().unet
