@@ -126,8 +126,8 @@ def main():
     parser.add_argument("--k", type=int, default=2592)
     parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resolution {args.resolution}, k {args.k}",
-          flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resolution {args.resolution}, k {args.k}, "
+          f"load average {os.getloadavg()[0]:.1f} (compare runs made on an idle machine)", flush=True)
     base = mid_size_unet()
     variants = ["ours LoRA r=1", "ours WaveFT", "PEFT LoRA r=1", "PEFT WaveFT"]
     models, steps = {}, {}

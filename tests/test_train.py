@@ -165,11 +165,13 @@ def test_baselines_run_in_the_same_loop(dreambooth_dir, tmp_path, method_args, f
     assert getattr(layer, tensor).abs().sum() > 0 and layer.scaling == (25.0 if "waveft" in folder else 1.0)
 
 
-def test_prior_preservation_generates_class_images_once_and_logs_both_terms(dreambooth_dir, tmp_path):
+def test_prior_preservation_from_a_local_model_folder(dreambooth_dir, tiny_model_dir, tmp_path):
+    # --model DIR: the same from_pretrained path a real SDXL folder takes. Class images come from the base model.
     argv = tiny_argv(dreambooth_dir, tmp_path, "--k", "2000", "--steps", "2", "--prior-preservation",
-                     "--class-images", "2")
+                     "--class-images", "2", "--model", str(tiny_model_dir))
     run_dir = train_dreambooth.main(argv)
-    class_images = sorted((tmp_path / "class-images" / "tiny" / "dog").glob("*.png"))
+    assert json.loads((run_dir / "config.json").read_text())["model"] == str(tiny_model_dir)
+    class_images = sorted((tmp_path / "class-images" / tiny_model_dir.name / "dog").glob("*.png"))
     assert [p.name for p in class_images] == ["0000.png", "0001.png"]
     assert Image.open(class_images[0]).size == (64, 64)
     rows = list(csv.DictReader(open(run_dir / "loss.csv")))
