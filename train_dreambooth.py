@@ -207,7 +207,7 @@ def save_checkpoint(path, step, params, optimizer, generator, opts):
 
 # Options that may change between an interrupted run and its --resume; any other change is an error.
 RESUMABLE = {"steps", "resume", "checkpoint_every", "validation_prompts", "sample_steps", "data_dir", "output_dir",
-             "device", "class_dir"}
+             "device", "class_dir", "gradient_checkpointing"}
 
 
 def load_checkpoint(path, params, optimizer, generator, opts):
