@@ -3,6 +3,8 @@
 Reference: WaveFT (arXiv 2505.12532) runs one idwt2 per adapted layer per step; this times the transform alone.
     python benchmarks/bench_dwt.py            # the full table (about 1-2 minutes on 2 cores)
     python benchmarks/bench_dwt.py --quick    # 640x640 only, 5 runs
+On a machine shared with other jobs, 2-thread timings of torch code (ours and ptwt alike) are hit by
+parallel regions waiting for a descheduled thread; `--threads 1` then gives stable, comparable numbers.
 Not here: GPU timings, backward passes, or memory use.
 """
 import argparse
