@@ -167,7 +167,7 @@ def from_pretrained(cls, name, what, flag, **kwargs):
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)  # already in the local cache
     except OSError:
-        if not sdxl._hub_reachable():
+        if not sdxl.hub_reachable():
             raise FileNotFoundError(
                 f"{what} model {name!r} is not available: it is not a local folder, not in the Hugging Face cache, and "
                 f"the hub cannot be reached. Download it where there is network (huggingface-cli download {name} "

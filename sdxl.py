@@ -175,7 +175,7 @@ def build_tiny_pipeline(seed=0):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading a real model: diffusers' own from_pretrained, but never a minutes-long hang when offline
 
-def _hub_reachable(timeout=3.0):
+def hub_reachable(timeout=3.0):
     """True if the hub's host accepts a TCP connection within `timeout` s (DNS included: run in a thread, because
     getaddrinfo ignores socket timeouts)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
@@ -211,7 +211,7 @@ def load_pipeline(model, dtype=torch.float32):
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
         except (OSError, ValueError):  # not (completely) in the local cache
-            if not _hub_reachable():
+            if not hub_reachable():
                 raise FileNotFoundError(
                     f"model {model} is not available: it is not in the local Hugging Face cache and the hub cannot "
                     f"be reached (no network). Download it on a machine with network (huggingface-cli download "

@@ -283,6 +283,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (..., out), float32
+        if y.dtype == h.dtype:  # in place: no out-sized temporaries (linear's backward does not need y)
+            return y.add_(h, alpha=self.scaling)
         return (y.to(h.dtype) + self.scaling * h).to(x.dtype)
 
 

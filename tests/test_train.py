@@ -198,7 +198,7 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
     with pytest.raises(ValueError, match=r"cannot read image .*01\.jpg"):
         run(data_dir=corrupt)
 
-    if sdxl._hub_reachable():  # keep the test hermetic where a hub happens to be reachable
+    if sdxl.hub_reachable():  # keep the test hermetic where a hub happens to be reachable
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"not available[\s\S]*--model tiny"):
