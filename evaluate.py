@@ -126,9 +126,7 @@ def preprocess(images, size, mean, std):
     batch = []
     for image in images:
         image = image.convert("RGB")
-        scale = size / min(image.size)
-        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                             Image.BICUBIC)
+        image = sdxl.resize_shorter_side(image, size, Image.BICUBIC)
         left, top = (image.width - size) // 2, (image.height - size) // 2
         batch.append(torch.from_numpy(np.asarray(image.crop((left, top, left + size, top + size))).copy()))
     x = torch.stack(batch).permute(0, 3, 1, 2).float() / 255  # (N, H, W, 3) uint8 -> (N, 3, H, W) in [0, 1]
@@ -157,25 +155,6 @@ def tiny_clip(seed=0):
     return model.eval(), tokenizer
 
 
-def from_pretrained(cls, name, what, flag, **kwargs):
-    """cls.from_pretrained(name) that fails in seconds (not after a minute of retries) when the model is neither a
-    local folder, nor in the Hugging Face cache, nor downloadable, and says which model and what to pass."""
-    if os.path.isdir(name):
-        return cls.from_pretrained(name, **kwargs)
-    if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{what} model folder {name} does not exist (pass {flag} with a hub id or a folder)")
-    try:
-        return cls.from_pretrained(name, local_files_only=True, **kwargs)  # already in the local cache
-    except OSError:
-        if not sdxl.hub_reachable():
-            raise FileNotFoundError(
-                f"{what} model {name!r} is not available: it is not a local folder, not in the Hugging Face cache, and "
-                f"the hub cannot be reached. Download it where there is network (huggingface-cli download {name} "
-                f"--local-dir DIR) and pass {flag} DIR, or pass {flag} tiny for a smoke run (meaningless numbers)"
-            ) from None
-    return cls.from_pretrained(name, **kwargs)
-
-
 @dataclass
 class MetricModels:
     dino: torch.nn.Module  # ViTModel: DINO
@@ -187,19 +166,24 @@ class MetricModels:
 
 def load_metric_models(dino="facebook/dino-vits16", clip="openai/clip-vit-base-patch32",
                        cmmd_clip="openai/clip-vit-large-patch14-336", device="cpu"):
+    """Each model by hub id or local folder (sdxl.from_pretrained: a missing one fails in seconds), or `tiny`."""
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
-    dino_model = tiny_dino() if dino == "tiny" else from_pretrained(ViTModel, dino, "DINO", "--dino",
-                                                                     add_pooling_layer=False)
+    smoke = "a smoke run (meaningless numbers)"
+    if dino == "tiny":
+        dino_model = tiny_dino()
+    else:
+        dino_model = sdxl.from_pretrained(ViTModel, dino, "DINO model", "--dino", smoke, add_pooling_layer=False)
     if clip == "tiny":
         clip_model, tokenizer = tiny_clip()
     else:
-        clip_model = from_pretrained(CLIPModel, clip, "CLIP", "--clip")
-        tokenizer = from_pretrained(CLIPTokenizer, clip, "CLIP tokenizer", "--clip")
+        clip_model = sdxl.from_pretrained(CLIPModel, clip, "CLIP model", "--clip", smoke)
+        tokenizer = sdxl.from_pretrained(CLIPTokenizer, clip, "CLIP tokenizer", "--clip", smoke)
     if cmmd_clip == clip:
         cmmd_model = clip_model
+    elif cmmd_clip == "tiny":
+        cmmd_model = tiny_clip(seed=1)[0]
     else:
-        cmmd_model = tiny_clip(seed=1)[0] if cmmd_clip == "tiny" else from_pretrained(CLIPModel, cmmd_clip, "CMMD CLIP",
-                                                                                      "--cmmd-clip")
+        cmmd_model = sdxl.from_pretrained(CLIPModel, cmmd_clip, "CMMD CLIP model", "--cmmd-clip", smoke)
     return MetricModels(dino_model.to(device).eval(), clip_model.to(device).eval(), tokenizer,
                         cmmd_model.to(device).eval(), dict(dino=dino, clip=clip, cmmd_clip=cmmd_clip))
 

@@ -103,6 +103,12 @@ def load_image(path):
     return image.convert("RGB")
 
 
+def resize_shorter_side(image, size, resample=Image.BILINEAR):
+    """Scale so that the shorter side is `size` px, keeping the aspect ratio (the longer side is at least `size`)."""
+    scale = size / min(image.size)
+    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tiny SDXL: same classes as the real one, random weights, about 1 MB of UNet. Its images are noise.
 
@@ -195,6 +201,26 @@ def hub_reachable(timeout=3.0):
     return bool(result)
 
 
+def from_pretrained(cls, name, what, flag, tiny_use, **kwargs):
+    """cls.from_pretrained(name) for a local folder, the local Hugging Face cache or the hub, except that a model in
+    none of them fails within seconds (not after a minute of retries), saying which model and what to pass instead.
+    Shared by the pipeline here and evaluate.py's metric models; `what`/`flag`/`tiny_use` word the message."""
+    if os.path.isdir(name):
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{what} folder {name} does not exist (pass {flag} with a hub id like owner/name or "
+                                f"an existing folder, or {flag} tiny for {tiny_use})")
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)  # already in the local cache
+    except (OSError, ValueError):  # not (completely) in the local cache
+        if not hub_reachable():
+            raise FileNotFoundError(
+                f"{what} {name!r} is not available: it is not a local folder, not in the local Hugging Face cache, and "
+                f"the hub cannot be reached (no network). Download it where there is network (huggingface-cli "
+                f"download {name} --local-dir DIR) and pass {flag} DIR, or pass {flag} tiny for {tiny_use}") from None
+    return cls.from_pretrained(name, **kwargs)
+
+
 def load_pipeline(model, dtype=torch.float32):
     """`tiny` -> build_tiny_pipeline(); a local diffusers folder or a hub id -> diffusers' from_pretrained.
     A hub id is taken from the local cache if it is there; otherwise the hub must answer within seconds."""
@@ -202,21 +228,7 @@ def load_pipeline(model, dtype=torch.float32):
         pipe = build_tiny_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from diffusers import StableDiffusionXLPipeline
-    if os.path.isdir(model):
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
-    elif model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") != 1:
-        raise FileNotFoundError(f"model folder {model} does not exist (and it is not a hub id like {SDXL_BASE}). "
-                                f"For an offline CPU demo pass --model tiny")
-    else:
-        try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError):  # not (completely) in the local cache
-            if not hub_reachable():
-                raise FileNotFoundError(
-                    f"model {model} is not available: it is not in the local Hugging Face cache and the hub cannot "
-                    f"be reached (no network). Download it on a machine with network (huggingface-cli download "
-                    f"{model}), pass a local diffusers folder, or use --model tiny for the offline CPU demo") from None
-            pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
+    pipe = from_pretrained(StableDiffusionXLPipeline, model, "model", "--model", "the offline CPU demo", dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

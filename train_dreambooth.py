@@ -124,9 +124,7 @@ def crop_image(image, resolution, generator):
     """Resize the shorter side to `resolution`, then one random square crop. Returns the crop as a (3, R, R) tensor
     in [-1, 1] and SDXL's time ids (original h, w, crop top, left, target h, w) that describe what was done."""
     original_size = (image.height, image.width)
-    scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
-                         Image.BILINEAR)
+    image = sdxl.resize_shorter_side(image, resolution, Image.BILINEAR)
     top = int(torch.randint(image.height - resolution + 1, (1,), generator=generator))
     left = int(torch.randint(image.width - resolution + 1, (1,), generator=generator))
     image = image.crop((left, top, left + resolution, top + resolution))
