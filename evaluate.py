@@ -60,6 +60,12 @@ def normalize(x):
     return F.normalize(torch.as_tensor(x).double(), dim=-1)
 
 
+def mean_off_diagonal(matrix):
+    """Mean over i != j of a square matrix: for a symmetric one (cosines, kernels) the mean over pairs i < j."""
+    n = len(matrix)
+    return (matrix.sum() - matrix.diagonal().sum()) / (n * (n - 1))
+
+
 def mean_cosine(generated, real):
     """Per generated image, its mean cosine to every real image. DINO and CLIP-I are the mean of this vector."""
     return (normalize(generated) @ normalize(real).T).mean(dim=1)
@@ -83,31 +89,31 @@ def cmmd(x, y, sigma=10.0, scale=1000.0, unbiased=False):
     gives the paper's formula."""
     x, y = normalize(x), normalize(y)
 
-    def kernel_mean(a, b, skip_diagonal=False):
+    def kernel(a, b):
         squared_distance = (2 - 2 * a @ b.T).clamp(min=0)  # |a - b|^2 = 2 - 2 a.b for unit vectors
-        k = torch.exp(-squared_distance / (2 * sigma**2))
-        if skip_diagonal:
-            n = len(a)
-            return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
-        return k.mean()
+        return torch.exp(-squared_distance / (2 * sigma**2))
 
-    return float(scale * (kernel_mean(x, x, unbiased) + kernel_mean(y, y, unbiased) - 2 * kernel_mean(x, y)))
+    within_mean = mean_off_diagonal if unbiased else torch.mean
+    return float(scale * (within_mean(kernel(x, x)) + within_mean(kernel(y, y)) - 2 * kernel(x, y).mean()))
 
 
 def dino_diversity(embeds):
     """Mean pairwise (1 - cosine) between the images of one prompt (pairs i < j). Needs at least 2 images."""
-    cos = normalize(embeds) @ normalize(embeds).T
-    n = len(cos)
-    return float(1 - (cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+    embeds = normalize(embeds)
+    return float(1 - mean_off_diagonal(embeds @ embeds.T))
+
+
+def pixels(images):
+    """Same-size RGB PIL images -> (N, 3, H, W) float tensor of 0..255 values."""
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float()
 
 
 def lpips_diversity(images, lpips_model, size=256):
     """Mean pairwise LPIPS (Zhang et al. 2018) between the images of one prompt, pairs i < j, at size x size px."""
-    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).copy())
-                     for im in images]).permute(0, 3, 1, 2).float() / 127.5 - 1  # LPIPS wants [-1, 1]
-    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
+    x = pixels([image.convert("RGB").resize((size, size), Image.BICUBIC) for image in images]) / 127.5 - 1  # [-1, 1]
     with torch.no_grad():
-        return float(torch.stack([lpips_model(x[i:i + 1], x[j:j + 1]).flatten()[0] for i, j in pairs]).mean())
+        return float(torch.stack([lpips_model(x[i:i + 1], x[j:j + 1]).flatten()[0]
+                                  for i in range(len(x)) for j in range(i + 1, len(x))]).mean())
 
 
 def strip_token(prompt, unique_token):
@@ -123,13 +129,12 @@ def strip_token(prompt, unique_token):
 def preprocess(images, size, mean, std):
     """PIL images -> (N, 3, size, size): shorter side resized to `size` (bicubic), centre crop, [0, 1], normalised.
     This is CLIP's own preprocessing, written out so that no torchvision is needed."""
-    batch = []
+    squares = []
     for image in images:
-        image = image.convert("RGB")
-        image = sdxl.resize_shorter_side(image, size, Image.BICUBIC)
+        image = sdxl.resize_shorter_side(image.convert("RGB"), size, Image.BICUBIC)
         left, top = (image.width - size) // 2, (image.height - size) // 2
-        batch.append(torch.from_numpy(np.asarray(image.crop((left, top, left + size, top + size))).copy()))
-    x = torch.stack(batch).permute(0, 3, 1, 2).float() / 255  # (N, H, W, 3) uint8 -> (N, 3, H, W) in [0, 1]
+        squares.append(image.crop((left, top, left + size, top + size)))
+    x = pixels(squares) / 255
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
@@ -188,6 +193,10 @@ def load_metric_models(dino="facebook/dino-vits16", clip="openai/clip-vit-base-p
                         cmmd_model.to(device).eval(), dict(dino=dino, clip=clip, cmmd_clip=cmmd_clip))
 
 
+def features(output):
+    return output if torch.is_tensor(output) else output.pooler_output  # transformers 5 returns a model output
+
+
 @torch.no_grad()
 def embed_images(model, images, batch_size=16):
     """DINO: the CLS token of the last layer. CLIP: the projected image embedding. Not normalised (metrics do it)."""
@@ -197,19 +206,16 @@ def embed_images(model, images, batch_size=16):
     embeds = []
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size], size, mean, std).to(model.device, model.dtype)
-        if is_clip:
-            out = model.get_image_features(pixel_values=x)
-            embeds.append(out if torch.is_tensor(out) else out.pooler_output)  # transformers 5 returns an output
-        else:
-            embeds.append(model(pixel_values=x).last_hidden_state[:, 0])
+        embeds.append(features(model.get_image_features(pixel_values=x)) if is_clip
+                      else model(pixel_values=x).last_hidden_state[:, 0])
     return torch.cat(embeds).float().cpu()
 
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts):
     tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(model.device)
-    out = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-    return (out if torch.is_tensor(out) else out.pooler_output).float().cpu()
+    output = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+    return features(output).float().cpu()
 
 
 def load_lpips():
