@@ -46,6 +46,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import sdxl
+import waveft
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO was trained with these
@@ -228,7 +229,7 @@ def load_lpips():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring one folder of images laid out by prompt
+# Scoring one run's images, laid out by prompt
 
 
 def slug(prompt):
@@ -251,25 +252,31 @@ def read_image_folder(images_dir):
     return entries
 
 
+def group_by(items, key):
+    """{key(item): [the items with that key]}, keys in order of first appearance."""
+    groups = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
 def score(entries, real_images, models, unique_token, lpips_model=None):
     """entries: [(prompt_idx, prompt, path)]. Returns (one row per image, the run's metrics, the loaded images)."""
     images = [sdxl.load_image(path) for _, _, path in tqdm(entries, desc="scoring", unit="image")]
-    prompts = [prompt for _, prompt, _ in entries]
-    dino, dino_real = embed_images(models.dino, images), embed_images(models.dino, real_images)
-    clip, clip_real = embed_images(models.clip, images), embed_images(models.clip, real_images)
-    text = embed_texts(models.clip, models.tokenizer, [strip_token(p, unique_token) for p in prompts])
+
+    def embed(model):  # the generated and the real images
+        return embed_images(model, images), embed_images(model, real_images)
+
+    (dino, dino_real), (clip, clip_real) = embed(models.dino), embed(models.clip)
+    text = embed_texts(models.clip, models.tokenizer, [strip_token(prompt, unique_token) for _, prompt, _ in entries])
     per_image = dict(dino=mean_cosine(dino, dino_real), clip_i=mean_cosine(clip, clip_real), clip_t=clip_t(clip, text))
     rows = [dict(prompt_idx=idx, prompt=prompt, file=str(path), seed=(re.findall(r"seed(\d+)", path.stem) or [""])[0],
                  **{name: round(float(values[i]), 6) for name, values in per_image.items()})
             for i, (idx, prompt, path) in enumerate(entries)]
     metrics = {name: float(values.mean()) for name, values in per_image.items()}
-    same = models.cmmd_clip is models.clip
-    metrics["cmmd"] = cmmd(clip if same else embed_images(models.cmmd_clip, images),
-                           clip_real if same else embed_images(models.cmmd_clip, real_images))
-    by_prompt = {}
-    for i, (idx, _, _) in enumerate(entries):
-        by_prompt.setdefault(idx, []).append(i)
-    groups = [group for group in by_prompt.values() if len(group) >= 2]  # diversity needs pairs
+    metrics["cmmd"] = cmmd(clip, clip_real) if models.cmmd_clip is models.clip else cmmd(*embed(models.cmmd_clip))
+    by_prompt = group_by(range(len(entries)), key=lambda i: entries[i][0]).values()
+    groups = [group for group in by_prompt if len(group) >= 2]  # diversity needs pairs
     if groups and lpips_model is not None:
         metrics["lpips_diversity"] = float(np.mean([lpips_diversity([images[i] for i in g], lpips_model) for g in groups]))
     elif groups:
@@ -279,20 +286,14 @@ def score(entries, real_images, models, unique_token, lpips_model=None):
 
 def write_grid(path, real_images, entries, images, thumb=256):
     """Real photos on the first row, then one row per prompt (its seeds), each cell labelled."""
-    by_prompt = {}
-    for (idx, prompt, file), image in zip(entries, images):
-        by_prompt.setdefault((idx, prompt), []).append((file, image))
-    cols = max(len(real_images), *(len(v) for v in by_prompt.values()))
-    thumb = min(thumb, images[0].width)
+    rows = [[(f"real {i}", image) for i, image in enumerate(real_images)]]
+    rows += [[(f"{entries[i][1]} | {entries[i][2].stem}", images[i]) for i in group]
+             for group in group_by(range(len(entries)), key=lambda i: entries[i][0]).values()]
+    cols, thumb = max(map(len, rows)), min(thumb, images[0].width)
     blank = Image.new("RGB", (thumb, thumb), "white")
-    cells, labels = [], []
-    for row in [[(f"real {i}", im) for i, im in enumerate(real_images)]] + \
-               [[(f"{prompt} | {Path(f).stem}", im) for f, im in v] for (_, prompt), v in by_prompt.items()]:
-        row = [(label, ImageOps.fit(im, (thumb, thumb))) for label, im in row]  # centre-cropped squares
-        row += [("", blank)] * (cols - len(row))
-        labels += [label for label, _ in row]
-        cells += [im for _, im in row]
-    sdxl.image_grid(cells, cols, labels).save(path)
+    cells = [(label, ImageOps.fit(image, (thumb, thumb))) for row in rows  # centre-cropped squares
+             for label, image in row + [("", blank)] * (cols - len(row))]
+    sdxl.image_grid([image for _, image in cells], cols, [label for label, _ in cells]).save(path)
 
 
 def write_csv(path, rows):
@@ -314,7 +315,29 @@ class Run:
     data_dir: str
     config: dict  # the run's config.json ({} for --metrics-only)
     adapter: Path = None  # adapter.safetensors (None for --metrics-only)
-    images_dir: Path = None  # where the images are / go (default <out-dir>/<name>/images)
+    images_dir: Path = None  # --metrics-only: the folder of images to score
+
+
+def read_runs(args):
+    if args.metrics_only:
+        folder = Path(args.metrics_only)
+        run = Run(folder.name, args.subject, args.unique_token, args.data_dir or "dataset", {}, images_dir=folder)
+        check_subject(run, "--metrics-only")
+        read_image_folder(folder)  # fail now, not after loading the models
+        return [run]
+    for folder in args.runs:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"run folder {folder} does not exist")
+    # `outputs/*` also matches folders that are no runs at all (class-images/): skipped, with a note
+    folders = [f for f in args.runs if any((Path(f) / n).exists() for n in ("config.json", "adapter.safetensors"))]
+    for folder in sorted(set(args.runs) - set(folders)):
+        print(f"skipping {folder}: not a run folder (no config.json, no adapter.safetensors)", file=sys.stderr)
+    if not folders:
+        raise FileNotFoundError(f"none of --runs {' '.join(args.runs)} is a run folder of train_dreambooth.py")
+    runs = [read_run(folder, args.data_dir, args.model) for folder in folders]
+    if len({run.name for run in runs}) < len(runs):
+        raise ValueError("two run folders have the same name; their results would overwrite each other")
+    return runs
 
 
 def read_run(folder, data_dir=None, model=None):
@@ -329,8 +352,8 @@ def read_run(folder, data_dir=None, model=None):
     except (json.JSONDecodeError, TypeError) as error:
         raise ValueError(f"{folder / 'config.json'} is not a train_dreambooth.py config: {error}") from None
     if missing:
-        raise ValueError(f"{folder / 'config.json'} has no {' or '.join(sorted(missing))}: not a train_dreambooth.py config")
-    import waveft
+        raise ValueError(f"{folder / 'config.json'} has no {' or '.join(sorted(missing))}: "
+                         f"not a train_dreambooth.py config")
     trained_for = waveft.read_metadata(folder / "adapter.safetensors").get("model", config["model"])  # checks the file
     if trained_for != config["model"]:
         raise ValueError(f"{folder}: adapter.safetensors was trained for model {trained_for!r} but config.json says "
@@ -380,39 +403,39 @@ def generation_settings(run, gen_cfg):
 
 
 def generate_missing(run, images_dir, prompts, seeds, settings, gen_cfg, device):
-    """Generate every (prompt, seed) image not on disk yet (resumable); returns how many were made. Images on disk
-    made with other settings or another adapter (recorded in generation.json) are an error, never silently reused."""
+    """Returns [(prompt_idx, prompt, path)] of every (prompt, seed) image, generating those not on disk yet (so an
+    interrupted evaluation resumes). Images on disk made with other settings or another adapter (recorded in
+    generation.json) are an error, never silently reused."""
     record = images_dir / "generation.json"
-    if record.is_file() and json.loads(record.read_text()) != settings:
-        old = json.loads(record.read_text())
+    old = json.loads(record.read_text()) if record.is_file() else settings
+    if old != settings:
         changed = [key for key in settings if old.get(key) != settings[key]]
         raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
                          f"that folder or pass another --out-dir")
-    path = {(i, s): images_dir / f"{i:02d}_{slug(p)}" / f"seed{s}.png" for i, p in enumerate(prompts) for s in seeds}
-    todo = [(i, p, [s for s in seeds if not path[i, s].is_file()]) for i, p in enumerate(prompts)]
-    total = sum(len(missing) for _, _, missing in todo)
-    if total == 0:
-        return 0  # nothing to do: not even the pipeline is loaded
+    folders = [images_dir / f"{i:02d}_{slug(prompt)}" for i, prompt in enumerate(prompts)]
+    entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
+    missing = [[seed for seed in seeds if not (folder / f"seed{seed}.png").is_file()] for folder in folders]
+    if not any(missing):
+        return entries  # nothing to do: not even the pipeline is loaded
     images_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(settings, indent=2) + "\n")
-    import waveft
     pipe = sdxl.load_pipeline(run.config["model"]).to(device)  # float32 weights; generate() autocasts on CUDA
     try:
         waveft.load(pipe.unet, run.adapter)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"adapter {run.adapter} does not fit model {run.config['model']!r}: {error}") from None
     waveft.merge(pipe.unet)  # the update is folded into W: sampling costs what the base model costs
-    with tqdm(total=total, desc=f"{run.name}: generating", unit="image") as bar:
-        for i, prompt, missing in todo:
-            if not missing:
+    with tqdm(total=sum(map(len, missing)), desc=f"{run.name}: generating", unit="image") as bar:
+        for prompt, folder, seeds_to_make in zip(prompts, folders, missing):
+            if not seeds_to_make:
                 continue
-            path[i, missing[0]].parent.mkdir(parents=True, exist_ok=True)
-            (path[i, missing[0]].parent / "prompt.txt").write_text(prompt + "\n")
-            for seed, image in zip(missing, sdxl.generate(pipe, [prompt], missing, gen_cfg)):
-                image.save(path[i, seed].with_suffix(".tmp.png"))
-                os.replace(path[i, seed].with_suffix(".tmp.png"), path[i, seed])  # a killed run leaves no half file
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "prompt.txt").write_text(prompt + "\n")
+            for seed, image in zip(seeds_to_make, sdxl.generate(pipe, [prompt], seeds_to_make, gen_cfg)):
+                image.save(folder / f"seed{seed}.tmp.png")
+                os.replace(folder / f"seed{seed}.tmp.png", folder / f"seed{seed}.png")  # a killed run leaves no half file
                 bar.update(1)
-    return total
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,28 +443,26 @@ def generate_missing(run, images_dir, prompts, seeds, settings, gen_cfg, device)
 
 
 def write_comparison(all_metrics, out_dir):
-    groups = {}
-    for m in all_metrics:
-        groups.setdefault((m["method"], m["budget"]), []).append(m)
+    """comparison.csv and comparison.md (also returned); metric names and headers as in METRICS."""
     names = [name for name in METRICS if any(name in m for m in all_metrics)]
     md = ["| method | k or rank | trainable params | subjects | " + " | ".join(METRICS[n] for n in names) + " |",
           "|---" * (4 + len(names)) + "|"]
     rows = []
-    for (method, budget), runs in groups.items():
+    for (method, budget), runs in group_by(all_metrics, key=lambda m: (m["method"], m["budget"])).items():
         params = list(dict.fromkeys(m["trainable_params"] for m in runs))  # one value, unless the runs differ
         row = dict(method=method, budget=budget, trainable_params="/".join(map(str, params)), subjects=len(runs))
-        cells = []
+        cells = [method, budget, "/".join(f"{p:,}" if p else "-" for p in params), str(len(runs))]
         for name in names:
             values = [m[name] for m in runs if name in m]
-            if not values:
+            if not values:  # a metric that some methods have (the diversity kind) and these runs lack
                 cells.append("-")
                 continue
             mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             row.update({f"{name}_mean": round(mean, 4), f"{name}_std": round(std, 4)})
-            cells.append(f"{mean:.3f} ± {std:.3f}" if name != "clip_t" else f"{mean:.2f} ± {std:.2f}")
+            digits = 2 if name == "clip_t" else 3  # CLIP-T is x 100
+            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
         rows.append(row)
-        md.append(f"| {method} | {budget} | {'/'.join(f'{p:,}' if p else '-' for p in params)} | {len(runs)} | "
-                  + " | ".join(cells) + " |")
+        md.append("| " + " | ".join(cells) + " |")
     (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
     write_csv(out_dir / "comparison.csv", rows)
     return "\n".join(md)
@@ -454,7 +475,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--runs", nargs="+", help="run folders of train_dreambooth.py, e.g. outputs/*")
-    source.add_argument("--metrics-only", metavar="DIR", help="score existing images laid out by prompt (no generation)")
+    source.add_argument("--metrics-only", metavar="DIR",
+                        help="score existing images laid out by prompt (no generation)")
     parser.add_argument("--subject", help="with --metrics-only: the DreamBooth subject of the images")
     parser.add_argument("--unique-token", default=sdxl.UNIQUE_TOKEN, help="with --metrics-only: stripped for CLIP-T")
     parser.add_argument("--data-dir", help="DreamBooth dataset folder (default: the one in each run's config.json)")
@@ -477,43 +499,23 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
-    if args.runs:
-        for folder in args.runs:
-            if not Path(folder).is_dir():
-                raise FileNotFoundError(f"run folder {folder} does not exist")
-        # `outputs/*` also matches folders that are no runs at all (class-images/): skipped, with a note
-        folders = [f for f in args.runs if any((Path(f) / n).exists() for n in ("config.json", "adapter.safetensors"))]
-        for folder in sorted(set(args.runs) - set(folders)):
-            print(f"skipping {folder}: not a run folder (no config.json, no adapter.safetensors)", file=sys.stderr)
-        if not folders:
-            raise FileNotFoundError(f"none of --runs {' '.join(args.runs)} is a run folder of train_dreambooth.py")
-        runs = [read_run(folder, args.data_dir, args.model) for folder in folders]
-        if len({run.name for run in runs}) < len(runs):
-            raise ValueError("two run folders have the same name; their results would overwrite each other")
-    else:
-        folder = Path(args.metrics_only)
-        runs = [Run(folder.name, args.subject, args.unique_token, args.data_dir or "dataset", {}, images_dir=folder)]
-        check_subject(runs[0], "--metrics-only")
-        read_image_folder(folder)  # fail now, not after loading the models
+    runs = read_runs(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = load_metric_models(args.dino, args.clip, args.cmmd_clip, device)
-    tiny = any(name == "tiny" for name in models.names.values())
+    tiny = "tiny" in models.names.values()
     lpips_model = load_lpips()
     gen_cfg = sdxl.GenerationConfig()
     gen_cfg = replace(gen_cfg, num_inference_steps=args.steps or gen_cfg.num_inference_steps,
                       resolution=args.resolution or gen_cfg.resolution)
+    seeds = [args.seed + i for i in range(args.images_per_prompt)]
     all_metrics = []
     for run in runs:
         run_out = out_dir / run.name
         run_out.mkdir(parents=True, exist_ok=True)
-        if run.adapter is not None:
+        if run.adapter:
             prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:args.max_prompts]
-            seeds = [args.seed + i for i in range(args.images_per_prompt)]
-            images_dir = run_out / "images"
             settings = generation_settings(run, gen_cfg)
-            generate_missing(run, images_dir, prompts, seeds, settings, gen_cfg, device)
-            entries = [(i, p, images_dir / f"{i:02d}_{slug(p)}" / f"seed{s}.png")
-                       for i, p in enumerate(prompts) for s in seeds]
+            entries = generate_missing(run, run_out / "images", prompts, seeds, settings, gen_cfg, device)
         else:
             entries = read_image_folder(run.images_dir)
         real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
@@ -529,7 +531,7 @@ def main(argv=None):
         write_grid(run_out / "grid.png", real_images, entries, images)
         all_metrics.append(metrics)
     table = write_comparison(all_metrics, out_dir)
-    print(table + (f"\nwritten to {out_dir}/" + ("  (tiny metric models: these numbers mean nothing)" if tiny else "")))
+    print(table + f"\nwritten to {out_dir}/" + ("  (tiny metric models: these numbers mean nothing)" if tiny else ""))
     return all_metrics
 
 
