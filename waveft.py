@@ -7,8 +7,8 @@ trains k scalars `spectrum` at k fixed random `positions` of an otherwise-zero c
 
 C is (out+R) x (in+R) with R = filter length - 2, each side rounded up to even; the k values sit at
 positions + R//2 (centred), C's quarters are (cA | cH) over (cV | cD), one level of dwt.idwt2 inverts it
-and the top-left out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
--> (idx // in, idx % in), so spectra are interchangeable with PEFT. `delta_weight()` is this definition.
+and the centred out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
+-> (idx // in, idx % in), so spectra are interchangeable with PEFT. `WaveFTLinear.delta_weight` is this.
 
 Training never builds an out x in *gradient*. The inverse transform is separable: dW = scaling * A S B^T,
 where A (out x H) and B (in x W) are 1-D synthesis-and-crop operators (a stride-2 transposed convolution
@@ -30,6 +30,7 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
 
 import torch
 import torch.nn as nn
@@ -40,15 +41,15 @@ from safetensors.torch import save_file
 import dwt
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # SDXL UNet attention projections
-_POSITIONS = {}  # (out, in, k, seed) -> (2, k) positions, shared by all layers of one shape
-_PLANS = {}  # ((k, seed) or id(positions), shape, wavelet, use_idwt, device, dtype) -> _plan(...)
+_POSITIONS = {}  # (out, in, k, seed) -> (2, k) positions
+_PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> _plan(...): one per shape in a UNet
 
 
 def draw_positions(out_features, in_features, k, seed):
     """PEFT's positions: (2, k) int64 rows and cols. Cached: randperm of 2.6M elements costs ~30 ms."""
     key = (out_features, in_features, k, seed)
     if key not in _POSITIONS:
-        flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(seed))[:k]
+        flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(seed))[:k]  # (k,)
         _POSITIONS[key] = torch.stack([flat // in_features, flat % in_features])  # (2, k)
     return _POSITIONS[key]
 
@@ -61,80 +62,169 @@ def _padded(n, wavelet, use_idwt):
     return n + n % 2
 
 
-def delta_weight_of(spectrum, positions, shape, wavelet, scaling, use_idwt):
-    """The definition, exactly as PEFT: scaling * crop(IDWT2(C)) (or the scattered C without IDWT)."""
-    out_f, in_f = shape
-    if not use_idwt:
-        return scaling * torch.zeros(shape, dtype=spectrum.dtype, device=spectrum.device).index_put(
-            (positions[0], positions[1]), spectrum)
-    H, W = _padded(out_f, wavelet, True), _padded(in_f, wavelet, True)
-    C = torch.zeros(H, W, dtype=spectrum.dtype, device=spectrum.device)
-    C = C.index_put(((positions[0] + (H - out_f) // 2), (positions[1] + (W - in_f) // 2)), spectrum)
-    h, w = H // 2, W // 2
-    full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), wavelet)  # (H - R, W - R)
-    r0, c0 = (full.shape[0] - out_f) // 2, (full.shape[1] - in_f) // 2
-    return scaling * full[r0:r0 + out_f, c0:c0 + in_f]
+class WaveFTLinear(nn.Module):
+    """A frozen nn.Linear plus k trainable wavelet coefficients (`waveft_spectrum`)."""
+    adapter_names = ("waveft_spectrum",)  # the trainable parameters, as named in files
+
+    def __init__(self, base, k, scaling, wavelet, seed, use_idwt):
+        super().__init__()
+        self.base, self.k, self.scaling, self.wavelet, self.seed = base, k, scaling, wavelet, seed
+        self.use_idwt, self.merged = use_idwt, False
+        dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32  # never train in bf16
+        self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
+        self.register_buffer("waveft_positions", draw_positions(base.out_features, base.in_features, k, seed)
+                             .to(base.weight.device, copy=True))  # (2, k) rows, cols; own copy (the cache is shared)
+        self._plan_for = None  # (positions, device, dtype, plan) of the last forward; replace positions, don't edit
+
+    def delta_weight(self):
+        """The definition, exactly as PEFT: scaling * crop(IDWT2(C)) (or the scattered C without IDWT)."""
+        spectrum, (rows, cols), (out_f, in_f) = self.waveft_spectrum, self.waveft_positions, self.base.weight.shape
+        H, W = _padded(out_f, self.wavelet, self.use_idwt), _padded(in_f, self.wavelet, self.use_idwt)
+        C = torch.zeros(H, W, dtype=spectrum.dtype, device=spectrum.device)
+        C = C.index_put((rows + (H - out_f) // 2, cols + (W - in_f) // 2), spectrum)  # (H, W), values centred
+        if not self.use_idwt:
+            return self.scaling * C
+        h, w = H // 2, W // 2
+        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), self.wavelet)  # (H - R, W - R)
+        r0, c0 = (full.shape[0] - out_f) // 2, (full.shape[1] - in_f) // 2
+        return self.scaling * full[r0:r0 + out_f, c0:c0 + in_f]  # (out, in)
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        positions, dtype, memo = self.waveft_positions, self.waveft_spectrum.dtype, self._plan_for
+        if memo is None or memo[0] is not positions or memo[1:3] != (x.device, dtype):  # moved, loaded or replaced
+            plan = _plan(positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device, dtype)
+            self._plan_for = (positions, x.device, dtype, plan)
+        # Under autocast the frozen matmul runs in the autocast dtype, as nn.Linear's would; the adapter stays in
+        # the spectrum's dtype. Every cast is explicit inside, so autocast is switched off there.
+        amp = torch.is_autocast_enabled(x.device.type)
+        base_dtype = torch.get_autocast_dtype(x.device.type) if amp else self.base.weight.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return _WaveFTFunction.apply(x, self.base.weight, self.base.bias, self.waveft_spectrum,
+                                         self._plan_for[3], self.scaling, base_dtype)
 
 
-def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32, seed=None):
-    """Index tables of the separable form dW = A S B^T, computed once per (positions, wavelet, device).
+class _WaveFTFunction(torch.autograd.Function):
+    """y = x (W + dW)^T + b with the two cost tricks; saves only x, W and the spectrum (nothing out x in)."""
 
-    With `seed`, the positions are the seed's draw: all layers of one shape share one plan."""
-    out_f, in_f = shape
-    if seed is not None:
-        positions = draw_positions(out_f, in_f, len(positions[0]), seed)
-    key = (id(positions), tuple(shape), wavelet, use_idwt, str(device), dtype)
+    @staticmethod
+    def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):
+        x2, cdt = x.reshape(-1, x.shape[-1]), spectrum.dtype  # (N, in); cdt: the adapter's compute dtype
+        n, (out_f, in_f) = x2.shape[0], weight.shape
+        w = weight.to(base_dtype)  # the cast (if any) is transient, never saved
+        bias = None if bias is None else bias.to(base_dtype)
+        ctx.merged = x.dtype == w.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
+        if ctx.merged:  # many tokens: one matmul, dW costs O(out*in) once
+            y = F.linear(x2, _merged_weight(w, spectrum, plan, scaling), bias)  # (N, out)
+        else:  # few tokens or low-precision W: the adapter (A S)(B^T x) in the spectrum's dtype
+            z = _folded_times(plan["AS"], spectrum, _analyze(x2.to(cdt), plan["taps"], plan["W"]))  # (out, N)
+            y = F.linear(x2.to(w.dtype), w, bias).to(cdt).add_(z.T, alpha=scaling)  # (N, out)
+        ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
+        ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, spectrum = ctx.saved_tensors
+        plan, scaling, cdt, w = ctx.plan, ctx.scaling, spectrum.dtype, weight.to(ctx.base_dtype)
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
+        grad_x = grad_w = grad_b = grad_s = None
+        ga = None  # (H, N): (A^T g^T) with each band divided by its first tap
+        if ctx.needs_input_grad[3] or not ctx.merged:
+            ga = _analyze(g2.to(cdt), plan["taps"], plan["H"])
+        if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g^T)(B^T x^T)^T
+            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (W, N)
+            sampled = torch.sparse.sampled_addmm(plan["pattern"], ga, xa.T, beta=0.0, alpha=scaling)  # (H, W), k
+            grad_s = torch.empty_like(spectrum).index_put_((plan["row_order"],), sampled.values())  # (k,)
+            grad_s *= plan["grad_scale"]
+            del xa, sampled  # free before grad_x: lower peak memory
+        if ctx.needs_input_grad[0]:
+            if ctx.merged:  # trick 2: one matmul with the transient W + dW
+                ga = None
+                grad_x = g2 @ _merged_weight(w, spectrum, plan, scaling)  # (N, in)
+            else:  # g W + scaling * (B S^T)(A^T g)
+                z = _folded_times(plan["BSt"], spectrum, ga)  # (in, N)
+                ga = None
+                grad_x = (g2.to(w.dtype) @ w).to(cdt).add_(z.T, alpha=scaling)  # (N, in)
+            grad_x = grad_x.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # only if someone unfroze W
+            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, grad_s, None, None, None
+
+
+def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
+    """Index tables of dW = A S B^T for these positions, built once and shared by all layers that have them."""
+    key = (positions.cpu().numpy().tobytes(), tuple(shape), wavelet, use_idwt, str(device), dtype)
     if key in _PLANS:
         return _PLANS[key]
+    (out_f, in_f), k = shape, positions.shape[1]
     H, W = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
-    rows, cols = positions.to(device)
+    rows, cols = positions.to(device)  # (k,) each
     if use_idwt:
         r, c = rows + (H - out_f) // 2, cols + (W - in_f) // 2  # positions in the padded C
         top, left = r < H // 2, c < W // 2
         # C's cH (top-right) is high-pass along rows, cV (bottom-left) along cols: the row band is
         # "right half", the column band "bottom half". a, b index S = [lo | hi] x [lo | hi].
-        a = torch.where(left, 0, H // 2) + torch.where(top, r, r - H // 2)
-        b = torch.where(top, 0, W // 2) + torch.where(left, c, c - W // 2)
-        _, _, lo, hi = dwt.wavelet_filters(wavelet, torch.float64, device)
-        taps = torch.stack([lo, hi])  # (2, L)
+        a = torch.where(left, 0, H // 2) + torch.where(top, r, r - H // 2)  # (k,)
+        b = torch.where(top, 0, W // 2) + torch.where(left, c, c - W // 2)  # (k,)
+        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
         L = taps.shape[1]
-        # Footprint of coefficient (a, b) in dW: rows 2*(a mod H/2) + p - (L-2), cols likewise, p, q < L.
+        # Coefficient (a, b) touches dW rows 2*(a mod H/2) + p - (L-2) with tap taps[a >= H/2, p], p < L; cols alike.
         out_r = 2 * (a % (H // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
         out_c = 2 * (b % (W // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        wr, wc = taps[(a >= H // 2).long()], taps[(b >= W // 2).long()]  # (k, L) filter taps
+        wr, wc = taps[(a >= H // 2).long()], taps[(b >= W // 2).long()]  # (k, L) each
     else:  # no IDWT: A = B = identity, S = C
-        a, b, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]
-        wr = wc = torch.ones(len(rows), 1, dtype=torch.float64, device=device)
-    in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # the crop
-    flat = out_r.clamp(0, out_f - 1)[:, :, None] * in_f + out_c.clamp(0, in_f - 1)[:, None, :]  # (k, L, L)
-    foot = (wr * in_r)[:, :, None] * (wc * in_c)[:, None, :]  # (k, L, L)
-    by_row = torch.argsort(a * W + b)
-    plan = dict(positions=positions, H=H, W=W, taps=None if taps is None else taps.tolist(),
-                row_order=by_row, row_ptr=_ptr(a[by_row], H), row_col=b[by_row],  # CSR pattern of S, (H x W)
-                flat=flat.reshape(len(a), -1), foot=foot.reshape(len(a), -1).to(dtype),  # (k, L*L) each
-                row_scale=wr[:, 0].to(dtype), col_scale=wc[:, 0].to(dtype),  # (k,) first taps, see _analyze
-                AS=_folded(out_r, wr, in_r, b, out_f, W, dtype),  # A S (out x W), for the forward
-                BSt=_folded(out_c, wc, in_c, a, in_f, H, dtype))  # B S^T (in x H), for grad_x
-    _PLANS[key] = plan  # the plan keeps `positions` alive, so its id is never reused
+        a, b, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]  # out_r, out_c: (k, 1)
+        wr = wc = torch.ones(k, 1, dtype=torch.float64, device=device)
+    in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
+    row_scale, col_scale = wr[:, :1], wc[:, :1]  # (k, 1): the first taps _analyze divides its bands by
+    by_row = torch.argsort(a * W + b)  # sampled_addmm works in CSR (row-major) order
+    plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),
+                pattern=_csr(_ptr(a[by_row], H), b[by_row], torch.zeros(k, dtype=dtype, device=device), (H, W)),
+                row_order=by_row, grad_scale=(row_scale * col_scale)[:, 0].to(dtype),  # (k,)
+                # W + dW: each coefficient's L x L footprint as flat indices into W (out * in)
+                footprint=_entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
+                                   wr[:, :, None] * wc[:, None, :], dtype),  # (k, L, L) -> entries
+                AS=_folded(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
+                BSt=_folded(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype))  # B S^T: (in x H)
+    _PLANS[key] = plan
     return plan
 
 
-def _folded(out_idx, taps, inside, other, n_rows, n_cols, dtype):
-    """CSR structure of A S (or B S^T): coefficient k puts taps[k, p] * value_k at (out_idx[k, p], other[k])."""
-    coef = torch.arange(len(other), device=other.device)[:, None].expand_as(out_idx)[inside]  # (entries,)
-    where, inv = torch.unique(out_idx[inside] * n_cols + other[coef], return_inverse=True)  # sum duplicates
-    return dict(ptr=_ptr(where // n_cols, n_rows), col=where % n_cols, inv=inv, coef=coef,
-                tap=taps[inside].to(dtype), size=(n_rows, n_cols))
+def _entries(inside, index, tap, dtype):
+    """A matrix built from the k values, as a list of entries: value[coef] * tap adds to flat `index`.
+
+    inside, index, tap: (k, ...) alike; entries outside the crop are dropped."""
+    return dict(coef=inside.nonzero()[:, 0], index=index[inside], tap=tap[inside].to(dtype))
 
 
-def _folded_times(folded, values, dense):
-    """(A S) @ dense for S's k values (or B S^T): one sparse matmul, no separate synthesis pass."""
-    summed = values.new_zeros(len(folded["col"])).index_add_(0, folded["inv"], values[folded["coef"]] * folded["tap"])
+def _folded(inside, index, tap, size, dtype):
+    """A S (or B S^T) as a CSR matrix of `size`: its entries, with those at the same place summed."""
+    entries = _entries(inside, index, tap, dtype)
+    where, entries["index"] = torch.unique(entries["index"], return_inverse=True)  # (nonzeros,), (entries,)
+    return dict(entries, ptr=_ptr(where // size[1], size[0]), col=where % size[1], size=size)
+
+
+def _folded_times(folded, spectrum, dense):
+    """(A S) @ dense, (out x W) @ (W, N) -> (out, N) (or B S^T): one sparse matmul, no synthesis pass."""
+    nonzeros = spectrum.new_zeros(len(folded["col"]))
+    nonzeros.index_add_(0, folded["index"], spectrum[folded["coef"]] * folded["tap"])  # (nonzeros,)
     out = dense.new_zeros(folded["size"][0], dense.shape[1])
-    return torch.addmm(out, _csr(folded["ptr"], folded["col"], summed, folded["size"]), dense, out=out)
+    return torch.addmm(out, _csr(folded["ptr"], folded["col"], nonzeros, folded["size"]), dense, out=out)
+
+
+def _merged_weight(weight, spectrum, plan, scaling):
+    """W + dW by scattering each coefficient's L x L footprint: O(k L^2) work plus one copy of W."""
+    entries = plan["footprint"]
+    dw = scaling * spectrum[entries["coef"]] * entries["tap"]  # (entries,)
+    return weight.reshape(-1).index_add(0, entries["index"], dw).view_as(weight)  # (out * in,) -> (out, in)
 
 
 def _ptr(sorted_rows, n_rows):
+    """CSR row pointers, (n_rows + 1,), of sorted row indices."""
     return torch.cat([sorted_rows.new_zeros(1), torch.cumsum(torch.bincount(sorted_rows, minlength=n_rows), 0)])
 
 
@@ -144,128 +234,27 @@ def _csr(ptr, idx, values, size):
         return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
 
 
-def _analyze(v, taps, n_coef, out=None):
-    """v (M, n) -> (M, n_coef) = v A / band_scale: the adjoint of synthesis-and-crop, [low band | high band].
+def _analyze(v, taps, n_coef):
+    """v (M, n) -> (n_coef, M) = (v A)^T / band's first tap: the adjoint of synthesis-and-crop, [low | high].
 
-    Each band is divided by its first tap (callers fold that into the k coefficients, plan["*_scale"]):
-    for Haar this makes each band one add or subtract, the cheapest possible pass over v."""
+    Coefficient-major, as sampled_addmm and the sparse matmul want it. The division by each band's first tap
+    (the plan folds it back into the k values) makes a Haar band one add or subtract: one pass over v."""
     if taps is None:  # no IDWT: A is the identity
-        return v if out is None else out.copy_(v)
+        return v.T.contiguous()
     L, half = len(taps[0]), n_coef // 2
     vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
-    out = torch.empty(v.shape[0], n_coef, dtype=v.dtype, device=v.device) if out is None else out
-    for band, dst in ((0, out[:, :half]), (1, out[:, half:])):
-        t = taps[band]
+    out = torch.empty(n_coef, v.shape[0], dtype=v.dtype, device=v.device)  # (n_coef, M)
+    for t, dst in zip(taps, out.view(2, half, -1)):  # dst: (half, M), one band
+        dst = dst.T  # (M, half)
         torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
         for p in range(2, L):
             dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
     return out
 
 
-def _merged_weight(weight, spectrum, plan, scaling):
-    """W + dW by scattering each coefficient's L x L footprint: O(k L^2) work plus one copy of W."""
-    foot = plan["foot"] if plan["foot"].dtype == spectrum.dtype else plan["foot"].to(spectrum.dtype)
-    vals = (scaling * spectrum[:, None] * foot).reshape(-1)  # (k * L * L,)
-    return weight.reshape(-1).index_add(0, plan["flat"].reshape(-1), vals.to(weight.dtype)).view_as(weight)
-
-
-class _WaveFTFunction(torch.autograd.Function):
-    """y = x (W + dW)^T + b without saving any out x in tensor; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, spectrum, plan, scaling):
-        # Under autocast the frozen matmul runs in the autocast dtype, as nn.Linear's would; the adapter stays in
-        # the spectrum's dtype. Every other cast is explicit, so autocast is switched off inside.
-        amp = torch.is_autocast_enabled(x.device.type)
-        ctx.base_dtype = torch.get_autocast_dtype(x.device.type) if amp else weight.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            return _WaveFTFunction._forward(ctx, x, weight, bias, spectrum, plan, scaling)
-
-    @staticmethod
-    def _forward(ctx, x, weight, bias, spectrum, plan, scaling):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        n, (out_f, in_f), cdt = x2.shape[0], weight.shape, spectrum.dtype
-        frozen, weight = weight, weight.to(ctx.base_dtype)  # the cast (if any) is transient, never saved
-        bias = None if bias is None else bias.to(ctx.base_dtype)
-        merged = x.dtype == weight.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
-        if merged:  # many tokens: one matmul, dW costs O(out*in) once
-            y = F.linear(x2, _merged_weight(weight, spectrum, plan, scaling), bias)
-        else:  # few tokens or low-precision W: adapter path (A S)(B^T x) in the spectrum's dtype
-            xa_t = torch.empty(plan["W"], n, dtype=cdt, device=x.device)  # (W, N): (B^T x)^T / col_scale
-            _analyze(x2.to(cdt), plan["taps"], plan["W"], out=xa_t.T)
-            z = _folded_times(plan["AS"], spectrum * plan["col_scale"], xa_t)  # (out, N) = A S B^T x^T
-            del xa_t
-            y = F.linear(x2.to(weight.dtype), weight, bias).to(cdt).add_(z.T, alpha=scaling)
-        ctx.save_for_backward(x, frozen, spectrum)  # x and W exist anyway: nothing new is kept alive
-        ctx.plan, ctx.scaling, ctx.merged = plan, scaling, merged
-        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, frozen, spectrum = ctx.saved_tensors
-        plan, scaling, cdt, weight = ctx.plan, ctx.scaling, spectrum.dtype, frozen.to(ctx.base_dtype)
-        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
-        n, (out_f, in_f) = x2.shape[0], weight.shape
-        grad_x = grad_w = grad_b = grad_s = None
-        if ctx.needs_input_grad[3] or not ctx.merged:
-            ga_t = torch.empty(plan["H"], n, dtype=cdt, device=g.device)  # (H, N): (A^T g)^T / row_scale
-            _analyze(g2.to(cdt), plan["taps"], plan["H"], out=ga_t.T)  # written transposed: sampled_addmm wants rows
-        if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g)^T (B^T x)
-            xa_t = torch.empty(plan["W"], n, dtype=cdt, device=x.device)  # (W, N): (B^T x)^T / col_scale
-            _analyze(x2.to(cdt), plan["taps"], plan["W"], out=xa_t.T)  # column-major: sampled_addmm won't copy it
-            pattern = _csr(plan["row_ptr"], plan["row_col"], spectrum.new_zeros(len(spectrum)), (plan["H"], plan["W"]))
-            sampled = torch.sparse.sampled_addmm(pattern, ga_t, xa_t.T, beta=0.0, alpha=scaling).values()  # row order
-            grad_s = torch.empty_like(spectrum).index_put_((plan["row_order"],), sampled)
-            grad_s *= plan["row_scale"] * plan["col_scale"]
-            del xa_t, pattern, sampled  # free before grad_x: lower peak memory
-        if ctx.needs_input_grad[0]:
-            if ctx.merged:  # trick 2: one matmul with the transient W + dW
-                ga_t = None
-                grad_x = g2 @ _merged_weight(weight, spectrum, plan, scaling)
-            else:  # g W + scaling * (B S^T)(A^T g)
-                z = _folded_times(plan["BSt"], spectrum * plan["row_scale"], ga_t)  # (in, N) = B S^T A^T g^T
-                del ga_t
-                grad_x = (g2.to(weight.dtype) @ weight).to(cdt).add_(z.T, alpha=scaling)
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # only if someone unfroze W
-            grad_w = (g2.T @ x2.to(g2.dtype)).to(frozen.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(frozen.dtype)
-        return grad_x, grad_w, grad_b, grad_s, None, None
-
-
-class WaveFTLinear(nn.Module):
-    """A frozen nn.Linear plus k trainable wavelet coefficients (`waveft_spectrum`)."""
-
-    def __init__(self, base, k, scaling, wavelet, seed, use_idwt):
-        super().__init__()
-        self.base, self.k, self.scaling, self.wavelet, self.seed = base, k, scaling, wavelet, seed
-        self.use_idwt = use_idwt
-        self.merged = False
-        dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32  # never train in bf16
-        self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
-        self._checked = None  # (positions tensor last compared with the seed's draw, equal?); replace, don't edit
-        self.register_buffer("waveft_positions", draw_positions(base.out_features, base.in_features, k, seed)
-                             .to(base.weight.device, copy=True))  # (2, k) rows, cols; own copy (the cache is shared)
-
-    def delta_weight(self):
-        return delta_weight_of(self.waveft_spectrum, self.waveft_positions, self.base.weight.shape,
-                               self.wavelet, self.scaling, self.use_idwt)
-
-    def forward(self, x):
-        if self.merged:
-            return self.base(x)
-        positions = self.waveft_positions
-        if self._checked is None or self._checked[0] is not positions:  # new tensor: moved, loaded or replaced
-            drawn = draw_positions(*self.base.weight.shape, self.k, self.seed)
-            self._checked = (positions, torch.equal(positions.cpu(), drawn))
-        plan = _plan(positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device,
-                     self.waveft_spectrum.dtype, self.seed if self._checked[1] else None)
-        return _WaveFTFunction.apply(x, self.base.weight, self.base.bias, self.waveft_spectrum, plan, self.scaling)
-
-
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a rank-r update scaling * B A (`lora_A` r x in, `lora_B` out x r, B = 0)."""
+    adapter_names = ("lora_A", "lora_B")
 
     def __init__(self, base, rank, scaling):
         super().__init__()
@@ -299,7 +288,7 @@ def count_parameters(model):
 
 
 def _adapter_params(layer):
-    return [layer.waveft_spectrum] if isinstance(layer, WaveFTLinear) else [layer.lora_A, layer.lora_B]
+    return [getattr(layer, name) for name in layer.adapter_names]
 
 
 def _matches(name, patterns):
@@ -360,16 +349,13 @@ def _jsonable(patterns):
 
 
 def _print_summary(model, method, params):
-    by_shape = {}
-    for _, m in adapted_layers(model):
-        shape = (m.base.out_features, m.base.in_features)
-        by_shape[shape] = by_shape.get(shape, 0) + 1
-    per_layer = (lambda o, i: model._waveft_config["k"]) if method == "waveft" else \
-        (lambda o, i: model._waveft_config["rank"] * (o + i))
-    print(f"{method}: {sum(by_shape.values())} adapted layers, {model._waveft_config}")
+    config = model._waveft_config
+    by_shape = Counter((m.base.out_features, m.base.in_features) for _, m in adapted_layers(model))
+    print(f"{method}: {sum(by_shape.values())} adapted layers, {config}")
     print(f"  {'out x in':>13}  {'layers':>6}  {'trainable':>11}")
     for (o, i), count in sorted(by_shape.items()):
-        print(f"  {f'{o} x {i}':>13}  {count:>6}  {count * per_layer(o, i):>11,}")
+        per_layer = config["k"] if method == "waveft" else config["rank"] * (o + i)
+        print(f"  {f'{o} x {i}':>13}  {count:>6}  {count * per_layer:>11,}")
     print(f"  total trainable parameters: {sum(p.numel() for p in params):,}")
 
 
@@ -401,12 +387,10 @@ def save(model, path, extra_metadata=None):
         raise ValueError("model has no adapters to save; call waveft.inject first")
     tensors = {}
     for name, m in layers:
+        for attr in m.adapter_names:
+            tensors[f"{name}.{attr}"] = getattr(m, attr).detach().float().cpu().contiguous()
         if isinstance(m, WaveFTLinear):
-            tensors[f"{name}.waveft_spectrum"] = m.waveft_spectrum.detach().float().cpu().contiguous()
             tensors[f"{name}.waveft_positions"] = m.waveft_positions.to(torch.int32).cpu()  # (2, k)
-        else:
-            tensors[f"{name}.lora_A"] = m.lora_A.detach().float().cpu().contiguous()
-            tensors[f"{name}.lora_B"] = m.lora_B.detach().float().cpu().contiguous()
     meta = dict(model._waveft_config, layers={n: [m.base.out_features, m.base.in_features] for n, m in layers},
                 **(extra_metadata or {}))
     tmp = f"{path}.tmp"
@@ -430,8 +414,8 @@ def read_metadata(path):
 def load(model, path):
     """Load an adapter file into the model, injecting the adapters first if it has none. Returns the metadata.
 
-    Saved positions are trusted (they define the adapter); when they equal the fresh draw for the seed the
-    layer keeps the shared, cached tensor."""
+    Saved positions are trusted (they define the adapter); index plans are cached by the positions' values,
+    so layers loaded with equal positions still share one."""
     meta = read_metadata(path)
     want = {name: tuple(shape) for name, shape in meta["layers"].items()}
     if not adapted_layers(model):
@@ -454,7 +438,7 @@ def load(model, path):
         for name, m in layers.items():
             if m.merged:
                 raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
-            for attr in ("waveft_spectrum",) if isinstance(m, WaveFTLinear) else ("lora_A", "lora_B"):
+            for attr in m.adapter_names:
                 value = _get(f, path, f"{name}.{attr}", getattr(m, attr).shape)
                 getattr(m, attr).copy_(value)
             if isinstance(m, WaveFTLinear) and f"{name}.waveft_positions" in f.keys():
