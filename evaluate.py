@@ -50,12 +50,11 @@ import waveft
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO was trained with these
-METRICS = dict(dino="DINO ↑", clip_i="CLIP-I ↑", clip_t="CLIP-T ↑", cmmd="CMMD ↓", lpips_diversity="LPIPS diversity ↑",
-               dino_diversity="DINO diversity ↑")  # column names of the comparison table
+METRICS = dict(dino="DINO ↑", clip_i="CLIP-I ↑", clip_t="CLIP-T ↑", cmmd="CMMD ↓",  # comparison table headers
+               lpips_diversity="LPIPS diversity ↑", dino_diversity="DINO diversity ↑")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The metrics, on embeddings (rows = images). float64: they are tiny and then exact to compare.
-
 
 def normalize(x):
     return F.normalize(torch.as_tensor(x).double(), dim=-1)
@@ -126,7 +125,6 @@ def strip_token(prompt, unique_token):
 # ----------------------------------------------------------------------------------------------------------------
 # Metric models: transformers' from_pretrained (hub id or local folder), or `tiny` random models for smoke runs
 
-
 def preprocess(images, size, mean, std):
     """PIL images -> (N, 3, size, size): shorter side resized to `size` (bicubic), centre crop, [0, 1], normalised.
     This is CLIP's own preprocessing, written out so that no torchvision is needed."""
@@ -184,7 +182,7 @@ def load_metric_models(dino="facebook/dino-vits16", clip="openai/clip-vit-base-p
     else:
         clip_model = sdxl.from_pretrained(CLIPModel, clip, "CLIP model", "--clip", smoke)
         tokenizer = sdxl.from_pretrained(CLIPTokenizer, clip, "CLIP tokenizer", "--clip", smoke)
-    if cmmd_clip == clip:
+    if cmmd_clip == clip:  # one model for CLIP-I, CLIP-T and CMMD: embedded once
         cmmd_model = clip_model
     elif cmmd_clip == "tiny":
         cmmd_model = tiny_clip(seed=1)[0]
@@ -231,11 +229,6 @@ def load_lpips():
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring one run's images, laid out by prompt
 
-
-def slug(prompt):
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60]
-
-
 def read_image_folder(images_dir):
     """--metrics-only: [(prompt_idx, prompt, path)] from folders `<number>_<anything>` holding a prompt's images."""
     entries = []
@@ -248,7 +241,8 @@ def read_image_folder(images_dir):
                     if path.suffix.lower() in sdxl.IMAGE_EXTENSIONS]
     if not entries:
         raise FileNotFoundError(f"no images found in {images_dir}: expected one folder <number>_<prompt> per prompt "
-                                f"holding its images (and optionally prompt.txt), e.g. 00_a_dog_in_the_jungle/seed42.png")
+                                f"holding its images (and optionally prompt.txt), "
+                                f"e.g. 00_a_dog_in_the_jungle/seed42.png")
     return entries
 
 
@@ -278,9 +272,10 @@ def score(entries, real_images, models, unique_token, lpips_model=None):
     by_prompt = group_by(range(len(entries)), key=lambda i: entries[i][0]).values()
     groups = [group for group in by_prompt if len(group) >= 2]  # diversity needs pairs
     if groups and lpips_model is not None:
-        metrics["lpips_diversity"] = float(np.mean([lpips_diversity([images[i] for i in g], lpips_model) for g in groups]))
+        metrics["lpips_diversity"] = float(np.mean([lpips_diversity([images[i] for i in group], lpips_model)
+                                                    for group in groups]))
     elif groups:
-        metrics["dino_diversity"] = float(np.mean([dino_diversity(dino[g]) for g in groups]))
+        metrics["dino_diversity"] = float(np.mean([dino_diversity(dino[group]) for group in groups]))
     return rows, metrics, images
 
 
@@ -305,7 +300,6 @@ def write_csv(path, rows):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Runs: read and check everything first, so a bad folder fails before any model is loaded
-
 
 @dataclass
 class Run:
@@ -395,28 +389,26 @@ def count_trainable(adapter):
                    if key.endswith(("waveft_spectrum", "lora_A", "lora_B")))
 
 
-def generation_settings(run, gen_cfg):
-    """Everything an image depends on besides its prompt and seed (the adapter by its hash)."""
-    return dict(model=run.config["model"], adapter_sha256=hashlib.sha256(run.adapter.read_bytes()).hexdigest(),
-                steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
-                solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
-
-
-def generate_missing(run, images_dir, prompts, seeds, settings, gen_cfg, device):
-    """Returns [(prompt_idx, prompt, path)] of every (prompt, seed) image, generating those not on disk yet (so an
-    interrupted evaluation resumes). Images on disk made with other settings or another adapter (recorded in
-    generation.json) are an error, never silently reused."""
+def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device):
+    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes. Returns
+    [(prompt_idx, prompt, path)] of all of them and the settings recorded in generation.json: everything an image
+    depends on besides its prompt and seed. Images on disk made with other settings or another adapter (by its
+    hash) are an error, never silently reused."""
+    settings = dict(model=run.config["model"], adapter_sha256=hashlib.sha256(run.adapter.read_bytes()).hexdigest(),
+                    steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
+                    solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
     record = images_dir / "generation.json"
     old = json.loads(record.read_text()) if record.is_file() else settings
     if old != settings:
         changed = [key for key in settings if old.get(key) != settings[key]]
         raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
                          f"that folder or pass another --out-dir")
-    folders = [images_dir / f"{i:02d}_{slug(prompt)}" for i, prompt in enumerate(prompts)]
+    folders = [images_dir / (f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60])  # a safe name
+               for i, prompt in enumerate(prompts)]
     entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
     missing = [[seed for seed in seeds if not (folder / f"seed{seed}.png").is_file()] for folder in folders]
     if not any(missing):
-        return entries  # nothing to do: not even the pipeline is loaded
+        return entries, settings  # nothing to do: not even the pipeline is loaded
     images_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(settings, indent=2) + "\n")
     pipe = sdxl.load_pipeline(run.config["model"]).to(device)  # float32 weights; generate() autocasts on CUDA
@@ -426,21 +418,21 @@ def generate_missing(run, images_dir, prompts, seeds, settings, gen_cfg, device)
         raise ValueError(f"adapter {run.adapter} does not fit model {run.config['model']!r}: {error}") from None
     waveft.merge(pipe.unet)  # the update is folded into W: sampling costs what the base model costs
     with tqdm(total=sum(map(len, missing)), desc=f"{run.name}: generating", unit="image") as bar:
-        for prompt, folder, seeds_to_make in zip(prompts, folders, missing):
-            if not seeds_to_make:
+        for prompt, folder, todo in zip(prompts, folders, missing):
+            if not todo:
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "prompt.txt").write_text(prompt + "\n")
-            for seed, image in zip(seeds_to_make, sdxl.generate(pipe, [prompt], seeds_to_make, gen_cfg)):
-                image.save(folder / f"seed{seed}.tmp.png")
-                os.replace(folder / f"seed{seed}.tmp.png", folder / f"seed{seed}.png")  # a killed run leaves no half file
+            for seed, image in zip(todo, sdxl.generate(pipe, [prompt], todo, gen_cfg)):
+                tmp = folder / f"seed{seed}.tmp.png"  # saved, then renamed: a killed run leaves no half image
+                image.save(tmp)
+                os.replace(tmp, folder / f"seed{seed}.png")
                 bar.update(1)
-    return entries
+    return entries, settings
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The comparison table: one line per (method, budget), mean +- std over subjects
-
 
 def write_comparison(all_metrics, out_dir):
     """comparison.csv and comparison.md (also returned); metric names and headers as in METRICS."""
@@ -469,7 +461,7 @@ def write_comparison(all_metrics, out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
+# The command line
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -514,8 +506,7 @@ def main(argv=None):
         run_out.mkdir(parents=True, exist_ok=True)
         if run.adapter:
             prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:args.max_prompts]
-            settings = generation_settings(run, gen_cfg)
-            entries = generate_missing(run, run_out / "images", prompts, seeds, settings, gen_cfg, device)
+            entries, settings = generate_missing(run, run_out / "images", prompts, seeds, gen_cfg, device)
         else:
             entries = read_image_folder(run.images_dir)
         real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
