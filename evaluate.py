@@ -313,6 +313,7 @@ class Run:
 
 
 def read_runs(args):
+    """--runs: every run folder among them (checked); --metrics-only: the one folder of images."""
     if args.metrics_only:
         folder = Path(args.metrics_only)
         run = Run(folder.name, args.subject, args.unique_token, args.data_dir or "dataset", {}, images_dir=folder)
@@ -435,7 +436,7 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device):
 # The comparison table: one line per (method, budget), mean +- std over subjects
 
 def write_comparison(all_metrics, out_dir):
-    """comparison.csv and comparison.md (also returned); metric names and headers as in METRICS."""
+    """Writes comparison.md (returned) and comparison.csv; a metric no run has gets no column."""
     names = [name for name in METRICS if any(name in m for m in all_metrics)]
     md = ["| method | k or rank | trainable params | subjects | " + " | ".join(METRICS[n] for n in names) + " |",
           "|---" * (4 + len(names)) + "|"]
@@ -467,8 +468,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--runs", nargs="+", help="run folders of train_dreambooth.py, e.g. outputs/*")
-    source.add_argument("--metrics-only", metavar="DIR",
-                        help="score existing images laid out by prompt (no generation)")
+    source.add_argument("--metrics-only", metavar="DIR", help="score existing images, laid out by prompt")
     parser.add_argument("--subject", help="with --metrics-only: the DreamBooth subject of the images")
     parser.add_argument("--unique-token", default=sdxl.UNIQUE_TOKEN, help="with --metrics-only: stripped for CLIP-T")
     parser.add_argument("--data-dir", help="DreamBooth dataset folder (default: the one in each run's config.json)")
