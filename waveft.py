@@ -10,20 +10,18 @@ positions + R//2 (centred), C's quarters are (cA | cH) over (cV | cD), one level
 and the centred out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
 -> (idx // in, idx % in), so spectra are interchangeable with PEFT. `WaveFTLinear.delta_weight` is this.
 
-Training never builds an out x in *gradient*. The inverse transform is separable: dW = scaling * A S B^T,
-where A (out x H) and B (in x W) are 1-D synthesis-and-crop operators (a stride-2 transposed convolution
-with the low/high-pass filters) and S (H x W) is C with its off-diagonal quarters swapped into
-"band order" (so that rows follow the row filter), still k-sparse. Two cost tricks follow:
-  1. coefficient gradient: dL/ds_(a,b) = scaling * sum_tokens (A^T g)_a (B^T x)_b, i.e. two cheap 1-D
-     analyses of g and x (L multiply-adds per value) and k sampled dot products (sampled_addmm), in
-     O(tokens * (out + in + k)) instead of the dense g^T x (tokens * out * in);
-  2. forward and input gradient: whichever needs the smaller transient. Many tokens: one matmul with
-     W + dW, dW scattered from the k coefficients' L x L footprints (an out x in copy, never saved).
-     Few tokens (tokens * (out + in) < out * in, e.g. cross-attention to_k/to_v on 77 text tokens):
-     y = x W^T + b + scaling * (A S)(B^T x), and grad_x = g W + scaling * (B S^T)(A^T g), where A S and
-     B S^T are themselves sparse (k * L nonzeros): one 1-D analysis and one sparse matmul each.
-     A bf16/fp16 W always takes the second form, with the adapter in the spectrum's float32, so
-     updates far below W's precision still change y.
+Training never builds an out x in gradient. IDWT2 is separable: dW = scaling * A S B^T, with A (out x H)
+and B (in x W) 1-D synthesis-and-crop operators (stride-2 transposed convolutions with the low/high-pass
+filters) and S (H x W) = C with its off-diagonal quarters swapped into "band order", still k-sparse. So:
+  1. coefficient gradient: dL/ds_(a,b) = scaling * sum_tokens (A^T g)_a (B^T x)_b: two 1-D analyses
+     (L multiply-adds per value) and k sampled dot products (sampled_addmm), O(tokens * (out + in + k))
+     instead of the dense g^T x (tokens * out * in);
+  2. forward and input gradient, whichever has the smaller transient. Many tokens: one matmul with W + dW
+     (scattered from the coefficients' L x L footprints; an out x in copy, never saved). Few tokens
+     (tokens * (out + in) < out * in, e.g. cross-attention to_k/to_v on 77 text tokens): the sparse
+     products y += scaling * (A S)(B^T x) and grad_x += scaling * (B S^T)(A^T g), where A S and B S^T
+     have k * L nonzeros. A bf16/fp16 W always takes this second form, with the adapter in the
+     spectrum's float32, so updates far below W's precision still change y.
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
 """
 import json
@@ -118,7 +116,7 @@ class _WaveFTFunction(torch.autograd.Function):
         if ctx.merged:  # many tokens: one matmul, dW costs O(out*in) once
             y = F.linear(x2, _merged_weight(w, spectrum, plan, scaling), bias)  # (N, out)
         else:  # few tokens or low-precision W: the adapter (A S)(B^T x) in the spectrum's dtype
-            z = _folded_times(plan["AS"], spectrum, _analyze(x2.to(cdt), plan["taps"], plan["W"]))  # (out, N)
+            z = _sparse_times(plan["AS"], spectrum, _analyze(x2.to(cdt), plan["taps"], plan["W"]))  # (out, N)
             y = F.linear(x2.to(w.dtype), w, bias).to(cdt).add_(z.T, alpha=scaling)  # (N, out)
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
@@ -135,16 +133,17 @@ class _WaveFTFunction(torch.autograd.Function):
             ga = _analyze(g2.to(cdt), plan["taps"], plan["H"])
         if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g^T)(B^T x^T)^T
             xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (W, N)
-            sampled = torch.sparse.sampled_addmm(plan["pattern"], ga, xa.T, beta=0.0, alpha=scaling)  # (H, W), k
-            grad_s = torch.empty_like(spectrum).index_put_((plan["row_order"],), sampled.values())  # (k,)
-            grad_s *= plan["grad_scale"]
+            S = plan["S"]  # S's sparsity pattern; the nonzero of coefficient i is number S["index"][i]
+            pattern = _csr(S["ptr"], S["col"], spectrum.new_zeros(len(S["col"])), S["size"])  # (H x W), k
+            sampled = torch.sparse.sampled_addmm(pattern, ga, xa.T, beta=0.0, alpha=scaling).values()  # (k,)
+            grad_s = sampled[S["index"]] * S["tap"]  # (k,) back in the spectrum's order
             del xa, sampled  # free before grad_x: lower peak memory
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # trick 2: one matmul with the transient W + dW
                 ga = None
                 grad_x = g2 @ _merged_weight(w, spectrum, plan, scaling)  # (N, in)
             else:  # g W + scaling * (B S^T)(A^T g)
-                z = _folded_times(plan["BSt"], spectrum, ga)  # (in, N)
+                z = _sparse_times(plan["BSt"], spectrum, ga)  # (in, N)
                 ga = None
                 grad_x = (g2.to(w.dtype) @ w).to(cdt).add_(z.T, alpha=scaling)  # (N, in)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
@@ -181,15 +180,13 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         wr = wc = torch.ones(k, 1, dtype=torch.float64, device=device)
     in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
     row_scale, col_scale = wr[:, :1], wc[:, :1]  # (k, 1): the first taps _analyze divides its bands by
-    by_row = torch.argsort(a * W + b)  # sampled_addmm works in CSR (row-major) order
     plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),
-                pattern=_csr(_ptr(a[by_row], H), b[by_row], torch.zeros(k, dtype=dtype, device=device), (H, W)),
-                row_order=by_row, grad_scale=(row_scale * col_scale)[:, 0].to(dtype),  # (k,)
+                S=_sparse(torch.ones_like(in_r[:, :1]), (a * W + b)[:, None], row_scale * col_scale, (H, W), dtype),
                 # W + dW: each coefficient's L x L footprint as flat indices into W (out * in)
                 footprint=_entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
                                    wr[:, :, None] * wc[:, None, :], dtype),  # (k, L, L) -> entries
-                AS=_folded(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
-                BSt=_folded(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype))  # B S^T: (in x H)
+                AS=_sparse(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
+                BSt=_sparse(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype))  # B S^T: (in x H)
     _PLANS[key] = plan
     return plan
 
@@ -201,19 +198,19 @@ def _entries(inside, index, tap, dtype):
     return dict(coef=inside.nonzero()[:, 0], index=index[inside], tap=tap[inside].to(dtype))
 
 
-def _folded(inside, index, tap, size, dtype):
-    """A S (or B S^T) as a CSR matrix of `size`: its entries, with those at the same place summed."""
+def _sparse(inside, index, tap, size, dtype):
+    """A matrix of `size` built from the k values (S, A S or B S^T) in CSR: entries at one place summed."""
     entries = _entries(inside, index, tap, dtype)
     where, entries["index"] = torch.unique(entries["index"], return_inverse=True)  # (nonzeros,), (entries,)
-    return dict(entries, ptr=_ptr(where // size[1], size[0]), col=where % size[1], size=size)
+    rows = torch.bincount(where // size[1], minlength=size[0])  # (size[0],) nonzeros per row
+    return dict(entries, ptr=torch.cat([rows.new_zeros(1), rows.cumsum(0)]), col=where % size[1], size=size)
 
 
-def _folded_times(folded, spectrum, dense):
+def _sparse_times(m, spectrum, dense):
     """(A S) @ dense, (out x W) @ (W, N) -> (out, N) (or B S^T): one sparse matmul, no synthesis pass."""
-    nonzeros = spectrum.new_zeros(len(folded["col"]))
-    nonzeros.index_add_(0, folded["index"], spectrum[folded["coef"]] * folded["tap"])  # (nonzeros,)
-    out = dense.new_zeros(folded["size"][0], dense.shape[1])
-    return torch.addmm(out, _csr(folded["ptr"], folded["col"], nonzeros, folded["size"]), dense, out=out)
+    nonzeros = spectrum.new_zeros(len(m["col"])).index_add_(0, m["index"], spectrum[m["coef"]] * m["tap"])
+    out = dense.new_zeros(m["size"][0], dense.shape[1])
+    return torch.addmm(out, _csr(m["ptr"], m["col"], nonzeros, m["size"]), dense, out=out)  # (not @: slower)
 
 
 def _merged_weight(weight, spectrum, plan, scaling):
@@ -221,11 +218,6 @@ def _merged_weight(weight, spectrum, plan, scaling):
     entries = plan["footprint"]
     dw = scaling * spectrum[entries["coef"]] * entries["tap"]  # (entries,)
     return weight.reshape(-1).index_add(0, entries["index"], dw).view_as(weight)  # (out * in,) -> (out, in)
-
-
-def _ptr(sorted_rows, n_rows):
-    """CSR row pointers, (n_rows + 1,), of sorted row indices."""
-    return torch.cat([sorted_rows.new_zeros(1), torch.cumsum(torch.bincount(sorted_rows, minlength=n_rows), 0)])
 
 
 def _csr(ptr, idx, values, size):
@@ -313,13 +305,12 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
     if adapted_layers(model):
         raise ValueError("model already has adapters; inject into a fresh model (or load into this one)")
     scaling = float((25.0 if method == "waveft" else 1.0) if scaling is None else scaling)
-    names = [n for n, _ in model.named_modules() if n]
-    targets = [n for n in names if _matches(n, target_modules) and not _matches(n, exclude_modules or ())]
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # {dotted name: module}, the model itself as ""
+    targets = [n for n in modules if n and _matches(n, target_modules) and not _matches(n, exclude_modules or ())]
     if not targets:
-        linear = [n for n in names if isinstance(modules[n], nn.Linear)]
+        linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
         raise ValueError(f"no module matched target_modules={target_modules!r} (exclude_modules={exclude_modules!r});"
-                         f" {len(linear)} nn.Linear modules in this model, e.g. {linear[:4] or names[:4]}")
+                         f" {len(linear)} nn.Linear modules in this model, e.g. {linear[:4] or list(modules)[1:5]}")
     for name in targets:
         mod = modules[name]
         if not isinstance(mod, nn.Linear):
@@ -331,10 +322,9 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
     model.requires_grad_(False)
     for name in targets:
         parent, _, child = name.rpartition(".")
-        base = modules[name]
-        layer = (WaveFTLinear(base, k, scaling, wavelet, seed, use_idwt) if method == "waveft"
-                 else LoRALinear(base, rank, scaling))
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        layer = (WaveFTLinear(modules[name], k, scaling, wavelet, seed, use_idwt) if method == "waveft"
+                 else LoRALinear(modules[name], rank, scaling))
+        setattr(model.get_submodule(parent), child, layer)
     model._waveft_config = dict(method=method, k=k, scaling=scaling, wavelet=wavelet, seed=seed,
                                 use_idwt=use_idwt, rank=rank, target_modules=_jsonable(target_modules),
                                 exclude_modules=_jsonable(exclude_modules))
