@@ -136,8 +136,8 @@ class _WaveFTFunction(torch.autograd.Function):
             S = plan["S"]  # S's sparsity pattern; the nonzero of coefficient i is number S["index"][i]
             pattern = _csr(S["ptr"], S["col"], spectrum.new_zeros(len(S["col"])), S["size"])  # (H x W), k
             sampled = torch.sparse.sampled_addmm(pattern, ga, xa.T, beta=0.0, alpha=scaling).values()  # (k,)
-            grad_s = sampled[S["index"]] * S["tap"]  # (k,) back in the spectrum's order
-            del xa, sampled  # free before grad_x: lower peak memory
+            grad_s = sampled[S["index"]].mul_(S["tap"])  # (k,) back in the spectrum's order
+            del xa, pattern, sampled  # free before grad_x: lower peak memory
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # trick 2: one matmul with the transient W + dW
                 ga = None
@@ -152,6 +152,44 @@ class _WaveFTFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, grad_s, None, None, None
+
+
+def _analyze(v, taps, n_coef):
+    """v (M, n) -> (n_coef, M) = (v A)^T / band's first tap: the adjoint of synthesis-and-crop, [low | high].
+
+    Coefficient-major, as sampled_addmm and the sparse matmul want it. The division by each band's first tap
+    (the plan folds it back into the k values) makes a Haar band one add or subtract: one pass over v."""
+    if taps is None:  # no IDWT: A is the identity
+        return v.T.contiguous()
+    L, half = len(taps[0]), n_coef // 2
+    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
+    out = torch.empty(n_coef, v.shape[0], dtype=v.dtype, device=v.device)  # (n_coef, M)
+    for t, dst in zip(taps, out.view(2, half, -1)):  # dst: (half, M), one band
+        dst = dst.T  # (M, half)
+        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
+        for p in range(2, L):
+            dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
+    return out
+
+
+def _sparse_times(m, spectrum, dense):
+    """(A S) @ dense, (out x W) @ (W, N) -> (out, N) (or B S^T): one sparse matmul, no synthesis pass."""
+    nonzeros = spectrum.new_zeros(len(m["col"])).index_add_(0, m["index"], spectrum[m["coef"]] * m["tap"])
+    out = dense.new_zeros(m["size"][0], dense.shape[1])
+    return torch.addmm(out, _csr(m["ptr"], m["col"], nonzeros, m["size"]), dense, out=out)  # (not @: slower)
+
+
+def _csr(ptr, idx, values, size):
+    with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
+
+
+def _merged_weight(weight, spectrum, plan, scaling):
+    """W + dW by scattering each coefficient's L x L footprint: O(k L^2) work plus one copy of W."""
+    entries = plan["footprint"]
+    dw = scaling * spectrum[entries["coef"]] * entries["tap"]  # (entries,)
+    return weight.reshape(-1).index_add(0, entries["index"], dw).view_as(weight)  # (out * in,) -> (out, in)
 
 
 def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
@@ -181,7 +219,7 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
     row_scale, col_scale = wr[:, :1], wc[:, :1]  # (k, 1): the first taps _analyze divides its bands by
     plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),
-                S=_sparse(torch.ones_like(in_r[:, :1]), (a * W + b)[:, None], row_scale * col_scale, (H, W), dtype),
+                S=_sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (a * W + b)[:, None], row_scale * col_scale, (H, W), dtype),
                 # W + dW: each coefficient's L x L footprint as flat indices into W (out * in)
                 footprint=_entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
                                    wr[:, :, None] * wc[:, None, :], dtype),  # (k, L, L) -> entries
@@ -204,44 +242,6 @@ def _sparse(inside, index, tap, size, dtype):
     where, entries["index"] = torch.unique(entries["index"], return_inverse=True)  # (nonzeros,), (entries,)
     rows = torch.bincount(where // size[1], minlength=size[0])  # (size[0],) nonzeros per row
     return dict(entries, ptr=torch.cat([rows.new_zeros(1), rows.cumsum(0)]), col=where % size[1], size=size)
-
-
-def _sparse_times(m, spectrum, dense):
-    """(A S) @ dense, (out x W) @ (W, N) -> (out, N) (or B S^T): one sparse matmul, no synthesis pass."""
-    nonzeros = spectrum.new_zeros(len(m["col"])).index_add_(0, m["index"], spectrum[m["coef"]] * m["tap"])
-    out = dense.new_zeros(m["size"][0], dense.shape[1])
-    return torch.addmm(out, _csr(m["ptr"], m["col"], nonzeros, m["size"]), dense, out=out)  # (not @: slower)
-
-
-def _merged_weight(weight, spectrum, plan, scaling):
-    """W + dW by scattering each coefficient's L x L footprint: O(k L^2) work plus one copy of W."""
-    entries = plan["footprint"]
-    dw = scaling * spectrum[entries["coef"]] * entries["tap"]  # (entries,)
-    return weight.reshape(-1).index_add(0, entries["index"], dw).view_as(weight)  # (out * in,) -> (out, in)
-
-
-def _csr(ptr, idx, values, size):
-    with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
-
-
-def _analyze(v, taps, n_coef):
-    """v (M, n) -> (n_coef, M) = (v A)^T / band's first tap: the adjoint of synthesis-and-crop, [low | high].
-
-    Coefficient-major, as sampled_addmm and the sparse matmul want it. The division by each band's first tap
-    (the plan folds it back into the k values) makes a Haar band one add or subtract: one pass over v."""
-    if taps is None:  # no IDWT: A is the identity
-        return v.T.contiguous()
-    L, half = len(taps[0]), n_coef // 2
-    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
-    out = torch.empty(n_coef, v.shape[0], dtype=v.dtype, device=v.device)  # (n_coef, M)
-    for t, dst in zip(taps, out.view(2, half, -1)):  # dst: (half, M), one band
-        dst = dst.T  # (M, half)
-        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
-        for p in range(2, L):
-            dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
-    return out
 
 
 class LoRALinear(nn.Module):
