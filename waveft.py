@@ -201,30 +201,31 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     H, W = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
     rows, cols = positions.to(device)  # (k,) each
     if use_idwt:
-        r, c = rows + (H - out_f) // 2, cols + (W - in_f) // 2  # positions in the padded C
-        top, left = r < H // 2, c < W // 2
-        # C's cH (top-right) is high-pass along rows, cV (bottom-left) along cols: the row band is
-        # "right half", the column band "bottom half". a, b index S = [lo | hi] x [lo | hi].
-        a = torch.where(left, 0, H // 2) + torch.where(top, r, r - H // 2)  # (k,)
-        b = torch.where(top, 0, W // 2) + torch.where(left, c, c - W // 2)  # (k,)
+        h, w = H // 2, W // 2
+        r, c = rows + (H - out_f) // 2, cols + (W - in_f) // 2  # (k,) each: positions in the padded C
+        # C's right half (cH, cD) is high-pass along rows, its bottom half (cV, cD) high-pass along columns.
+        row_band, col_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
+        a, b = row_band * h + r % h, col_band * w + c % w  # (k,) each: row and column in S = [lo | hi] x [lo | hi]
         taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
         L = taps.shape[1]
-        # Coefficient (a, b) touches dW rows 2*(a mod H/2) + p - (L-2) with tap taps[a >= H/2, p], p < L; cols alike.
-        out_r = 2 * (a % (H // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        out_c = 2 * (b % (W // 2))[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        wr, wc = taps[(a >= H // 2).long()], taps[(b >= W // 2).long()]  # (k, L) each
+        # Coefficient (a, b) touches dW rows 2 * (r % h) + p - (L-2) with tap taps[row_band, p], p < L; cols alike.
+        out_r = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        out_c = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        wr, wc = taps[row_band], taps[col_band]  # (k, L) each
     else:  # no IDWT: A = B = identity, S = C
         a, b, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]  # out_r, out_c: (k, 1)
         wr = wc = torch.ones(k, 1, dtype=torch.float64, device=device)
     in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
     row_scale, col_scale = wr[:, :1], wc[:, :1]  # (k, 1): the first taps _analyze divides its bands by
-    plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),
-                S=_sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (a * W + b)[:, None], row_scale * col_scale, (H, W), dtype),
-                # W + dW: each coefficient's L x L footprint as flat indices into W (out * in)
-                footprint=_entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
-                                   wr[:, :, None] * wc[:, None, :], dtype),  # (k, L, L) -> entries
+    every = torch.ones(k, 1, dtype=torch.bool, device=device)
+    plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),  # taps: for _analyze
+                # S (H x W) for sampled_addmm; its taps undo _analyze's band scaling in the coefficient gradient
+                S=_sparse(every, (a * W + b)[:, None], row_scale * col_scale, (H, W), dtype),
                 AS=_sparse(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
-                BSt=_sparse(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype))  # B S^T: (in x H)
+                BSt=_sparse(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype),  # B S^T: (in x H)
+                # W + dW: each coefficient's L x L footprint, (k, L, L), as flat indices into W (out * in)
+                footprint=_entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
+                                   wr[:, :, None] * wc[:, None, :], dtype))
     _PLANS[key] = plan
     return plan
 
