@@ -154,6 +154,7 @@ def test_zero_init_is_base_model_and_only_spectra_train(unet_inputs):
         assert torch.equal(m.waveft_positions, waveft.draw_positions(*m.base.weight.shape, 100, 777))
     plans = {id(waveft._plan(m.waveft_positions, m.base.weight.shape, "db1", True, "cpu")) for _, m in layers}
     assert len(plans) == 2  # one index plan per shape
+    assert {id(m._plan_for[3]) for _, m in layers} == plans  # and the forward above used exactly those
 
 
 def test_lora_zero_init_and_count(unet_inputs):
