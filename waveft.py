@@ -17,7 +17,8 @@ filters) and S (H x W) = C with its off-diagonal quarters swapped into "band ord
      (L multiply-adds per value) and k sampled dot products (sampled_addmm), O(tokens * (out + in + k))
      instead of the dense g^T x (tokens * out * in);
   2. forward and input gradient, whichever has the smaller transient. Many tokens: one matmul with W + dW
-     (scattered from the coefficients' L x L footprints; an out x in copy, never saved). Few tokens
+     (scattered from the coefficients' L x L footprints; a copy of W, never saved, a quarter of it at a
+     time for grad_x). Few tokens
      (tokens * (out + in) < out * in, e.g. cross-attention to_k/to_v on 77 text tokens): the sparse
      products y += scaling * (A S)(B^T x) and grad_x += scaling * (B S^T)(A^T g), where A S and B S^T
      have k * L nonzeros. A bf16/fp16 W always takes this second form, with the adapter in the
@@ -133,15 +134,17 @@ class _WaveFTFunction(torch.autograd.Function):
             ga = _analyze(g2.to(cdt), plan["taps"], plan["H"])
         if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g^T)(B^T x^T)^T
             xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (W, N)
-            S = plan["S"]  # S's sparsity pattern; the nonzero of coefficient i is number S["index"][i]
+            S = plan["S"]  # S's k entries, sorted by index: in CSR order, like sampled's values
             pattern = _csr(S["ptr"], S["col"], spectrum.new_zeros(len(S["col"])), S["size"])  # (H x W), k
             sampled = torch.sparse.sampled_addmm(pattern, ga, xa.T, beta=0.0, alpha=scaling).values()  # (k,)
-            grad_s = sampled[S["index"]].mul_(S["tap"])  # (k,) back in the spectrum's order
+            grad_s = torch.empty_like(spectrum).index_put_((S["coef"],), sampled.mul_(S["tap"]))  # (k,)
             del xa, pattern, sampled  # free before grad_x: lower peak memory
         if ctx.needs_input_grad[0]:
-            if ctx.merged:  # trick 2: one matmul with the transient W + dW
-                ga = None
-                grad_x = g2 @ _merged_weight(w, spectrum, plan, scaling)  # (N, in)
+            if ctx.merged:  # trick 2: g (W + dW), W + dW built a quarter of its rows at a time (a smaller transient)
+                ga, step = None, -(-w.shape[0] // 4)
+                for r0 in range(0, w.shape[0], step):
+                    block = _merged_weight(w, spectrum, plan, scaling, r0, min(r0 + step, w.shape[0]))  # (step, in)
+                    grad_x = g2[:, r0:r0 + step] @ block if r0 == 0 else grad_x.addmm_(g2[:, r0:r0 + step], block)
             else:  # g W + scaling * (B S^T)(A^T g)
                 z = _sparse_times(plan["BSt"], spectrum, ga)  # (in, N)
                 ga = None
@@ -185,11 +188,13 @@ def _csr(ptr, idx, values, size):
         return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
 
 
-def _merged_weight(weight, spectrum, plan, scaling):
-    """W + dW by scattering each coefficient's L x L footprint: O(k L^2) work plus one copy of W."""
-    entries = plan["footprint"]
-    dw = scaling * spectrum[entries["coef"]] * entries["tap"]  # (entries,)
-    return weight.reshape(-1).index_add(0, entries["index"], dw).view_as(weight)  # (out * in,) -> (out, in)
+def _merged_weight(weight, spectrum, plan, scaling, r0=0, r1=None):
+    """Rows r0:r1 of W + dW (all by default), scattering the coefficients' L x L footprints: O(k L^2) work."""
+    e, r1 = plan["footprint"], weight.shape[0] if r1 is None else r1
+    lo, hi = e["row_start"][r0], e["row_start"][r1]  # the entries that fall into these rows
+    dw = scaling * spectrum[e["coef"][lo:hi]] * e["tap"][lo:hi]  # (entries,)
+    block = weight[r0:r1]  # (r1 - r0, in)
+    return block.reshape(-1).index_add(0, e["index"][lo:hi] - r0 * weight.shape[1], dw).view_as(block)
 
 
 def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
@@ -218,14 +223,17 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
     row_scale, col_scale = wr[:, :1], wc[:, :1]  # (k, 1): the first taps _analyze divides its bands by
     every = torch.ones(k, 1, dtype=torch.bool, device=device)
+    # W + dW: each coefficient's L x L footprint, (k, L, L), as flat indices into W (out * in)
+    footprint = _entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
+                         wr[:, :, None] * wc[:, None, :], dtype)
+    rows_at = torch.arange(out_f + 1, device=device) * in_f  # (out + 1,) where each row of W starts
+    footprint["row_start"] = torch.searchsorted(footprint["index"], rows_at).tolist()  # row r: [r]:[r + 1]
     plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),  # taps: for _analyze
                 # S (H x W) for sampled_addmm; its taps undo _analyze's band scaling in the coefficient gradient
                 S=_sparse(every, (a * W + b)[:, None], row_scale * col_scale, (H, W), dtype),
                 AS=_sparse(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
                 BSt=_sparse(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype),  # B S^T: (in x H)
-                # W + dW: each coefficient's L x L footprint, (k, L, L), as flat indices into W (out * in)
-                footprint=_entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
-                                   wr[:, :, None] * wc[:, None, :], dtype))
+                footprint=footprint)
     _PLANS[key] = plan
     return plan
 
@@ -233,8 +241,10 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
 def _entries(inside, index, tap, dtype):
     """A matrix built from the k values, as a list of entries: value[coef] * tap adds to flat `index`.
 
-    inside, index, tap: (k, ...) alike; entries outside the crop are dropped."""
-    return dict(coef=inside.nonzero()[:, 0], index=index[inside], tap=tap[inside].to(dtype))
+    inside, index, tap: (k, ...) alike; entries outside the crop are dropped, the rest sorted by index
+    (row-major, so that the entries of a block of rows are one slice)."""
+    index, order = index[inside].sort()
+    return dict(coef=inside.nonzero()[:, 0][order], index=index, tap=tap[inside][order].to(dtype))
 
 
 def _sparse(inside, index, tap, size, dtype):
