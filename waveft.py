@@ -140,11 +140,11 @@ class _WaveFTFunction(torch.autograd.Function):
             grad_s = torch.empty_like(spectrum).index_put_((S["coef"],), sampled.mul_(S["tap"]))  # (k,)
             del xa, pattern, sampled  # free before grad_x: lower peak memory
         if ctx.needs_input_grad[0]:
-            if ctx.merged:  # trick 2: g (W + dW), W + dW built a quarter of its rows at a time (a smaller transient)
-                ga, step = None, -(-w.shape[0] // 4)
-                for r0 in range(0, w.shape[0], step):
-                    block = _merged_weight(w, spectrum, plan, scaling, r0, min(r0 + step, w.shape[0]))  # (step, in)
-                    grad_x = g2[:, r0:r0 + step] @ block if r0 == 0 else grad_x.addmm_(g2[:, r0:r0 + step], block)
+            if ctx.merged:  # trick 2: g (W + dW), summed over 4 blocks of rows: the transient is a quarter of W
+                ga, bounds = None, [w.shape[0] * i // 4 for i in range(5)]
+                for r0, r1 in zip(bounds, bounds[1:]):
+                    block = _merged_weight(w, spectrum, plan, scaling, r0, r1)  # (r1 - r0, in)
+                    grad_x = g2[:, r0:r1] @ block if grad_x is None else grad_x.addmm_(g2[:, r0:r1], block)
             else:  # g W + scaling * (B S^T)(A^T g)
                 z = _sparse_times(plan["BSt"], spectrum, ga)  # (in, N)
                 ga = None

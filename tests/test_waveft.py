@@ -82,7 +82,8 @@ def reference(layer, x):
 
 
 @pytest.mark.parametrize("wavelet,use_idwt", [("db1", True), ("db2", True), ("db4", True), ("db1", False)])
-@pytest.mark.parametrize("shape,tokens", [((13, 10), (3, 2)), ((13, 10), (40, 3)), ((6, 17), (5,)), ((16, 16), (2, 50))])
+@pytest.mark.parametrize("shape,tokens", [((13, 10), (3, 2)), ((13, 10), (40, 3)), ((6, 17), (5,)), ((16, 16), (2, 50)),
+                                          ((3, 12), (40,))])  # 3 rows: merged grad_x with an empty row block
 def test_fast_path_equals_dense_autograd_float64(wavelet, use_idwt, shape, tokens):
     """(a) outputs and gradients (input and spectrum) match to 1e-6 relative, both forward strategies
     (few tokens: factored A S B^T; many tokens: merged W + dW) are covered by the token counts."""
