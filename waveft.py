@@ -134,11 +134,11 @@ class _WaveFTFunction(torch.autograd.Function):
             ga = _analyze(g2.to(cdt), plan["taps"], plan["H"])
         if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g^T)(B^T x^T)^T
             xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (W, N)
-            S = plan["S"]  # S's k entries, sorted by index: in CSR order, like sampled's values
-            pattern = _csr(S["ptr"], S["col"], spectrum.new_zeros(len(S["col"])), S["size"])  # (H x W), k
-            sampled = torch.sparse.sampled_addmm(pattern, ga, xa.T, beta=0.0, alpha=scaling).values()  # (k,)
+            sampled = torch.sparse.sampled_addmm(plan["pattern"], ga, xa.T, beta=0.0, alpha=scaling).values()
+            del xa  # (k,) values left, in CSR order; free xa first: lower peak memory
+            S = plan["S"]  # S's k entries, sorted by index: in CSR order too
             grad_s = torch.empty_like(spectrum).index_put_((S["coef"],), sampled.mul_(S["tap"]))  # (k,)
-            del xa, pattern, sampled  # free before grad_x: lower peak memory
+            del sampled
         if ctx.needs_input_grad[0]:
             if ctx.merged:  # trick 2: g (W + dW), summed over 4 blocks of rows: the transient is a quarter of W
                 ga, bounds = None, [w.shape[0] * i // 4 for i in range(5)]
@@ -234,6 +234,7 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
                 AS=_sparse(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
                 BSt=_sparse(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype),  # B S^T: (in x H)
                 footprint=footprint)
+    plan["pattern"] = _csr(plan["S"]["ptr"], plan["S"]["col"], torch.zeros(k, dtype=dtype, device=device), (H, W))
     _PLANS[key] = plan
     return plan
 
