@@ -134,9 +134,9 @@ class _WaveFTFunction(torch.autograd.Function):
             ga = _analyze(g2.to(cdt), plan["taps"], plan["H"])
         if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g^T)(B^T x^T)^T
             xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (W, N)
-            sampled = torch.sparse.sampled_addmm(plan["pattern"], ga, xa.T, beta=0.0, alpha=scaling).values()
-            del xa  # (k,) values left, in CSR order; free xa first: lower peak memory
-            S = plan["S"]  # S's k entries, sorted by index: in CSR order too
+            sampled = torch.sparse.sampled_addmm(plan["pattern"], ga, xa.T, beta=0.0, alpha=scaling).values()  # (k,)
+            del xa  # every free before the next allocation lowers the peak memory
+            S = plan["S"]  # S's k entries sorted by index, i.e. in the CSR order of `sampled`
             grad_s = torch.empty_like(spectrum).index_put_((S["coef"],), sampled.mul_(S["tap"]))  # (k,)
             del sampled
         if ctx.needs_input_grad[0]:
