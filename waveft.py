@@ -222,19 +222,19 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         wr = wc = torch.ones(k, 1, dtype=torch.float64, device=device)
     in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
     row_scale, col_scale = wr[:, :1], wc[:, :1]  # (k, 1): the first taps _analyze divides its bands by
-    every = torch.ones(k, 1, dtype=torch.bool, device=device)
+    # S (H x W) for sampled_addmm; its taps undo _analyze's band scaling in the coefficient gradient
+    S = _sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (a * W + b)[:, None], row_scale * col_scale,
+                (H, W), dtype)
     # W + dW: each coefficient's L x L footprint, (k, L, L), as flat indices into W (out * in)
     footprint = _entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
                          wr[:, :, None] * wc[:, None, :], dtype)
     rows_at = torch.arange(out_f + 1, device=device) * in_f  # (out + 1,) where each row of W starts
     footprint["row_start"] = torch.searchsorted(footprint["index"], rows_at).tolist()  # row r: [r]:[r + 1]
     plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),  # taps: for _analyze
-                # S (H x W) for sampled_addmm; its taps undo _analyze's band scaling in the coefficient gradient
-                S=_sparse(every, (a * W + b)[:, None], row_scale * col_scale, (H, W), dtype),
+                S=S, pattern=_csr(S["ptr"], S["col"], torch.zeros(k, dtype=dtype, device=device), S["size"]),
                 AS=_sparse(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
                 BSt=_sparse(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype),  # B S^T: (in x H)
                 footprint=footprint)
-    plan["pattern"] = _csr(plan["S"]["ptr"], plan["S"]["col"], torch.zeros(k, dtype=dtype, device=device), (H, W))
     _PLANS[key] = plan
     return plan
 
