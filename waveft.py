@@ -260,12 +260,16 @@ class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a rank-r update scaling * B A (`lora_A` r x in, `lora_B` out x r, B = 0)."""
     adapter_names = ("lora_A", "lora_B")
 
-    def __init__(self, base, rank, scaling):
+    def __init__(self, base, rank, scaling, init_seed=None):
         super().__init__()
         self.base, self.rank, self.scaling, self.merged = base, rank, scaling, False
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # PEFT's default init of A
+        # PEFT's default init of A: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), drawn on the CPU from
+        # init_seed when given (reproducible runs: the authors seed everything before building the model)
+        bound = 1 / base.in_features ** 0.5
+        generator = None if init_seed is None else torch.Generator().manual_seed(init_seed)
+        A = torch.rand(rank, base.in_features, generator=generator, dtype=dtype) * (2 * bound) - bound
+        self.lora_A = nn.Parameter(A.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=base.weight.device))
 
     def delta_weight(self):
@@ -303,11 +307,12 @@ def _matches(name, patterns):
 
 
 def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777, use_idwt=True, rank=1,
-           target_modules=DEFAULT_TARGETS, exclude_modules=(), verbose=False):
+           target_modules=DEFAULT_TARGETS, exclude_modules=(), verbose=False, init_seed=None):
     """Replace every matching nn.Linear by a WaveFT (or LoRA) layer, freeze the rest, return the trainables.
 
     scaling=None means 25.0 for WaveFT (the authors' SDXL value) and 1.0 for LoRA (alpha = rank, as in
-    the paper's LoRA baseline)."""
+    the paper's LoRA baseline). init_seed seeds LoRA's random A (layer i uses init_seed + i); None draws it
+    from torch's global RNG. WaveFT starts at zero and needs no init seed (`seed` places its coefficients)."""
     if method not in ("waveft", "lora"):
         raise ValueError(f"unknown method {method!r}; use 'waveft' or 'lora'")
     if method == "waveft" and wavelet not in dwt.WAVELETS:
@@ -332,10 +337,10 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
             raise ValueError(f"k={k} is invalid for layer {name!r} of shape {mod.out_features} x "
                              f"{mod.in_features}: need 1 <= k <= {mod.out_features * mod.in_features}")
     model.requires_grad_(False)
-    for name in targets:
+    for i, name in enumerate(targets):
         parent, _, child = name.rpartition(".")
         layer = (WaveFTLinear(modules[name], k, scaling, wavelet, seed, use_idwt) if method == "waveft"
-                 else LoRALinear(modules[name], rank, scaling))
+                 else LoRALinear(modules[name], rank, scaling, None if init_seed is None else init_seed + i))
         setattr(model.get_submodule(parent), child, layer)
     model._waveft_config = dict(method=method, k=k, scaling=scaling, wavelet=wavelet, seed=seed,
                                 use_idwt=use_idwt, rank=rank, target_modules=_jsonable(target_modules),
@@ -380,6 +385,23 @@ def unmerge(model):
         if layer.merged:
             layer.base.weight.sub_(layer.delta_weight().to(layer.base.weight.dtype))
             layer.merged = False
+
+
+@torch.no_grad()
+def remove(model):
+    """Undo inject: put every adapted layer's original nn.Linear back, unmerged (W exactly as before inject when the
+    layer was never merged; merged layers are unmerged first). The model can then take another inject or load;
+    the rest of the model stays frozen, as inject left it."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("model has no adapters to remove")
+    unmerge(model)
+    for name, layer in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    if hasattr(model, "_waveft_config"):
+        del model._waveft_config
+    return model
 
 
 def save(model, path, extra_metadata=None):

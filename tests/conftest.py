@@ -41,3 +41,13 @@ def tiny_run_dir(tmp_path_factory, dreambooth_dir):
     (out / "train.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout + result.stderr
     return out / "dog6-waveft-k2000"
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where the device-dependent tests run: $WAVEFT_TEST_DEVICE (e.g. cuda), default cpu."""
+    import torch
+    name = os.environ.get("WAVEFT_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"WAVEFT_TEST_DEVICE={name} but torch.cuda.is_available() is False")
+    return torch.device(name)

@@ -366,3 +366,39 @@ def test_autocast_bf16_runs_base_in_bf16_and_adapter_in_float32():
         assert gs.dtype == torch.float32
         for ours, ref in ((y.float(), y_ref), (gs, gs_ref), (gx, gx_ref)):
             torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["waveft", "lora"])
+def test_remove_restores_the_original_linear_layers(method, unet_inputs):
+    unet = tiny_unet()
+    originals = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    weights = {n: m.weight.clone() for n, m in originals.items()}
+    before = run(unet, unet_inputs)
+    waveft.inject(unet, method=method, k=50)
+    randomize(unet, std=0.1)
+    waveft.merge(unet)  # remove also unmerges
+    assert waveft.remove(unet) is unet
+    assert waveft.adapted_layers(unet) == [] and not hasattr(unet, "_waveft_config")
+    after = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    assert after.keys() == originals.keys() and all(after[n] is originals[n] for n in after)
+    for n, m in after.items():
+        torch.testing.assert_close(m.weight, weights[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(unet, unet_inputs), before, rtol=1e-5, atol=1e-5)
+    waveft.inject(unet, method="waveft", k=10)  # a fresh adapter can go in again
+    assert len(waveft.adapted_layers(unet)) == 32
+    with pytest.raises(ValueError, match="no adapters"):
+        waveft.remove(nn.Linear(2, 2))
+
+
+def test_lora_init_is_reproducible_from_init_seed():
+    def lora_weights(init_seed):
+        unet = tiny_unet()
+        torch.manual_seed(123 if init_seed is None else 0)  # the global RNG must not matter when init_seed is given
+        waveft.inject(unet, method="lora", rank=2, init_seed=init_seed)
+        return [m.lora_A.detach().clone() for _, m in waveft.adapted_layers(unet)]
+    a, b, c = lora_weights(42), lora_weights(42), lora_weights(43)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.equal(x, y) for x, y in zip(a, c))
+    assert not torch.equal(a[0], a[1])  # layers are not all given the same A
+    bounds = [1 / x.shape[1] ** 0.5 for x in a]  # PEFT's kaiming_uniform_(a=sqrt(5)) range: U(-1/sqrt(in), ..)
+    assert all(x.abs().max() <= bound and x.abs().max() > 0.8 * bound for x, bound in zip(a, bounds))
