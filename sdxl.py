@@ -234,6 +234,20 @@ def load_pipeline(model, dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# torchrun: which process am I? (training and evaluation both scale out with torch.distributed, nothing else)
+
+def init_distributed(device_type="cpu"):
+    """Under torchrun (RANK and WORLD_SIZE set) join the default process group once, NCCL on CUDA and gloo on the
+    CPU, and return (rank, world_size); without torchrun return (0, 1) and start nothing."""
+    import torch.distributed as dist
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # SDXL text conditioning
 
 @torch.no_grad()
