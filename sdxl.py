@@ -335,3 +335,60 @@ def image_grid(images, cols, labels=None):
         if labels:
             draw.multiline_text((x + 2, y + 1), "\n".join(labels[i]), fill="black", spacing=1)
     return grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A merged UNet anyone can load: λ·ΔW folded into W, written by diffusers' save_pretrained as a plain UNet, so that
+# UNet2DConditionModel.from_pretrained(folder) needs neither waveft nor peft.
+
+@torch.no_grad()
+def save_merged_unet(unet, folder, dtype=None):
+    """Write `unet` with every adapter folded into its weights (W + λ·ΔW, summed in float32 and rounded once) as a
+    plain diffusers model in `folder` (config.json + safetensors; an existing one is replaced, as save_pretrained
+    does). dtype: default the frozen weights' dtype. The model in memory is untouched: adapters live, W unmerged."""
+    import waveft
+    layers = dict(waveft.adapted_layers(unet))
+    if not layers:
+        raise ValueError("the UNet has no waveft adapters to merge (call waveft.inject or waveft.load first)")
+    dtype = dtype or next(iter(layers.values())).base.weight.dtype
+    state = {}
+    for key, value in unet.state_dict().items():
+        parts = key.split(".")
+        layer = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in layers), None)
+        if layer is not None:  # an adapted layer: keep its frozen base's tensors under the plain nn.Linear names
+            rest = key[len(layer) + 1:]
+            if not rest.startswith("base."):
+                continue  # the adapter's own tensors (spectrum, positions, lora_A/B)
+            key, adapted = f"{layer}.{rest[len('base.'):]}", layers[layer]
+            if rest == "base.weight" and not adapted.merged:
+                delta = adapted.delta_weight()
+                value = value.to(torch.promote_types(value.dtype, delta.dtype)) + delta
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"merging layer {layer!r} gives NaN/inf weights; the adapter is broken")
+        state[key] = value.to(dtype) if value.is_floating_point() else value
+    with torch.device("meta"):  # the plain model's skeleton costs no memory; it takes `state`'s tensors as they are
+        plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(state, assign=True)  # strict: every weight of the plain model is in `state`
+    plain.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def export_merged(run_dir, model=None, overwrite=False, dtype=None):
+    """`<run_dir>/merged_unet/` for a finished train_dreambooth.py run: its base model (config.json's "model", or
+    `model`, e.g. a local copy of it) with its adapter.safetensors merged in, by save_merged_unet."""
+    import json
+    import waveft
+    run_dir = Path(run_dir)
+    folder = run_dir / "merged_unet"
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
+    if model is None:
+        try:
+            model = json.loads((run_dir / "config.json").read_text()).get("model")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {run_dir / 'config.json'}: {error}; is {run_dir} a training run?") from None
+        if not model:
+            raise ValueError(f'{run_dir / "config.json"} has no "model": pass model= (the base model of the run)')
+    pipe = load_pipeline(model)
+    waveft.load(pipe.unet, run_dir / "adapter.safetensors")
+    return save_merged_unet(pipe.unet, folder, dtype=dtype)

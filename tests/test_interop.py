@@ -1,0 +1,240 @@
+"""Adapters outside this repository: PEFT's adapter folders both ways (waveft.save_peft -> PeftModel.from_pretrained,
+PEFT's save_pretrained -> waveft.load), and a merged UNet that plain diffusers loads (sdxl.save_merged_unet)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import sdxl
+import waveft
+from test_waveft import run, tiny_unet, unet_inputs  # noqa: F401  (unet_inputs is a fixture)
+
+peft = pytest.importorskip("peft")
+
+# (method, wavelet, use_idwt): db1 and a longer wavelet, with and without the IDWT, and LoRA
+CASES = [("waveft", "db1", True), ("waveft", "db3", True), ("waveft", "db1", False), ("waveft", "db3", False),
+         ("lora", None, None)]
+IDS = ["db1", "db3", "db1-noidwt", "db3-noidwt", "lora"]
+
+
+def randomize(model, std, seed=0):
+    """Large random adapter values (ours or PEFT's), so that every layer visibly changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "waveft_spectrum" in name or "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def ours(method, wavelet, use_idwt):
+    unet = tiny_unet()
+    if method == "waveft":
+        waveft.inject(unet, k=40, scaling=25.0, wavelet=wavelet, seed=5, use_idwt=use_idwt)
+    else:
+        waveft.inject(unet, method="lora", rank=2, scaling=1.5)
+    randomize(unet, 0.02 if method == "waveft" else 0.2)
+    return unet
+
+
+def peft_config(method, wavelet, use_idwt):
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    if method == "waveft":
+        return peft.WaveFTConfig(n_frequency=40, scaling=25.0, wavelet_family=wavelet, use_idwt=use_idwt,
+                                 random_loc_seed=5, target_modules=targets)
+    return peft.LoraConfig(r=2, lora_alpha=3, target_modules=targets)
+
+
+@pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
+def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, method, wavelet, use_idwt):
+    model = ours(method, wavelet, use_idwt)
+    waveft.save_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_unet(), tmp_path)
+    adapted = [n for n, m in loaded.base_model.model.named_modules() if hasattr(m, "get_delta_weight")]
+    assert adapted == [n for n, _ in waveft.adapted_layers(model)]  # the same 32 layers, no more
+    expected = run(model, unet_inputs)
+    assert not torch.allclose(expected, run(tiny_unet(), unet_inputs), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(run(loaded, unet_inputs), expected, rtol=1e-4, atol=1e-5)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        assert all(key.startswith("base_model.model.") for key in f.keys())
+
+
+@pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
+def test_peft_folder_loads_with_waveft_load(tmp_path, unet_inputs, method, wavelet, use_idwt):
+    trained = peft.get_peft_model(tiny_unet(), peft_config(method, wavelet, use_idwt))
+    randomize(trained, 0.02 if method == "waveft" else 0.2, seed=1)  # stands in for training with PEFT
+    trained.save_pretrained(tmp_path)
+    model = tiny_unet()
+    meta = waveft.load(model, tmp_path)
+    assert meta["method"] == method and len(meta["layers"]) == 32
+    expected = run(trained, unet_inputs)
+    assert not torch.allclose(expected, run(tiny_unet(), unet_inputs), atol=1e-3)
+    torch.testing.assert_close(run(model, unet_inputs), expected, rtol=1e-4, atol=1e-5)
+    waveft.save_peft(model, tmp_path / "again")  # and back: the same tensors under the same names
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as a, \
+            safe_open(str(tmp_path / "again" / "adapter_model.safetensors"), framework="pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
+
+
+def test_load_peft_into_injected_model_replaces_our_positions(tmp_path, unet_inputs):
+    """A model that already has adapters (here with positions from our own file) takes PEFT's positions."""
+    model = ours("waveft", "db1", True)
+    waveft.save_peft(model, tmp_path)
+    expected = run(model, unet_inputs)
+    other = ours("waveft", "db1", True)
+    for _, m in waveft.adapted_layers(other):
+        m.waveft_positions = m.waveft_positions.flip(1)
+    waveft.load(other, tmp_path)
+    torch.testing.assert_close(run(other, unet_inputs), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"settings .*layer '.*' of this model"):
+        waveft.load(ours("waveft", "db3", True), tmp_path)
+
+
+def test_save_peft_refuses_positions_peft_cannot_rebuild(tmp_path):
+    model = ours("waveft", "db1", True)
+    name, layer = waveft.adapted_layers(model)[3]
+    layer.waveft_positions = layer.waveft_positions.flip(1)
+    with pytest.raises(ValueError, match=rf"layer '{name}': its positions are not PEFT's .* seed 5"):
+        waveft.save_peft(model, tmp_path)
+    with pytest.raises(ValueError, match="no adapters to save"):
+        waveft.save_peft(tiny_unet(), tmp_path)
+
+
+def test_save_peft_writes_a_regex_when_a_name_would_match_more_layers(tmp_path):
+    """PEFT's list rule also matches dot-suffixes: adapting only `a.to_q` must not make PEFT adapt `b.a.to_q`."""
+    net = torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"to_q": torch.nn.Linear(4, 4)}),
+                               "b": torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"to_q": torch.nn.Linear(4, 4)})})})
+    waveft.inject(net, k=3, target_modules=r"a\.to_q")
+    waveft.save_peft(net, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == r"a\.to_q"
+    plain = torch.nn.ModuleDict({"c": torch.nn.Linear(4, 4)})
+    waveft.inject(plain, k=3, target_modules=["c"])
+    waveft.save_peft(plain, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["c"]
+
+
+@pytest.mark.parametrize("field,value", [("proportional_parameters", True), ("n_frequency_pattern", {"to_q": 8}),
+                                         ("fan_in_fan_out", True), ("bias", "all"), ("modules_to_save", ["conv_in"]),
+                                         ("layers_to_transform", 0), ("peft_type", "LOHA"),
+                                         ("target_modules", "all-linear"), ("wavelet_family", "bior1.3")])
+def test_load_peft_refuses_what_it_cannot_represent(tmp_path, field, value):
+    waveft.save_peft(ours("waveft", "db1", True), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {field}"):
+        waveft.load(tiny_unet(), tmp_path)
+
+
+def test_load_peft_refuses_lora_variants_and_bad_folders(tmp_path):
+    waveft.save_peft(ours("lora", None, None), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field, value in [("use_dora", True), ("rank_pattern", {"to_q": 4}), ("init_lora_weights", "pissa")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=rf"{field}="):
+            waveft.load(tiny_unet(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \(1\): \['" + dropped.removeprefix("base_model.model.")):
+        waveft.load(tiny_unet(), tmp_path)
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin .*only from safetensors"):
+        waveft.load(tiny_unet(), tmp_path)
+    with pytest.raises(ValueError, match="without adapter_config.json"):
+        waveft.load(tiny_unet(), tmp_path / "..")
+
+
+def test_runtime_code_never_imports_peft():
+    import pathlib
+    for path in ["waveft.py", "sdxl.py", "dwt.py", "train_dreambooth.py", "evaluate.py"]:
+        text = (pathlib.Path(__file__).parent.parent / path).read_text()
+        assert "import peft" not in text and "from peft" not in text, path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A merged UNet anyone can load
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return sdxl.load_pipeline("tiny")
+
+
+def small(seed=0):
+    return sdxl.GenerationConfig(num_inference_steps=2, resolution=64, seeds=(seed,))
+
+
+def pixels(images):
+    import numpy as np
+    return torch.from_numpy(np.stack([np.asarray(image, dtype=np.int16) for image in images]))
+
+
+@pytest.mark.parametrize("method", ["waveft", "lora"])
+def test_merged_unet_loads_with_diffusers_and_generates_the_same_images(tmp_path, tiny_pipe, method):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    pipe = tiny_pipe
+    base_images = pixels(sdxl.generate(pipe, ["a zjw dog"], cfg=small()))
+    waveft.inject(pipe.unet, method=method, k=300, rank=2)
+    try:
+        randomize(pipe.unet, 0.05 if method == "waveft" else 0.5)
+        before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        adapter_images = pixels(sdxl.generate(pipe, ["a zjw dog"], cfg=small()))
+        sdxl.save_merged_unet(pipe.unet, tmp_path / "merged_unet")
+        after = pipe.unet.state_dict()  # the in-memory model is as it was: adapters live, W untouched
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(m.merged for _, m in waveft.adapted_layers(pipe.unet))
+        with safe_open(str(tmp_path / "merged_unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+        assert not [k for k in keys if "waveft" in k or "lora" in k or ".base." in k]
+        merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged_unet")
+        plain = StableDiffusionXLPipeline(**dict(pipe.components, unet=merged), add_watermarker=False)
+        plain.set_progress_bar_config(disable=True)
+        merged_images = pixels(sdxl.generate(plain, ["a zjw dog"], cfg=small()))
+    finally:
+        waveft.remove(pipe.unet)
+    assert (adapter_images - base_images).abs().max() > 10  # the adapter changes the images...
+    assert (merged_images - adapter_images).abs().max() <= 1  # ...and the merged UNet makes the same ones
+
+
+def test_save_merged_unet_dtype_and_refusals(tmp_path):
+    from diffusers import UNet2DConditionModel
+    unet = sdxl.build_tiny_pipeline().unet.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="no waveft adapters"):
+        sdxl.save_merged_unet(unet, tmp_path / "merged_unet")
+    waveft.inject(unet, k=50)
+    randomize(unet, 0.05)
+    name, layer = waveft.adapted_layers(unet)[0]
+    sdxl.save_merged_unet(unet, tmp_path / "merged_unet")
+    with safe_open(str(tmp_path / "merged_unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}  # the frozen weights' dtype
+        weight = f.get_tensor(f"{name}.weight")
+    assert torch.equal(weight, (layer.base.weight.float() + layer.delta_weight()).to(torch.bfloat16))  # rounded once
+    sdxl.save_merged_unet(unet, tmp_path / "f32", dtype=torch.float32)
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "f32")
+    assert torch.equal(merged.get_submodule(name).weight, layer.base.weight.float() + layer.delta_weight())
+
+
+def test_export_merged_from_a_run_folder(tmp_path):
+    run_dir = tmp_path / "dog6-waveft-k300"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"model": "tiny", "subject": "dog6"}))
+    pipe = sdxl.load_pipeline("tiny")
+    waveft.inject(pipe.unet, k=300)
+    randomize(pipe.unet, 0.05)
+    waveft.save(pipe.unet, run_dir / "adapter.safetensors")
+    sdxl.save_merged_unet(pipe.unet, tmp_path / "expected")
+    folder = sdxl.export_merged(run_dir)
+    assert folder == run_dir / "merged_unet"
+    expected = (tmp_path / "expected" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == expected
+    with pytest.raises(FileExistsError, match="merged_unet already exists.*overwrite=True"):
+        sdxl.export_merged(run_dir)
+    sdxl.export_merged(run_dir, overwrite=True)
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no \"model\""):
+        sdxl.export_merged(run_dir, overwrite=True)
+    assert sdxl.export_merged(run_dir, model="tiny", overwrite=True) == folder
