@@ -350,7 +350,7 @@ def save_merged_unet(unet, folder, dtype=None):
     layers = dict(waveft.adapted_layers(unet))
     if not layers:
         raise ValueError("the UNet has no waveft adapters to merge (call waveft.inject or waveft.load first)")
-    dtype = dtype or next(iter(layers.values())).base.weight.dtype
+    dtype = next(iter(layers.values())).base.weight.dtype if dtype is None else dtype
     state = {}
     for key, value in unet.state_dict().items():
         parts = key.split(".")

@@ -643,7 +643,7 @@ def load_peft(model, folder):
     if config["peft_type"] == "WAVEFT":
         settings = dict(method="waveft", k=config["n_frequency"], scaling=float(config["scaling"]),
                         wavelet=config["wavelet_family"], seed=config["random_loc_seed"], use_idwt=config["use_idwt"])
-        attrs = {"waveft_spectrum": "waveft_spectrum"}  # our parameter: its name in the file, after the layer's
+        attrs = {"waveft_spectrum": "waveft_spectrum"}  # {our parameter: its key in the file after "<layer>."}
     else:
         rank, alpha = config["r"], config["lora_alpha"]
         settings = dict(method="lora", rank=rank, scaling=alpha / (rank ** 0.5 if config["use_rslora"] else rank))
@@ -661,18 +661,20 @@ def load_peft(model, folder):
                              f" or those already injected):\n  missing ({len(missing)}): {missing[:5]}\n"
                              f"  unexpected ({len(unexpected)}): {unexpected[:5]}")
         want = _peft_tuple(**settings)
-        for name, m in layers.items():
+        for name, m in layers.items():  # all checks first: a refused file changes nothing
             if _peft_settings(m) != want:
                 raise ValueError(f"{folder} holds an adapter with settings {want}, but layer {name!r} of this model "
                                  f"has {_peft_settings(m)}; load it into a model without adapters")
             if m.merged:
                 raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
-            if isinstance(m, WaveFTLinear):  # PEFT's positions, whatever this layer held before
-                positions = draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed)
-                if not torch.equal(positions, m.waveft_positions.cpu()):
-                    m.waveft_positions = positions.to(m.waveft_positions.device, copy=True)
-            for attr, suffix in attrs.items():
-                value = _get(f, weights, tensors[f"{name}.{suffix}"], getattr(m, attr).shape)
-                getattr(m, attr).copy_(value)
-    return dict(model._waveft_config, layers={n: [m.base.out_features, m.base.in_features] for n, m in layers.items()},
-                peft_config=config)
+        values = {(name, attr): _get(f, weights, tensors[f"{name}.{suffix}"], getattr(m, attr).shape)
+                  for name, m in layers.items() for attr, suffix in attrs.items()}  # shapes checked too
+    for name, m in layers.items():
+        if isinstance(m, WaveFTLinear):  # PEFT's positions, whatever this layer held before
+            positions = draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed)
+            if not torch.equal(positions, m.waveft_positions.cpu()):
+                m.waveft_positions = positions.to(m.waveft_positions.device, copy=True)
+        for attr in attrs:
+            getattr(m, attr).copy_(values[name, attr])
+    shapes = {name: [m.base.out_features, m.base.in_features] for name, m in layers.items()}
+    return dict(getattr(model, "_waveft_config", {}), layers=shapes, peft_config=config)

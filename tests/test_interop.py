@@ -135,6 +135,9 @@ def test_load_peft_refuses_lora_variants_and_bad_folders(tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
         with pytest.raises(ValueError, match=rf"{field}="):
             waveft.load(tiny_unet(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    with pytest.raises(ValueError, match=r"lora_A.weight' has shape \(2, 64\), the model expects \(3, 64\)"):
+        waveft.load(tiny_unet(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -216,6 +219,10 @@ def test_save_merged_unet_dtype_and_refusals(tmp_path):
     sdxl.save_merged_unet(unet, tmp_path / "f32", dtype=torch.float32)
     merged = UNet2DConditionModel.from_pretrained(tmp_path / "f32")
     assert torch.equal(merged.get_submodule(name).weight, layer.base.weight.float() + layer.delta_weight())
+    waveft.merge(unet)  # a merged layer's W already holds dW: written as it is
+    sdxl.save_merged_unet(unet, tmp_path / "merged_unet")
+    assert torch.equal(UNet2DConditionModel.from_pretrained(tmp_path / "merged_unet").get_submodule(name).weight,
+                       layer.base.weight.float())
 
 
 def test_export_merged_from_a_run_folder(tmp_path):
