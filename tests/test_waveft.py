@@ -402,3 +402,76 @@ def test_lora_init_is_reproducible_from_init_seed():
     assert not torch.equal(a[0], a[1])  # layers are not all given the same A
     bounds = [1 / x.shape[1] ** 0.5 for x in a]  # PEFT's kaiming_uniform_(a=sqrt(5)) range: U(-1/sqrt(in), ..)
     assert all(x.abs().max() <= bound and x.abs().max() > 0.8 * bound for x, bound in zip(a, bounds))
+
+
+def test_positions_changed_in_place_are_picked_up():
+    """A layer that has run a forward caches its index plan; load_state_dict copies new positions into the same
+    buffer (in place). The next forward must use them: forward == x (W + dW)^T + b == the merged layer."""
+    torch.manual_seed(0)
+    layer = waveft.WaveFTLinear(nn.Linear(10, 12), 7, 25.0, "db2", 777, True)
+    other = waveft.WaveFTLinear(nn.Linear(10, 12), 7, 25.0, "db2", 5, True)  # other seed: other positions
+    other.load_state_dict(layer.state_dict())  # equal W, b; positions drawn from seed 5 get overwritten below
+    with torch.no_grad():
+        other.waveft_positions.copy_(waveft.draw_positions(12, 10, 7, 5))
+        other.waveft_spectrum.normal_()
+    for tokens in (4, 40):  # both forward strategies
+        x = torch.randn(tokens, 10)
+        layer(x)  # builds and caches the plan for seed 777's positions
+        positions = layer.waveft_positions
+        layer.load_state_dict(other.state_dict())
+        assert layer.waveft_positions is positions and torch.equal(positions, other.waveft_positions)  # in place
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+        with torch.no_grad():
+            layer.waveft_positions[0].copy_(waveft.draw_positions(12, 10, 7, 777)[0])  # a partial in-place edit
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_stay_float32_when_the_model_is_cast_to_bf16(unet_inputs):
+    """pipe.to(torch.bfloat16) after inject casts every floating tensor of the UNet; the adapters must stay
+    float32 (exact values, same Parameter objects, so an optimizer built before still trains them) and the
+    bf16 model must train. A float64 cast still makes them float64 (float64 models train float64 adapters)."""
+    for method in ("waveft", "lora"):
+        unet = tiny_unet()
+        params = waveft.inject(unet, method=method, k=100)
+        randomize(unet, std=0.01)
+        values = [p.detach().clone() for p in params]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        unet.to(torch.bfloat16)
+        assert all(p.dtype == torch.float32 for p in params) and all(torch.equal(p, v) for p, v in zip(params, values))
+        assert {p.dtype for n, p in unet.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+        now = [p for _, m in waveft.adapted_layers(unet) for p in waveft._adapter_params(m)]
+        assert all(a is b for a, b in zip(now, params))  # the optimizer holds the model's parameters
+        inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in unet_inputs.items()}
+        inputs["added_cond_kwargs"] = {k: v.to(torch.bfloat16) for k, v in unet_inputs["added_cond_kwargs"].items()}
+        unet(**inputs).sample.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)
+        opt.step()
+        assert not all(torch.equal(p, v) for p, v in zip(params, values))
+        unet.half()
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+        unet.double()
+        assert all(p.dtype == torch.float64 for p in params)
+
+
+def test_positions_depend_on_the_seed():
+    """draw_positions caches by (out, in, k, seed): two seeds on one shape must give their own draws."""
+    first, second = waveft.draw_positions(12, 10, 7, 1), waveft.draw_positions(12, 10, 7, 2)
+    assert not torch.equal(first, second)
+    flat = torch.randperm(120, generator=torch.Generator().manual_seed(2))[:7]
+    assert torch.equal(second, torch.stack([flat // 10, flat % 10]))
+    a, b = (waveft.WaveFTLinear(nn.Linear(10, 12), 7, 25.0, "db1", seed, True) for seed in (1, 2))
+    assert torch.equal(a.waveft_positions, first) and torch.equal(b.waveft_positions, second)
+
+
+def test_lora_forward_is_w_plus_delta_weight_with_scaling():
+    """LoRA with scaling != 1: y = x (W + scaling * B A)^T + b, and delta_weight() is that scaling * B A."""
+    torch.manual_seed(0)
+    layer = waveft.LoRALinear(nn.Linear(10, 12).double(), 3, 2.5, init_seed=0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    torch.testing.assert_close(layer.delta_weight(), 2.5 * layer.lora_B @ layer.lora_A, rtol=0, atol=0)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.base.weight + layer.delta_weight(), layer.base.bias),
+                               rtol=1e-12, atol=1e-12)
