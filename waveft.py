@@ -114,16 +114,16 @@ SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels
 _WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
 
 
-def fast_path_supported(device):
-    """Whether the fast path can run on this device (a torch.device or its type name, e.g. "mps")."""
-    return torch.device(device).type in SPARSE_CSR_DEVICES
+def fast_path_supported(device_type):
+    """Whether the fast path can run on this device type ("cpu", "cuda", "mps", ...: torch.device(...).type)."""
+    return device_type in SPARSE_CSR_DEVICES
 
 
 def _use_fast_path(fast, device):
     """fast=True asks for the fast path; where it cannot run, layers use the definition and say so once."""
     if not fast:
         return False
-    if fast_path_supported(device):
+    if fast_path_supported(device.type):
         return True
     if device.type not in _WARNED_DEVICES:
         _WARNED_DEVICES.add(device.type)
