@@ -421,7 +421,7 @@ def _check_same_layers(path, want, have):
 #    few tokens (e.g. cross-attention to_k/to_v on 77 text tokens), or a bf16/fp16 W: y = x W^T + b + scaling
 #    (A S)(B^T x)^T and grad_x = g W + scaling (B S^T)(A^T g)^T, with A S and B S^T sparse (k L nonzeros). The
 #    adapter then runs in the spectrum's float32, so updates far below a bf16 W's precision still change y.
-# 4. Why each band is divided by its first tap (_analyze). A band of the analysis is sum_p t[p] v[2i + p]. Written as
+# 4. Why each band is divided by its first tap (_analyze). A band is sum_{p<L} t[p] v[2i + p] (v padded). Written as
 #    t[0] (v[2i] + t[1]/t[0] v[2i+1] + ...), its first two terms are one torch.add(..., alpha=t[1]/t[0]) straight
 #    into the output, with no separate multiply pass: for Haar (L = 2, taps +-1/sqrt(2)) a band is a single add or
 #    subtract. The factor t[0] is put back where it costs nothing, in the plan's k (or k L) tap values: S.tap holds
