@@ -3,26 +3,23 @@
 For a frozen weight W (out x in) and bias b, WaveFT (Bilican et al., arXiv 2505.12532; PEFT's WaveFTConfig)
 trains k scalars `spectrum` at k fixed random `positions` of an otherwise-zero coefficient matrix C:
 
-    dW = scaling * crop(IDWT2(C)),        y = x W^T + b + x dW^T
+    dW = scaling * crop(IDWT2(C)),        y = x (W + dW)^T + b
 
 C is (out+R) x (in+R) with R = filter length - 2, each side rounded up to even; the k values sit at
 positions + R//2 (centred), C's quarters are (cA | cH) over (cV | cD), one level of dwt.idwt2 inverts it
 and the centred out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
--> (idx // in, idx % in), so spectra are interchangeable with PEFT. `WaveFTLinear.delta_weight` is this.
+-> (idx // in, idx % in), so spectra are interchangeable with PEFT.
 
-Training never builds an out x in gradient. IDWT2 is separable: dW = scaling * A S B^T, with A (out x H)
-and B (in x W) 1-D synthesis-and-crop operators (stride-2 transposed convolutions with the low/high-pass
-filters) and S (H x W) = C with its off-diagonal quarters swapped into "band order", still k-sparse. So:
-  1. coefficient gradient: dL/ds_(a,b) = scaling * sum_tokens (A^T g)_a (B^T x)_b: two 1-D analyses
-     (L multiply-adds per value) and k sampled dot products (sampled_addmm), O(tokens * (out + in + k))
-     instead of the dense g^T x (tokens * out * in);
-  2. forward and input gradient, whichever has the smaller transient. Many tokens: one matmul with W + dW
-     (scattered from the coefficients' L x L footprints; a copy of W, never saved, a quarter of it at a
-     time for grad_x). Few tokens
-     (tokens * (out + in) < out * in, e.g. cross-attention to_k/to_v on 77 text tokens): the sparse
-     products y += scaling * (A S)(B^T x) and grad_x += scaling * (B S^T)(A^T g), where A S and B S^T
-     have k * L nonzeros. A bf16/fp16 W always takes this second form, with the adapter in the
-     spectrum's float32, so updates far below W's precision still change y.
+The file has two halves.
+  The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above) and its
+  forward, which with `inject(..., fast=False)` is literally F.linear(x, W + delta_weight(), b), autograd
+  through dwt.idwt2; LoRA for baselines; inject, merge/unmerge/remove, save/load.
+  "How training stays as cheap as LoRA": the default forward (fast=True) gives the same y and gradients
+  without ever building an out x in tensor. IDWT2 is separable, dW = scaling * A S B^T (A, B: 1-D synthesis
+  operators, S: C in band order, still k-sparse), so the coefficient gradient is two 1-D analyses and k sampled
+  dot products, O(tokens * (out + in + k)) instead of the dense g^T x (tokens * out * in); the forward and input
+  gradient take one matmul with W + dW (many tokens) or sparse products with A S and B S^T (few tokens, e.g.
+  cross-attention to_k/to_v on 77 text tokens, or a bf16 W: the adapter then stays in float32).
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
 """
 import json
@@ -30,6 +27,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -41,7 +39,6 @@ import dwt
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # SDXL UNet attention projections
 _POSITIONS = {}  # (out, in, k, seed) -> (2, k) positions
-_PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> _plan(...): one per shape in a UNet
 
 
 def draw_positions(out_features, in_features, k, seed):
@@ -54,7 +51,11 @@ def draw_positions(out_features, in_features, k, seed):
 
 
 def _padded(n, wavelet, use_idwt):
-    """Coefficient length for an output of length n: n + R, rounded up to even (no padding without IDWT)."""
+    """Length of C along an axis whose output has length n: n + L - 2, rounded up to even.
+
+    One level of IDWT turns two bands of m coefficients into 2m - L + 2 samples (PyWavelets keeps the central
+    ones: the L - 2 at the ends are where the length-L filters hang over the border). So n outputs need
+    2m >= n + L - 2, and 2m is even because the two bands split the axis in halves. Without IDWT, C is dW."""
     if not use_idwt:
         return n
     n = n + len(dwt.wavelet_filters(wavelet)[2]) - 2
@@ -65,195 +66,70 @@ class WaveFTLinear(nn.Module):
     """A frozen nn.Linear plus k trainable wavelet coefficients (`waveft_spectrum`)."""
     adapter_names = ("waveft_spectrum",)  # the trainable parameters, as named in files
 
-    def __init__(self, base, k, scaling, wavelet, seed, use_idwt):
+    def __init__(self, base, k, scaling, wavelet, seed, use_idwt, fast=True):
         super().__init__()
         self.base, self.k, self.scaling, self.wavelet, self.seed = base, k, scaling, wavelet, seed
-        self.use_idwt, self.merged = use_idwt, False
+        self.use_idwt = use_idwt
+        self.fast = fast  # a runtime choice of how forward computes (second half), never saved in adapter files
+        self.merged = False  # True while dW is folded into base.weight (merge, for inference)
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32  # never train in bf16
         self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
         self.register_buffer("waveft_positions", draw_positions(base.out_features, base.in_features, k, seed)
                              .to(base.weight.device, copy=True))  # (2, k) rows, cols; own copy (the cache is shared)
-        self._plan_for = None  # (positions, device, dtype, plan) of the last forward; replace positions, don't edit
+        self._plan_memo = None  # the fast path's index plan for the current positions (see _plan_for)
 
     def delta_weight(self):
         """The definition, exactly as PEFT: scaling * crop(IDWT2(C)) (or the scattered C without IDWT)."""
         spectrum, (rows, cols), (out_f, in_f) = self.waveft_spectrum, self.waveft_positions, self.base.weight.shape
-        H, W = _padded(out_f, self.wavelet, self.use_idwt), _padded(in_f, self.wavelet, self.use_idwt)
-        C = torch.zeros(H, W, dtype=spectrum.dtype, device=spectrum.device)
-        C = C.index_put((rows + (H - out_f) // 2, cols + (W - in_f) // 2), spectrum)  # (H, W), values centred
+        C_rows, C_cols = _padded(out_f, self.wavelet, self.use_idwt), _padded(in_f, self.wavelet, self.use_idwt)
+        C = torch.zeros(C_rows, C_cols, dtype=spectrum.dtype, device=spectrum.device)
+        C = C.index_put((rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2), spectrum)  # values centred
         if not self.use_idwt:
             return self.scaling * C
-        h, w = H // 2, W // 2
-        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), self.wavelet)  # (H - R, W - R)
+        h, w = C_rows // 2, C_cols // 2  # C's quarters: (cA | cH) over (cV | cD), each h x w
+        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), self.wavelet)  # (C_rows - R, C_cols - R)
         r0, c0 = (full.shape[0] - out_f) // 2, (full.shape[1] - in_f) // 2
         return self.scaling * full[r0:r0 + out_f, c0:c0 + in_f]  # (out, in)
 
     def forward(self, x):
-        if self.merged:
+        if self.merged:  # dW is already inside base.weight
             return self.base(x)
-        positions, dtype, memo = self.waveft_positions, self.waveft_spectrum.dtype, self._plan_for
-        if memo is None or memo[0] is not positions or memo[1:3] != (x.device, dtype):  # moved, loaded or replaced
-            plan = _plan(positions, self.base.weight.shape, self.wavelet, self.use_idwt, x.device, dtype)
-            self._plan_for = (positions, x.device, dtype, plan)
-        # Under autocast the frozen matmul runs in the autocast dtype, as nn.Linear's would; the adapter stays in
-        # the spectrum's dtype. Every cast is explicit inside, so autocast is switched off there.
-        amp = torch.is_autocast_enabled(x.device.type)
-        base_dtype = torch.get_autocast_dtype(x.device.type) if amp else self.base.weight.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            return _WaveFTFunction.apply(x, self.base.weight, self.base.bias, self.waveft_spectrum,
-                                         self._plan_for[3], self.scaling, base_dtype)
+        if not _use_fast_path(self.fast, x.device):
+            # The definition. It runs in the adapter's dtype (float32; float64 for a float64 model) with autocast
+            # off: rounding W + dW to a bf16 W, or to bf16 under autocast, would erase updates far below W's
+            # precision (bf16 keeps ~3 digits). For a float32 model and input every cast below is a no-op.
+            dtype = self.waveft_spectrum.dtype
+            bias = None if self.base.bias is None else self.base.bias.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(x.to(dtype), self.base.weight.to(dtype) + self.delta_weight(), bias)
+            return y.to(x.dtype)
+        # The same y and the same gradients, computed cheaply: see the second half.
+        return _fast_forward(self, x)
+
+    def _apply(self, fn, recurse=True):  # behind .to(dtype), .half(), .cuda(): adapters stay float32
+        return _apply_keeping_adapters_float32(self, fn, recurse)
 
 
-class _WaveFTFunction(torch.autograd.Function):
-    """y = x (W + dW)^T + b with the two cost tricks; saves only x, W and the spectrum (nothing out x in)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):
-        x2, cdt = x.reshape(-1, x.shape[-1]), spectrum.dtype  # (N, in); cdt: the adapter's compute dtype
-        n, (out_f, in_f) = x2.shape[0], weight.shape
-        w = weight.to(base_dtype)  # the cast (if any) is transient, never saved
-        bias = None if bias is None else bias.to(base_dtype)
-        ctx.merged = x.dtype == w.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
-        if ctx.merged:  # many tokens: one matmul, dW costs O(out*in) once
-            y = F.linear(x2, _merged_weight(w, spectrum, plan, scaling), bias)  # (N, out)
-        else:  # few tokens or low-precision W: the adapter (A S)(B^T x) in the spectrum's dtype
-            z = _sparse_times(plan["AS"], spectrum, _analyze(x2.to(cdt), plan["taps"], plan["W"]))  # (out, N)
-            y = F.linear(x2.to(w.dtype), w, bias).to(cdt).add_(z.T, alpha=scaling)  # (N, out)
-        ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
-        ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, spectrum = ctx.saved_tensors
-        plan, scaling, cdt, w = ctx.plan, ctx.scaling, spectrum.dtype, weight.to(ctx.base_dtype)
-        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
-        grad_x = grad_w = grad_b = grad_s = None
-        ga = None  # (H, N): (A^T g^T) with each band divided by its first tap
-        if ctx.needs_input_grad[3] or not ctx.merged:
-            ga = _analyze(g2.to(cdt), plan["taps"], plan["H"])
-        if ctx.needs_input_grad[3]:  # trick 1: only the k sampled entries of (A^T g^T)(B^T x^T)^T
-            xa = _analyze(x2.to(cdt), plan["taps"], plan["W"])  # (W, N)
-            sampled = torch.sparse.sampled_addmm(plan["pattern"], ga, xa.T, beta=0.0, alpha=scaling).values()  # (k,)
-            del xa  # every free before the next allocation lowers the peak memory
-            S = plan["S"]  # S's k entries sorted by index, i.e. in the CSR order of `sampled`
-            grad_s = torch.empty_like(spectrum).index_put_((S["coef"],), sampled.mul_(S["tap"]))  # (k,)
-            del sampled
-        if ctx.needs_input_grad[0]:
-            if ctx.merged:  # trick 2: g (W + dW), summed over 4 blocks of rows: the transient is a quarter of W
-                ga, bounds = None, [w.shape[0] * i // 4 for i in range(5)]
-                for r0, r1 in zip(bounds, bounds[1:]):
-                    block = _merged_weight(w, spectrum, plan, scaling, r0, r1)  # (r1 - r0, in)
-                    grad_x = g2[:, r0:r1] @ block if grad_x is None else grad_x.addmm_(g2[:, r0:r1], block)
-            else:  # g W + scaling * (B S^T)(A^T g)
-                z = _sparse_times(plan["BSt"], spectrum, ga)  # (in, N)
-                ga = None
-                grad_x = (g2.to(w.dtype) @ w).to(cdt).add_(z.T, alpha=scaling)  # (N, in)
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # only if someone unfroze W
-            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None
+SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
+_WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
 
 
-def _analyze(v, taps, n_coef):
-    """v (M, n) -> (n_coef, M) = (v A)^T / band's first tap: the adjoint of synthesis-and-crop, [low | high].
-
-    Coefficient-major, as sampled_addmm and the sparse matmul want it. The division by each band's first tap
-    (the plan folds it back into the k values) makes a Haar band one add or subtract: one pass over v."""
-    if taps is None:  # no IDWT: A is the identity
-        return v.T.contiguous()
-    L, half = len(taps[0]), n_coef // 2
-    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
-    out = torch.empty(n_coef, v.shape[0], dtype=v.dtype, device=v.device)  # (n_coef, M)
-    for t, dst in zip(taps, out.view(2, half, -1)):  # dst: (half, M), one band
-        dst = dst.T  # (M, half)
-        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
-        for p in range(2, L):
-            dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
-    return out
+def fast_path_supported(device_type):
+    """Whether the fast path can run on this device type ("cpu", "cuda", "mps", ...: torch.device(...).type)."""
+    return device_type in SPARSE_CSR_DEVICES
 
 
-def _sparse_times(m, spectrum, dense):
-    """(A S) @ dense, (out x W) @ (W, N) -> (out, N) (or B S^T): one sparse matmul, no synthesis pass."""
-    nonzeros = spectrum.new_zeros(len(m["col"])).index_add_(0, m["index"], spectrum[m["coef"]] * m["tap"])
-    out = dense.new_zeros(m["size"][0], dense.shape[1])
-    return torch.addmm(out, _csr(m["ptr"], m["col"], nonzeros, m["size"]), dense, out=out)  # (not @: slower)
-
-
-def _csr(ptr, idx, values, size):
-    with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(ptr, idx, values, size=size, check_invariants=False)
-
-
-def _merged_weight(weight, spectrum, plan, scaling, r0=0, r1=None):
-    """Rows r0:r1 of W + dW (all by default), scattering the coefficients' L x L footprints: O(k L^2) work."""
-    e, r1 = plan["footprint"], weight.shape[0] if r1 is None else r1
-    lo, hi = e["row_start"][r0], e["row_start"][r1]  # the entries that fall into these rows
-    dw = scaling * spectrum[e["coef"][lo:hi]] * e["tap"][lo:hi]  # (entries,)
-    block = weight[r0:r1]  # (r1 - r0, in)
-    return block.reshape(-1).index_add(0, e["index"][lo:hi] - r0 * weight.shape[1], dw).view_as(block)
-
-
-def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
-    """Index tables of dW = A S B^T for these positions, built once and shared by all layers that have them."""
-    key = (positions.cpu().numpy().tobytes(), tuple(shape), wavelet, use_idwt, str(device), dtype)
-    if key in _PLANS:
-        return _PLANS[key]
-    (out_f, in_f), k = shape, positions.shape[1]
-    H, W = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
-    rows, cols = positions.to(device)  # (k,) each
-    if use_idwt:
-        h, w = H // 2, W // 2
-        r, c = rows + (H - out_f) // 2, cols + (W - in_f) // 2  # (k,) each: positions in the padded C
-        # C's right half (cH, cD) is high-pass along rows, its bottom half (cV, cD) high-pass along columns.
-        row_band, col_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
-        a, b = row_band * h + r % h, col_band * w + c % w  # (k,) each: row and column in S = [lo | hi] x [lo | hi]
-        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
-        L = taps.shape[1]
-        # Coefficient (a, b) touches dW rows 2 * (r % h) + p - (L-2) with tap taps[row_band, p], p < L; cols alike.
-        out_r = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        out_c = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        wr, wc = taps[row_band], taps[col_band]  # (k, L) each
-    else:  # no IDWT: A = B = identity, S = C
-        a, b, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]  # out_r, out_c: (k, 1)
-        wr = wc = torch.ones(k, 1, dtype=torch.float64, device=device)
-    in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
-    row_scale, col_scale = wr[:, :1], wc[:, :1]  # (k, 1): the first taps _analyze divides its bands by
-    # S (H x W) for sampled_addmm; its taps undo _analyze's band scaling in the coefficient gradient
-    S = _sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (a * W + b)[:, None], row_scale * col_scale,
-                (H, W), dtype)
-    # W + dW: each coefficient's L x L footprint, (k, L, L), as flat indices into W (out * in)
-    footprint = _entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
-                         wr[:, :, None] * wc[:, None, :], dtype)
-    rows_at = torch.arange(out_f + 1, device=device) * in_f  # (out + 1,) where each row of W starts
-    footprint["row_start"] = torch.searchsorted(footprint["index"], rows_at).tolist()  # row r: [r]:[r + 1]
-    plan = dict(H=H, W=W, taps=None if taps is None else taps.tolist(),  # taps: for _analyze
-                S=S, pattern=_csr(S["ptr"], S["col"], torch.zeros(k, dtype=dtype, device=device), S["size"]),
-                AS=_sparse(in_r, out_r * W + b[:, None], wr * col_scale, (out_f, W), dtype),  # A S: (out x W)
-                BSt=_sparse(in_c, out_c * H + a[:, None], wc * row_scale, (in_f, H), dtype),  # B S^T: (in x H)
-                footprint=footprint)
-    _PLANS[key] = plan
-    return plan
-
-
-def _entries(inside, index, tap, dtype):
-    """A matrix built from the k values, as a list of entries: value[coef] * tap adds to flat `index`.
-
-    inside, index, tap: (k, ...) alike; entries outside the crop are dropped, the rest sorted by index
-    (row-major, so that the entries of a block of rows are one slice)."""
-    index, order = index[inside].sort()
-    return dict(coef=inside.nonzero()[:, 0][order], index=index, tap=tap[inside][order].to(dtype))
-
-
-def _sparse(inside, index, tap, size, dtype):
-    """A matrix of `size` built from the k values (S, A S or B S^T) in CSR: entries at one place summed."""
-    entries = _entries(inside, index, tap, dtype)
-    where, entries["index"] = torch.unique(entries["index"], return_inverse=True)  # (nonzeros,), (entries,)
-    rows = torch.bincount(where // size[1], minlength=size[0])  # (size[0],) nonzeros per row
-    return dict(entries, ptr=torch.cat([rows.new_zeros(1), rows.cumsum(0)]), col=where % size[1], size=size)
+def _use_fast_path(fast, device):
+    """fast=True asks for the fast path; where it cannot run, layers use the definition and say so once."""
+    if not fast:
+        return False
+    if fast_path_supported(device.type):
+        return True
+    if device.type not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(device.type)
+        warnings.warn(f"waveft: torch has no sparse CSR kernels on {device.type!r}, so WaveFT layers compute the "
+                      "definition F.linear(x, W + delta_weight(), b) there (same result, more time and memory)")
+    return False
 
 
 class LoRALinear(nn.Module):
@@ -275,6 +151,9 @@ class LoRALinear(nn.Module):
     def delta_weight(self):
         return self.scaling * self.lora_B @ self.lora_A
 
+    def _apply(self, fn, recurse=True):  # behind .to(dtype), .half(), .cuda(): adapters stay float32
+        return _apply_keeping_adapters_float32(self, fn, recurse)
+
     def forward(self, x):
         y = self.base(x)
         if self.merged:
@@ -283,6 +162,24 @@ class LoRALinear(nn.Module):
         if y.dtype == h.dtype:  # in place: no out-sized temporaries (linear's backward does not need y)
             return y.add_(h, alpha=self.scaling)
         return (y.to(h.dtype) + self.scaling * h).to(x.dtype)
+
+
+def _apply_keeping_adapters_float32(layer, fn, recurse):
+    """nn.Module._apply (what .to, .half, .bfloat16 and .cuda run), except that adapter parameters that a bf16/fp16
+    cast would round keep their exact float32 values: pipe.to(torch.bfloat16) after inject must neither round
+    trained values to ~3 digits nor hand the fast path a bf16 spectrum. The Parameter objects stay the same, so
+    an optimizer made before keeps training them (its float32 state still fits); grads are kept alike. A float64
+    cast still gives float64 adapters (float64 models train float64 adapters)."""
+    kept = [(name, p.detach().clone(), None if p.grad is None else p.grad.clone())
+            for name, p in zip(layer.adapter_names, _adapter_params(layer))]  # k (or r (in + out)) values: cheap
+    nn.Module._apply(layer, fn, recurse)
+    for name, value, grad in kept:
+        p = getattr(layer, name)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = value.to(p.device, torch.float32)
+            if grad is not None:
+                p.grad = grad.to(p.device, torch.float32)
+    return layer
 
 
 def adapted_layers(model):
@@ -307,12 +204,16 @@ def _matches(name, patterns):
 
 
 def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777, use_idwt=True, rank=1,
-           target_modules=DEFAULT_TARGETS, exclude_modules=(), verbose=False, init_seed=None):
+           target_modules=DEFAULT_TARGETS, exclude_modules=(), verbose=False, init_seed=None, fast=True):
     """Replace every matching nn.Linear by a WaveFT (or LoRA) layer, freeze the rest, return the trainables.
 
     scaling=None means 25.0 for WaveFT (the authors' SDXL value) and 1.0 for LoRA (alpha = rank, as in
     the paper's LoRA baseline). init_seed seeds LoRA's random A (layer i uses init_seed + i); None draws it
-    from torch's global RNG. WaveFT starts at zero and needs no init seed (`seed` places its coefficients)."""
+    from torch's global RNG. WaveFT starts at zero and needs no init seed (`seed` places its coefficients).
+    fast=True computes WaveFT layers by the second half of this file; fast=False by the definition (autograd
+    through dW: the teaching path, slower and out x in memory per layer). Same results; a runtime choice, not
+    saved in adapter files (change it later with `layer.fast`); on devices without sparse CSR kernels (e.g. mps)
+    layers use the definition anyway and say so once."""
     if method not in ("waveft", "lora"):
         raise ValueError(f"unknown method {method!r}; use 'waveft' or 'lora'")
     if method == "waveft" and wavelet not in dwt.WAVELETS:
@@ -339,7 +240,7 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
     model.requires_grad_(False)
     for i, name in enumerate(targets):
         parent, _, child = name.rpartition(".")
-        layer = (WaveFTLinear(modules[name], k, scaling, wavelet, seed, use_idwt) if method == "waveft"
+        layer = (WaveFTLinear(modules[name], k, scaling, wavelet, seed, use_idwt, fast) if method == "waveft"
                  else LoRALinear(modules[name], rank, scaling, None if init_seed is None else init_seed + i))
         setattr(model.get_submodule(parent), child, layer)
     model._waveft_config = dict(method=method, k=k, scaling=scaling, wavelet=wavelet, seed=seed,
@@ -435,12 +336,13 @@ def read_metadata(path):
 
 
 @torch.no_grad()
-def load(model, path):
+def load(model, path, fast=True):
     """Load an adapter file into the model, injecting the adapters first if it has none. Returns the metadata.
 
     Saved positions are trusted (they define the adapter); index plans are cached by the positions' values,
-    so layers loaded with equal positions still share one."""
-    if os.path.isdir(path):  # a PEFT adapter folder: see "Interoperability: PEFT's on-disk format" below
+    so layers loaded with equal positions still share one. fast: as in inject, when load injects. A folder is read
+    as a PEFT adapter folder (see "Interoperability: PEFT's on-disk format" at the end)."""
+    if os.path.isdir(path):
         return load_peft(model, path)
     meta = read_metadata(path)
     want = {name: tuple(shape) for name, shape in meta["layers"].items()}
@@ -451,7 +353,7 @@ def load(model, path):
         _check_same_layers(path, want, have)
         inject(model, method=meta["method"], k=meta["k"], scaling=meta["scaling"], wavelet=meta["wavelet"],
                seed=meta["seed"], use_idwt=meta["use_idwt"], rank=meta["rank"],
-               target_modules="|".join(re.escape(n) for n in want))
+               target_modules="|".join(re.escape(n) for n in want), fast=fast)
         model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
     layers = dict(adapted_layers(model))
     _check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
@@ -496,6 +398,246 @@ def _check_same_layers(path, want, have):
                          f"{missing[:5]}\n"
                          f"  adapted layers in the model but not in the file ({len(unexpected)}): {unexpected[:5]}\n"
                          f"  shape mismatches (out, in) ({len(shapes)}): {shapes[:5]}")
+
+
+# ======================================================================================================================
+# How training stays as cheap as LoRA
+# ======================================================================================================================
+# The definition builds dW (out x in) from k numbers, and autograd through it builds the dense gradient g^T x
+# (out x in, tokens * out * in multiply-adds) only to read k entries of its wavelet analysis. The fast path below
+# gives the same y and the same gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in four steps.
+#
+# 1. dW = scaling * A S B^T (_plan). One level of IDWT2 is separable: a 1-D synthesis down the columns, then along
+#    the rows. As a matrix, synthesis-and-crop along the out axis is A (out x C_rows): column j of A is what a unit
+#    coefficient j paints, the low-pass filter for j < C_rows/2 and the high-pass one above, shifted by 2 per j,
+#    cropped; B (in x C_cols) alike. Then crop(IDWT2(C)) = A S B^T, where S is C in "band order": rows [low | high]
+#    along the out axis, columns [low | high] along the in axis. C's right half (cH, cD) is high-pass along the out
+#    axis and its bottom half (cV, cD) along the in axis, so S is C with its off-diagonal quarters swapped: the same
+#    k values, still k-sparse. Coefficient (s_row, s_col) of S paints an L x L patch of dW: its "footprint".
+# 2. The coefficient gradient (_WaveFTFunction.backward). With g = dL/dy (N tokens x out), dL/d(dW) = g^T x, so
+#        dL/dS = scaling * A^T g^T x B,    dL/dS[s_row, s_col] = scaling * sum_n (A^T g_n)[s_row] (B^T x_n)[s_col].
+#    A^T g and B^T x are 1-D wavelet analyses, L multiply-adds per value (_analyze); of their outer product only the
+#    k entries where S has a coefficient are needed: torch.sparse.sampled_addmm. O(N (out + in + k)) in all.
+# 3. Forward and input gradient, whichever keeps the smaller transient (_WaveFTFunction.forward):
+#    many tokens, N (out + in) >= out in: one matmul with W + dW, dW scattered from the footprints (O(k L^2); a
+#    copy of W that is never saved, a quarter of it at a time for grad_x);
+#    few tokens (e.g. cross-attention to_k/to_v on 77 text tokens), or a bf16/fp16 W: y = x W^T + b + scaling
+#    (A S)(B^T x)^T and grad_x = g W + scaling (B S^T)(A^T g)^T, with A S and B S^T sparse (k L nonzeros). The
+#    adapter then runs in the spectrum's float32, so updates far below a bf16 W's precision still change y.
+# 4. Why each band is divided by its first tap (_analyze). A band is sum_{p<L} t[p] v[2i + p] (v padded). Written as
+#    t[0] (v[2i] + t[1]/t[0] v[2i+1] + ...), its first two terms are one torch.add(..., alpha=t[1]/t[0]) straight
+#    into the output, with no separate multiply pass: for Haar (L = 2, taps +-1/sqrt(2)) a band is a single add or
+#    subtract. The factor t[0] is put back where it costs nothing, in the plan's k (or k L) tap values: S.tap holds
+#    t0_row * t0_col for the sampled gradient, A S's taps carry t0_col (it multiplies B^T x / t0_col), B S^T's t0_row.
+_PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> Plan: one per layer shape in a UNet
+
+
+class Entries(NamedTuple):
+    """A matrix built from the k coefficients as a list of entries: entry e adds spectrum[coef[e]] * tap[e] at
+    flat position index[e]. Sorted by index (row-major), so the entries of a block of rows are one slice."""
+    coef: torch.Tensor  # (entries,) int64: which of the k coefficients
+    index: torch.Tensor  # (entries,) int64: flat position in the matrix
+    tap: torch.Tensor  # (entries,) the product of filter taps that multiplies the coefficient there
+
+
+class SparseMatrix(NamedTuple):
+    """The same matrix in CSR form, entries at one place summed: nonzero[slot[e]] += spectrum[coef[e]] * tap[e]."""
+    coef: torch.Tensor  # (entries,) int64: which of the k coefficients
+    slot: torch.Tensor  # (entries,) int64: which nonzero it adds to
+    tap: torch.Tensor  # (entries,)
+    row_ptr: torch.Tensor  # (rows + 1,) CSR: row i's nonzeros are [row_ptr[i], row_ptr[i + 1])
+    col: torch.Tensor  # (nonzeros,) CSR: the column of each nonzero
+    size: tuple  # (rows, cols)
+
+
+class Plan(NamedTuple):
+    """Index tables of dW = scaling * A S B^T for one set of positions and one layer shape (shared by all layers
+    that have both): built once from the positions, filled with the current spectrum at each step."""
+    C_rows: int  # C's and S's height: the length of A^T g (per token), out + L - 2 rounded up to even
+    C_cols: int  # C's and S's width: the length of B^T x, in + L - 2 rounded up to even
+    taps: list  # [[low-pass], [high-pass]] synthesis filters, for _analyze (None without IDWT: A, B = identity)
+    S: SparseMatrix  # S (C_rows x C_cols), k entries; tap = t0_row * t0_col, undoing _analyze's division
+    pattern: torch.Tensor  # S's sparsity pattern as a CSR tensor of zeros: where sampled_addmm samples
+    AS: SparseMatrix  # A S (out x C_cols), k L entries: y's adapter term is (A S)(B^T x)
+    BSt: SparseMatrix  # B S^T (in x C_rows), k L entries: grad_x's adapter term is (B S^T)(A^T g)
+    footprint: Entries  # dW itself: each coefficient's L x L patch (cropped) as flat indices into W (out * in)
+    row_start: list  # footprint entries in W's rows r0:r1 are [row_start[r0], row_start[r1])
+
+
+def _fast_forward(layer, x):
+    # Under autocast the frozen matmul runs in the autocast dtype, as nn.Linear's would; the adapter stays in
+    # the spectrum's dtype. Every cast is explicit inside, so autocast is switched off there.
+    plan = _plan_for(layer, x.device)
+    amp = torch.is_autocast_enabled(x.device.type)
+    base_dtype = torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return _WaveFTFunction.apply(x, layer.base.weight, layer.base.bias, layer.waveft_spectrum, plan,
+                                     layer.scaling, base_dtype)
+
+
+def _plan_for(layer, device):
+    """The layer's plan, remembered between steps and rebuilt when the positions change: replaced (another
+    tensor, e.g. by load or .to(device)), edited in place (load_state_dict copies into the buffer: its version
+    counter moves) or given new storage (.data = ...). O(1) per forward when nothing changed."""
+    positions, dtype = layer.waveft_positions, layer.waveft_spectrum.dtype
+    key = (positions._version, positions.data_ptr(), device, dtype)
+    memo = layer._plan_memo  # (positions, key, plan); holding positions keeps `is` meaningful
+    if memo is None or memo[0] is not positions or memo[1] != key:
+        plan = _plan(positions, layer.base.weight.shape, layer.wavelet, layer.use_idwt, device, dtype)
+        layer._plan_memo = memo = (positions, key, plan)
+    return memo[2]
+
+
+class _WaveFTFunction(torch.autograd.Function):
+    """y = x (W + dW)^T + b by steps 2 and 3 above; saves only x, W and the spectrum (nothing out x in)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):
+        x2, cdt = x.reshape(-1, x.shape[-1]), spectrum.dtype  # (N, in); cdt: the adapter's compute dtype
+        n, (out_f, in_f) = x2.shape[0], weight.shape
+        frozen = weight.to(base_dtype)  # W in the base matmul's dtype; the cast (if any) is transient, never saved
+        bias = None if bias is None else bias.to(base_dtype)
+        # dense_matmul: y (and grad_x) by one matmul with W + dW (step 3, many tokens). Not to be confused with a
+        # layer's `merged` (dW folded into W by merge(), for inference).
+        ctx.dense_matmul = x.dtype == frozen.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
+        if ctx.dense_matmul:  # many tokens: one matmul; W + dW is a copy of W plus k L^2 scattered values
+            y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)  # (N, out)
+        else:  # few tokens or low-precision W: y = x W^T + b + scaling ((A S)(B^T x))^T, the adapter in cdt
+            Btx = _analyze(x2.to(cdt), plan.taps, plan.C_cols)  # (C_cols, N): B^T x, each band / its first tap
+            z = _sparse_times(plan.AS, spectrum, Btx)  # (out, N)
+            del Btx  # every free before the next allocation lowers the peak memory
+            y = F.linear(x2.to(frozen.dtype), frozen, bias).to(cdt).add_(z.T, alpha=scaling)  # (N, out)
+        ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
+        ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, spectrum = ctx.saved_tensors
+        plan, scaling, cdt, frozen = ctx.plan, ctx.scaling, spectrum.dtype, weight.to(ctx.base_dtype)
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
+        grad_x = grad_w = grad_b = grad_s = None
+        Atg = None  # (C_rows, N): A^T g, each band divided by its first tap (step 4)
+        if ctx.needs_input_grad[3] or not ctx.dense_matmul:
+            Atg = _analyze(g2.to(cdt), plan.taps, plan.C_rows)
+        if ctx.needs_input_grad[3]:  # step 2: only the k sampled entries of scaling * (A^T g)(B^T x)^T
+            Btx = _analyze(x2.to(cdt), plan.taps, plan.C_cols)  # (C_cols, N)
+            sampled = torch.sparse.sampled_addmm(plan.pattern, Atg, Btx.T, beta=0.0, alpha=scaling).values()  # (k,)
+            del Btx  # every free before the next allocation lowers the peak memory
+            # S's k entries are sorted by index, i.e. in the CSR order of `sampled`; tap puts the first taps back
+            grad_s = torch.empty_like(spectrum).index_put_((plan.S.coef,), sampled.mul_(plan.S.tap))  # (k,)
+            del sampled
+        if ctx.needs_input_grad[0]:
+            if ctx.dense_matmul:  # step 3: g (W + dW), summed over 4 blocks of rows: the transient is a quarter of W
+                Atg, bounds = None, [frozen.shape[0] * i // 4 for i in range(5)]
+                for r0, r1 in zip(bounds, bounds[1:]):
+                    block = _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1)  # (r1 - r0, in)
+                    grad_x = g2[:, r0:r1] @ block if grad_x is None else grad_x.addmm_(g2[:, r0:r1], block)
+            else:  # g W + scaling ((B S^T)(A^T g))^T
+                z = _sparse_times(plan.BSt, spectrum, Atg)  # (in, N)
+                Atg = None
+                grad_x = (g2.to(frozen.dtype) @ frozen).to(cdt).add_(z.T, alpha=scaling)  # (N, in)
+            grad_x = grad_x.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # only if someone unfroze W
+            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, grad_s, None, None, None
+
+
+def _analyze(v, taps, n_coef):
+    """v (M, n) -> (n_coef, M) = (v A)^T with each band divided by its first tap: the adjoint of synthesis-and-crop,
+    rows [low | high] (step 4 says why the division; the plan's taps multiply it back).
+
+    Coefficient-major, as sampled_addmm and the sparse matmul want it. Coefficient i of a band reads v at
+    2i + p - (L - 2), p < L: hence the L - 2 zeros in front (and enough behind for the last coefficient)."""
+    if taps is None:  # no IDWT: A is the identity
+        return v.T.contiguous()
+    L, half = len(taps[0]), n_coef // 2
+    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
+    out = torch.empty(n_coef, v.shape[0], dtype=v.dtype, device=v.device)  # (n_coef, M)
+    for t, dst in zip(taps, out.view(2, half, -1)):  # t: one band's L taps; dst: (half, M), its coefficients
+        dst = dst.T  # (M, half)
+        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
+        for p in range(2, L):
+            dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
+    return out
+
+
+def _sparse_times(m, spectrum, dense):
+    """(A S) @ dense, (out x C_cols) @ (C_cols, N) -> (out, N) (or B S^T @ dense): one sparse matmul."""
+    nonzeros = spectrum.new_zeros(len(m.col)).index_add_(0, m.slot, spectrum[m.coef] * m.tap)
+    out = dense.new_zeros(m.size[0], dense.shape[1])
+    return torch.addmm(out, _csr(m.row_ptr, m.col, nonzeros, m.size), dense, out=out)  # (not @: slower)
+
+
+def _csr(row_ptr, col, values, size):
+    with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(row_ptr, col, values, size=size, check_invariants=False)
+
+
+def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
+    """Rows r0:r1 of W + dW (all by default), scattering the coefficients' L x L footprints: O(k L^2) work."""
+    e, r1 = plan.footprint, weight.shape[0] if r1 is None else r1
+    lo, hi = plan.row_start[r0], plan.row_start[r1]  # the entries that fall into these rows
+    dw = scaling * spectrum[e.coef[lo:hi]] * e.tap[lo:hi]  # (entries,)
+    block = weight[r0:r1]  # (r1 - r0, in)
+    return block.reshape(-1).index_add(0, e.index[lo:hi] - r0 * weight.shape[1], dw).view_as(block)
+
+
+def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
+    """The Plan of dW = scaling * A S B^T for these positions (step 1), built once and shared by all layers."""
+    key = (positions.cpu().numpy().tobytes(), tuple(shape), wavelet, use_idwt, str(device), dtype)
+    if key in _PLANS:
+        return _PLANS[key]
+    (out_f, in_f), k = shape, positions.shape[1]
+    C_rows, C_cols = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
+    rows, cols = positions.to(device)  # (k,) each
+    if use_idwt:
+        h, w = C_rows // 2, C_cols // 2  # C's quarters are h x w
+        r, c = rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2  # (k,) each: positions in the padded C
+        # C's right half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
+        row_band, col_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
+        s_row, s_col = row_band * h + r % h, col_band * w + c % w  # (k,) each: where the value sits in S
+        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
+        L = taps.shape[1]
+        # Coefficient k' paints dW rows 2 * (r % h) + p - (L-2) with tap taps[row_band, p], p < L; cols alike.
+        out_r = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        out_c = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        tap_r, tap_c = taps[row_band], taps[col_band]  # (k, L) each
+    else:  # no IDWT: A = B = identity, S = C
+        s_row, s_col, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]  # out_r, out_c: (k, 1)
+        tap_r = tap_c = torch.ones(k, 1, dtype=torch.float64, device=device)
+    in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
+    t0_row, t0_col = tap_r[:, :1], tap_c[:, :1]  # (k, 1): the first taps _analyze divides its bands by (step 4)
+    S = _sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (s_row * C_cols + s_col)[:, None], t0_row * t0_col,
+                (C_rows, C_cols), dtype)
+    footprint = _entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
+                         tap_r[:, :, None] * tap_c[:, None, :], dtype)  # (k, L, L) patches -> entries of dW
+    rows_at = torch.arange(out_f + 1, device=device) * in_f  # (out + 1,) where each row of W starts
+    plan = Plan(C_rows=C_rows, C_cols=C_cols, taps=None if taps is None else taps.tolist(), S=S,
+                pattern=_csr(S.row_ptr, S.col, torch.zeros(k, dtype=dtype, device=device), S.size),
+                AS=_sparse(in_r, out_r * C_cols + s_col[:, None], tap_r * t0_col, (out_f, C_cols), dtype),
+                BSt=_sparse(in_c, out_c * C_rows + s_row[:, None], tap_c * t0_row, (in_f, C_rows), dtype),
+                footprint=footprint, row_start=torch.searchsorted(footprint.index, rows_at).tolist())
+    _PLANS[key] = plan
+    return plan
+
+
+def _entries(inside, index, tap, dtype):
+    """Entries of a matrix built from the k values; inside, index, tap: (k, ...) alike, outside the crop dropped."""
+    index, order = index[inside].sort()
+    return Entries(coef=inside.nonzero()[:, 0][order], index=index, tap=tap[inside][order].to(dtype))
+
+
+def _sparse(inside, index, tap, size, dtype):
+    """A matrix of `size` built from the k values (S, A S or B S^T), as a SparseMatrix."""
+    entries = _entries(inside, index, tap, dtype)
+    where, slot = torch.unique(entries.index, return_inverse=True)  # (nonzeros,) flat positions, (entries,)
+    rows = torch.bincount(where // size[1], minlength=size[0])  # (size[0],) nonzeros per row
+    return SparseMatrix(coef=entries.coef, slot=slot, tap=entries.tap,
+                        row_ptr=torch.cat([rows.new_zeros(1), rows.cumsum(0)]), col=where % size[1], size=size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

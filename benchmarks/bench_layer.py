@@ -19,9 +19,12 @@ Memory, two honest CPU measures (torch has no CPU allocator statistics):
              recorded with torch.autograd.graph.saved_tensors_hooks: what a deep network keeps per layer.
 Before timing, the script checks that our WaveFT and PEFT's give the same y and spectrum gradient.
 """
+import contextlib
 import copy
 import os
+import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -66,8 +69,30 @@ def step(model, x, g):
     return y, torch.autograd.grad(y, [x] + trainable, g)
 
 
+@contextlib.contextmanager
+def without_kineto_start_stop_lines():
+    """torch.profiler's C++ library (kineto) writes "USDT: ... profiler_start" and "... profiler_stop" to the process's
+    stderr (file descriptor 2, below Python) each time a profile starts and stops. Its log level (KINETO_LOG_LEVEL)
+    can hide those only together with kineto's errors, so stderr is caught while profiling and written back
+    without exactly those two lines: every other message, Python's warnings included, still shows."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not re.match(r"USDT:.*\] profiler_(start|stop)\s*$", line):
+                    sys.stderr.write(line)
+
+
 def peak_mb(model, x, g):
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_kineto_start_stop_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(model, x, g)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0

@@ -3,6 +3,7 @@ precision and memory guarantees, injection, merge, save/load, training, and ever
 import copy
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -82,11 +83,13 @@ def reference(layer, x):
 
 
 @pytest.mark.parametrize("wavelet,use_idwt", [("db1", True), ("db2", True), ("db4", True), ("db1", False)])
-@pytest.mark.parametrize("shape,tokens", [((13, 10), (3, 2)), ((13, 10), (40, 3)), ((6, 17), (5,)), ((16, 16), (2, 50)),
-                                          ((3, 12), (40,))])  # 3 rows: merged grad_x with an empty row block
-def test_fast_path_equals_dense_autograd_float64(wavelet, use_idwt, shape, tokens):
-    """(a) outputs and gradients (input and spectrum) match to 1e-6 relative, both forward strategies
-    (few tokens: factored A S B^T; many tokens: merged W + dW) are covered by the token counts."""
+@pytest.mark.parametrize("shape,tokens,dense", [  # dense: N (out + in) >= out in, one matmul with W + dW
+    ((13, 10), (3, 2), True), ((13, 10), (40, 3), True), ((6, 17), (5,), True), ((16, 16), (2, 50), True),
+    ((3, 12), (40,), True),  # 3 rows: merged grad_x with an empty row block
+    ((13, 10), (2,), False), ((16, 16), (3,), False), ((6, 17), (1, 2), False), ((3, 12), (2,), False)])
+def test_fast_path_equals_dense_autograd_float64(wavelet, use_idwt, shape, tokens, dense):
+    """(a) outputs and gradients (input and spectrum) match to 1e-6 relative, for both forward strategies
+    (few tokens: factored A S B^T; many tokens: W + dW); each case asserts which one it took."""
     torch.manual_seed(0)
     layer = waveft.WaveFTLinear(nn.Linear(shape[1], shape[0]).double(), 30, 25.0, wavelet, 777, use_idwt)
     with torch.no_grad():
@@ -97,16 +100,19 @@ def test_fast_path_equals_dense_autograd_float64(wavelet, use_idwt, shape, token
     for fn in (layer, lambda x: reference(layer, x)):
         y = fn(x)
         grads.append((y, *torch.autograd.grad(y, (x, layer.waveft_spectrum), g)))
+    assert layer(x).grad_fn.dense_matmul is dense
     for ours, ref in zip(*grads):
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
-def test_low_precision_weight_keeps_small_updates():
+@pytest.mark.parametrize("fast", [True, False])
+def test_low_precision_weight_keeps_small_updates(fast):
     """(b) with a bf16 W, a dW of 1e-4 relative to W still changes the output by x dW^T: the adapter runs
-    in the spectrum's float32 (merging into bf16 W would round such an update away entirely)."""
+    in the spectrum's float32 (merging into bf16 W would round such an update away entirely). The definition
+    path (fast=False) computes W + dW in float32 for the same reason."""
     torch.manual_seed(0)
     base = nn.Linear(64, 48).to(torch.bfloat16)
-    layer = waveft.WaveFTLinear(base, 200, 25.0, "db1", 777, True)
+    layer = waveft.WaveFTLinear(base, 200, 25.0, "db1", 777, True, fast=fast)
     assert layer.waveft_spectrum.dtype == torch.float32
     x = torch.randn(3, 64)
     y0 = layer(x)
@@ -155,7 +161,7 @@ def test_zero_init_is_base_model_and_only_spectra_train(unet_inputs):
         assert torch.equal(m.waveft_positions, waveft.draw_positions(*m.base.weight.shape, 100, 777))
     plans = {id(waveft._plan(m.waveft_positions, m.base.weight.shape, "db1", True, "cpu")) for _, m in layers}
     assert len(plans) == 2  # one index plan per shape
-    assert {id(m._plan_for[3]) for _, m in layers} == plans  # and the forward above used exactly those
+    assert {id(m._plan_memo[2]) for _, m in layers} == plans  # and the forward above used exactly those
 
 
 def test_lora_zero_init_and_count(unet_inputs):
@@ -402,3 +408,168 @@ def test_lora_init_is_reproducible_from_init_seed():
     assert not torch.equal(a[0], a[1])  # layers are not all given the same A
     bounds = [1 / x.shape[1] ** 0.5 for x in a]  # PEFT's kaiming_uniform_(a=sqrt(5)) range: U(-1/sqrt(in), ..)
     assert all(x.abs().max() <= bound and x.abs().max() > 0.8 * bound for x, bound in zip(a, bounds))
+
+
+def test_positions_changed_in_place_are_picked_up():
+    """A layer that has run a forward caches its index plan; load_state_dict copies new positions into the same
+    buffer (in place). The next forward must use them: forward == x (W + dW)^T + b == the merged layer."""
+    torch.manual_seed(0)
+    layer = waveft.WaveFTLinear(nn.Linear(10, 12), 7, 25.0, "db2", 777, True)
+    other = waveft.WaveFTLinear(nn.Linear(10, 12), 7, 25.0, "db2", 5, True)  # other seed: other positions
+    other.load_state_dict(layer.state_dict())  # equal W, b; positions drawn from seed 5 get overwritten below
+    with torch.no_grad():
+        other.waveft_positions.copy_(waveft.draw_positions(12, 10, 7, 5))
+        other.waveft_spectrum.normal_()
+    for tokens in (4, 40):  # both forward strategies
+        x = torch.randn(tokens, 10)
+        layer(x)  # builds and caches the plan for seed 777's positions
+        positions = layer.waveft_positions
+        layer.load_state_dict(other.state_dict())
+        assert layer.waveft_positions is positions and torch.equal(positions, other.waveft_positions)  # in place
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+        with torch.no_grad():
+            layer.waveft_positions[0].copy_(waveft.draw_positions(12, 10, 7, 777)[0])  # a partial in-place edit
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_stay_float32_when_the_model_is_cast_to_bf16(unet_inputs):
+    """pipe.to(torch.bfloat16) after inject casts every floating tensor of the UNet; the adapters must stay
+    float32 (exact values, same Parameter objects, so an optimizer built before still trains them) and the
+    bf16 model must train. A float64 cast still makes them float64 (float64 models train float64 adapters)."""
+    for method in ("waveft", "lora"):
+        unet = tiny_unet()
+        params = waveft.inject(unet, method=method, k=100)
+        randomize(unet, std=0.01)
+        values = [p.detach().clone() for p in params]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        unet.to(torch.bfloat16)
+        assert all(p.dtype == torch.float32 for p in params) and all(torch.equal(p, v) for p, v in zip(params, values))
+        assert {p.dtype for n, p in unet.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+        now = [p for _, m in waveft.adapted_layers(unet) for p in waveft._adapter_params(m)]
+        assert all(a is b for a, b in zip(now, params))  # the optimizer holds the model's parameters
+        inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in unet_inputs.items()}
+        inputs["added_cond_kwargs"] = {k: v.to(torch.bfloat16) for k, v in unet_inputs["added_cond_kwargs"].items()}
+        unet(**inputs).sample.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)
+        opt.step()
+        assert not all(torch.equal(p, v) for p, v in zip(params, values))
+        unet.half()
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+        unet.double()
+        assert all(p.dtype == torch.float64 for p in params)
+
+
+def test_positions_depend_on_the_seed():
+    """draw_positions caches by (out, in, k, seed): two seeds on one shape must give their own draws."""
+    first, second = waveft.draw_positions(12, 10, 7, 1), waveft.draw_positions(12, 10, 7, 2)
+    assert not torch.equal(first, second)
+    flat = torch.randperm(120, generator=torch.Generator().manual_seed(2))[:7]
+    assert torch.equal(second, torch.stack([flat // 10, flat % 10]))
+    a, b = (waveft.WaveFTLinear(nn.Linear(10, 12), 7, 25.0, "db1", seed, True) for seed in (1, 2))
+    assert torch.equal(a.waveft_positions, first) and torch.equal(b.waveft_positions, second)
+
+
+def test_lora_forward_is_w_plus_delta_weight_with_scaling():
+    """LoRA with scaling != 1: y = x (W + scaling * B A)^T + b, and delta_weight() is that scaling * B A."""
+    torch.manual_seed(0)
+    layer = waveft.LoRALinear(nn.Linear(10, 12).double(), 3, 2.5, init_seed=0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    torch.testing.assert_close(layer.delta_weight(), 2.5 * layer.lora_B @ layer.lora_A, rtol=0, atol=0)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.base.weight + layer.delta_weight(), layer.base.bias),
+                               rtol=1e-12, atol=1e-12)
+
+
+def definition_and_fast(shape, k, wavelet, use_idwt, dtype, device, seed=0):
+    """Two copies of one WaveFT layer with the same random spectrum: fast=False (the definition) and fast=True."""
+    torch.manual_seed(seed)
+    base = nn.Linear(shape[1], shape[0]).to(device, dtype)
+    layers = [waveft.WaveFTLinear(copy.deepcopy(base), k, 25.0, wavelet, 777, use_idwt, fast=fast)
+              for fast in (False, True)]
+    spectrum = torch.randn(k, dtype=layers[0].waveft_spectrum.dtype, device=device) * 0.01
+    with torch.no_grad():
+        for layer in layers:
+            layer.waveft_spectrum.copy_(spectrum)
+    return layers
+
+
+@pytest.mark.parametrize("wavelet,use_idwt", [("db1", True), ("db3", True), ("db1", False), ("db3", False)])
+@pytest.mark.parametrize("tokens,dense", [((2,), False), ((4, 30), True)])  # 20 x 24: few < 20 < many tokens
+def test_definition_switch_equals_fast_path_float64(device, wavelet, use_idwt, tokens, dense):
+    """inject(..., fast=False) makes forward literally F.linear(x, W + delta_weight(), b) (autograd through
+    dwt.idwt2); it gives the fast path's outputs, input and coefficient gradients to 1e-10 in float64."""
+    definition, fast = definition_and_fast((20, 24), 40, wavelet, use_idwt, torch.float64, device)
+    x = torch.randn(*tokens, 24, dtype=torch.float64, device=device, requires_grad=True)
+    g = torch.randn(*tokens, 20, dtype=torch.float64, device=device)
+    results = []
+    for layer in (definition, fast):
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y, (x, layer.waveft_spectrum), g)))
+    assert torch.equal(definition(x), reference(definition, x))  # literally the definition, not a re-derivation
+    assert "_WaveFTFunction" not in type(definition(x).grad_fn).__name__
+    assert fast(x).grad_fn.dense_matmul is dense  # each fast strategy is checked
+    for ours, ref in zip(results[1], results[0]):
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [3, 100])  # few and many tokens
+def test_definition_switch_under_bf16_autocast(device, tokens):
+    """Under bf16 autocast the definition path computes W + dW and the matmul in the adapter's float32 (autocast off:
+    a bf16 W + dW would round small updates away), so it equals its own float32 result to 1e-6; the fast path runs
+    the frozen matmul in bf16 like nn.Linear, so the two agree to bf16 accuracy: 3e-2 of the largest value."""
+    definition, fast = definition_and_fast((40, 48), 60, "db3", True, torch.float32, device)
+    x = torch.randn(tokens, 48, device=device, requires_grad=True)
+    exact = [definition(x), *torch.autograd.grad(definition(x).square().sum(), (x, definition.waveft_spectrum))]
+    results = []
+    for layer in (definition, fast):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = layer(x)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), (x, layer.waveft_spectrum))))
+    for ours, ref in zip(results[0], exact):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+def test_fast_path_device_selection(monkeypatch):
+    """The fast path needs sparse CSR kernels (CPU, CUDA); elsewhere (Apple's mps) layers compute the definition
+    and say so once. Simulated here by taking "cpu" off the list of devices that have them."""
+    assert waveft.fast_path_supported("cpu") and waveft.fast_path_supported(torch.device("cuda", 1).type)
+    assert not waveft.fast_path_supported("mps") and not waveft.fast_path_supported("meta")
+    definition, fast = definition_and_fast((12, 10), 20, "db2", True, torch.float32, "cpu")
+    monkeypatch.setattr(waveft, "SPARSE_CSR_DEVICES", ("cuda",))
+    monkeypatch.setattr(waveft, "_WARNED_DEVICES", set())
+    x = torch.randn(5, 10)
+    with pytest.warns(UserWarning, match="no sparse CSR kernels on 'cpu'.*definition") as caught:
+        for _ in range(3):
+            assert torch.equal(fast(x), definition(x))
+    assert len([w for w in caught if "sparse CSR" in str(w.message)]) == 1  # said once, not per layer or step
+    assert fast._plan_memo is None  # the fast path never ran
+
+
+def test_fast_is_a_runtime_choice_not_saved(tmp_path, unet_inputs):
+    """fast changes no adapter file; load injects fast layers by default, or fast=False ones."""
+    paths = []
+    for fast in (True, False):
+        unet = tiny_unet()
+        waveft.inject(unet, k=50, wavelet="db2", fast=fast)
+        assert all(m.fast is fast for _, m in waveft.adapted_layers(unet))
+        randomize(unet, std=0.01)
+        paths.append(tmp_path / f"fast-{fast}.safetensors")
+        waveft.save(unet, paths[-1])
+    assert waveft.read_metadata(paths[0]) == waveft.read_metadata(paths[1])  # (the header's key order may differ)
+    assert not any("fast" in key for key in waveft.read_metadata(paths[0]))
+    tensors = [safetensors.torch.load_file(p) for p in paths]
+    assert tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][n], tensors[1][n]) for n in tensors[0])
+    outputs = []
+    for fast in (None, False):
+        fresh = tiny_unet()
+        waveft.load(fresh, paths[0]) if fast is None else waveft.load(fresh, paths[0], fast=fast)
+        assert all(m.fast is (fast is None) for _, m in waveft.adapted_layers(fresh))
+        outputs.append(run(fresh, unet_inputs))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
