@@ -9,8 +9,8 @@ One optimizer step, batch 1 x grad-accum 4, each micro-batch being
 The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation.
 Which photos a step sees (--batching epoch, the authors' schedule): shuffled passes over the photos without
 replacement, a step after every grad_accum photos and at the end of every pass, the loss always / grad_accum: with
-5 photos a pass is a step of 4 photos, then a step of 1 (loss still / 4). --batching uniform: 4 photos drawn with
-replacement every step. loss.csv holds each step's mean loss over the micro-batches it saw.
+5 photos a pass is a step of 4 photos, then a step of 1 (loss still / 4). --batching uniform: grad_accum photos
+drawn with replacement every step. loss.csv holds each step's mean loss over the micro-batches it saw.
 
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop
@@ -191,7 +191,8 @@ def diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, 
 
 
 def sample_batch(cache, count, generator, scaling_factor, shift_factor):
-    """Pick `count` cached images uniformly at random and draw their latents x0 = (mean + std * z - shift) * scale."""
+    """Pick `count` cached images uniformly at random and draw their latents x0 = (mean + std * z - shift) * scale.
+    (The training loop now plans its images with plan_step and draws latents with draw_latents.)"""
     index = torch.randint(len(cache[0]), (count,), generator=generator)
     return draw_latents(cache, index, generator, scaling_factor, shift_factor)
 
