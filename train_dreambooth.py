@@ -7,12 +7,17 @@ One optimizer step, batch 1 x grad-accum 4, each micro-batch being
     x0 = VAE latent of an instance photo,  eps ~ N(0, I),  t ~ U{0..999},  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     loss = || eps - UNet(x_t, t, text("a zjw dog"), micro-conditioning) ||^2      (+ the same on a class image)
 The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation.
+Which photos a step sees (--batching epoch, the authors' schedule): shuffled passes over the photos without
+replacement, a step after every grad_accum photos and at the end of every pass, the loss always / grad_accum: with
+5 photos a pass is a step of 4 photos, then a step of 1 (loss still / 4). --batching uniform: grad_accum photos
+drawn with replacement every step. loss.csv holds each step's mean loss over the micro-batches it saw.
 
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop
     python train_dreambooth.py --subject dog6 --k 2000 --model tiny --data-dir ../shared/dreambooth   # CPU demo
+    torchrun --nproc-per-node 4 train_dreambooth.py --subject dog6 --k 2000   # data parallel: the same result
 
-Deliberately not here: accelerate/multi-GPU, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
+Deliberately not here: accelerate, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
 """
 import argparse
 import csv
@@ -53,6 +58,7 @@ class Options:
     unique_token: str = "zjw"  # the prompt is "a <unique_token> <class>"
     steps: int = 500  # optimizer steps
     grad_accum: int = 4  # micro-batches (of 1 image) per optimizer step
+    batching: str = "epoch"  # epoch: shuffled passes, a step per grad_accum photos and at a pass's end; or uniform
     resolution: int = None  # square training crops; default 1024 (64 for --model tiny: 8 x 8 latents, a CPU demo)
     lr: float = 1e-4  # AdamW learning rate, constant
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9/0.999, eps 1e-8)
@@ -98,6 +104,8 @@ def parse_options(argv=None):
     opts = Options(**vars(parser.parse_args(argv)))
     if opts.method not in ("waveft", "lora"):
         parser.error(f"--method must be waveft or lora, not {opts.method!r}")
+    if opts.batching not in BATCHING:
+        parser.error(f"--batching must be one of {', '.join(BATCHING)}, not {opts.batching!r}")
     if opts.mixed_precision not in ("bf16", "no"):
         parser.error(f"--mixed-precision must be bf16 or no, not {opts.mixed_precision!r}")
     if opts.resolution is None:
@@ -183,20 +191,150 @@ def diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, 
 
 
 def sample_batch(cache, count, generator, scaling_factor, shift_factor):
-    """Pick `count` cached images uniformly at random and draw their latents x0 = (mean + std * z - shift) * scale."""
+    """Pick `count` cached images uniformly at random and draw their latents x0 = (mean + std * z - shift) * scale.
+    (The training loop now plans its images with plan_step and draws latents with draw_latents.)"""
+    index = torch.randint(len(cache[0]), (count,), generator=generator)
+    return draw_latents(cache, index, generator, scaling_factor, shift_factor)
+
+
+def draw_latents(cache, index, generator, scaling_factor, shift_factor):
+    """Latents x0 = (mean + std * z - shift) * scale of the cached images `index` (a list or tensor of indices)."""
     means, stds, time_ids = cache
-    index = torch.randint(len(means), (count,), generator=generator)
     z = torch.randn(means[index].shape, generator=generator)
     return (means[index] + stds[index] * z - shift_factor) * scaling_factor, time_ids[index]
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Which images a step sees (--batching)
+#
+# epoch (default; the authors' code and diffusers' DreamBooth scripts, through accelerate's `accumulate`): shuffled
+#   passes over the n photos without replacement. A step takes the next grad_accum photos of the pass, or what is
+#   left of it, so a pass is ceil(n / grad_accum) steps: with grad_accum 4, n = 4 gives 4 | 4 | ...; n = 5 gives
+#   4, 1 | 4, 1 | ...; n = 6 gives 4, 2 | .... The loss is divided by grad_accum in every step, short ones too (a
+#   step of 1 photo moves the adapter by a quarter-weight gradient), so 500 steps see 2,000 / 1,250 / 1,500 photos.
+# uniform: every step draws grad_accum photos uniformly with replacement.
+# Prior preservation pairs every instance micro-batch with one class image: the next of its own shuffled passes
+# over the class images (epoch) or one drawn with replacement (uniform).
+#
+# A step is planned before anything is computed: a list of micro-batches (photo, class image, seed), drawn from the
+# run's generator in one fixed order. Everything random inside a micro-batch (its latent sample, noise, timestep)
+# comes from its own seed, so any process can compute any micro-batch and get the same numbers: that is what lets
+# torchrun split a step across GPUs without changing the result. The position in the current pass (and the pass's
+# order) is kept in `passes`, which the checkpoint stores, so --resume continues mid-pass exactly.
+
+BATCHING = ("epoch", "uniform")
+
+
+def new_passes():
+    """Where the run stands in its passes over the photos and over the class images: an order and a position."""
+    return {"instance": {"order": torch.zeros(0, dtype=torch.long), "position": 0},
+            "class": {"order": torch.zeros(0, dtype=torch.long), "position": 0}}
+
+
+def take_from_pass(state, n, count, generator):
+    """Up to `count` indices from the current pass over n items; a new shuffled pass starts when one is used up."""
+    if state["position"] >= len(state["order"]):
+        state["order"], state["position"] = torch.randperm(n, generator=generator), 0
+    taken = state["order"][state["position"]:state["position"] + count]
+    state["position"] += len(taken)
+    return taken.tolist()
+
+
+def plan_step(batching, passes, n_images, n_class_images, grad_accum, generator, fixed_noise_seed=None):
+    """The micro-batches of one optimizer step: a list of (photo index, class image index or None, seed).
+    fixed_noise_seed (debug, --fixed-noise): photo 0, class image 0 and this seed in every micro-batch; the number of
+    micro-batches per step still follows --batching."""
+    if batching == "uniform":
+        photos = torch.randint(n_images, (grad_accum,), generator=generator).tolist()
+    else:
+        photos = take_from_pass(passes["instance"], n_images, grad_accum, generator)
+    plan = []
+    for photo in photos:
+        class_image = None
+        if n_class_images and batching == "uniform":
+            class_image = int(torch.randint(n_class_images, (1,), generator=generator))
+        elif n_class_images:
+            class_image = take_from_pass(passes["class"], n_class_images, 1, generator)[0]
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        if fixed_noise_seed is not None:
+            photo, class_image, seed = 0, None if class_image is None else 0, fixed_noise_seed
+        plan.append((photo, class_image, seed))
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallel with torchrun (plain torch.distributed)
+#
+#     torchrun --nproc-per-node N train_dreambooth.py --subject dog6 ...
+#
+# Every rank builds the same model and plans every step identically (same seed, same generator); rank r computes the
+# micro-batches r, r + N, r + 2N, ... of the step and backpropagates loss / grad_accum, exactly as one process does
+# for all of them. Then the adapter gradients are summed over the ranks (SUM, not mean: each micro-batch's loss is
+# already divided by grad_accum), so every rank holds the single-process gradient up to float summation order, and
+# every rank takes the same clipped AdamW step. A rank without a micro-batch (a short step at the end of a pass)
+# contributes zeros. Only rank 0 writes files, prints and checkpoints. No DistributedDataParallel wrapper: one
+# flattened all-reduce per step is all that adapters of a million parameters need.
+
+def join_ranks(device):
+    """Under torchrun join the process group (NCCL on CUDA, gloo on the CPU) and give each rank its own GPU
+    (LOCAL_RANK); returns (rank, world_size, device). Without torchrun: (0, 1, device), nothing started."""
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    rank, world_size = sdxl.init_distributed(device.type)
+    return rank, world_size, device
+
+
+def broadcast_from_rank0(params, world_size):
+    """Start every rank from rank 0's adapter (identical already when initialisation is seeded; this makes sure)."""
+    if world_size > 1:
+        for p in params.values():
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def sum_over_ranks(params, numbers, world_size):
+    """Sum the adapter gradients (None counts as zero) and a few float64 numbers (loss sums) over the ranks."""
+    if world_size == 1:
+        return numbers
+    params = list(params.values())
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, grad in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)
+    totals = torch.tensor(numbers, dtype=torch.float64, device=flat.device)
+    torch.distributed.all_reduce(totals)
+    return totals.tolist()
+
+
+def any_rank(flag, world_size):
+    """True on every rank if it is true on one (Ctrl-C reached one rank: all stop after the same step)."""
+    if world_size == 1:
+        return bool(flag)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([float(bool(flag))], device=device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
+
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def leave_ranks(world_size):
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: adapter + optimizer + step + RNG states in one file, written atomically
 
-def save_checkpoint(path, step, params, optimizer, generator, opts):
+def save_checkpoint(path, step, params, optimizer, generator, opts, passes=None):
     state = {"step": step, "adapter": {name: p.detach().cpu() for name, p in params.items()},
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state(), "options": json.dumps(dataclasses.asdict(opts))}
+    if passes is not None:
+        state["passes"] = passes  # where the run stands in its shuffled passes (--batching epoch)
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save(state, str(path) + ".tmp")
@@ -208,7 +346,7 @@ RESUMABLE = {"steps", "resume", "checkpoint_every", "validation_prompts", "sampl
              "device", "class_dir", "gradient_checkpointing"}
 
 
-def load_checkpoint(path, params, optimizer, generator, opts):
+def load_checkpoint(path, params, optimizer, generator, opts, passes=None):
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     state = torch.load(path, weights_only=True)  # weights_only: tensors and plain types only, never arbitrary pickle
@@ -221,6 +359,8 @@ def load_checkpoint(path, params, optimizer, generator, opts):
         p.data.copy_(state["adapter"][name])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
+    if passes is not None and "passes" in state:
+        passes.update(state["passes"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -240,14 +380,18 @@ def main(argv=None):
     checkpoint_path = run_dir / "checkpoint.pt"
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
                           "cpu" if opts.device == "auto" else opts.device)
+    rank, world_size, device = join_ranks(device)  # (0, 1, device) without torchrun
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
     if opts.model == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # its ops are too small to gain from threads; on a busy 2-core machine they lose 4x
     use_bf16 = device.type == "cuda" and opts.mixed_precision == "bf16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
     instance_prompt = f"a {opts.unique_token} {class_name}"
-    (run_dir / "config.json").write_text(json.dumps(
-        {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
-         "run_name": run_name(opts), "argv": sys.argv[1:] if argv is None else list(argv)}, indent=2))
+    if rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(
+            {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
+             "run_name": run_name(opts), "argv": sys.argv[1:] if argv is None else list(argv)}, indent=2))
 
     pipe = sdxl.load_pipeline(opts.model)  # float32; the VAE and text encoders stay float32
     if use_bf16:
@@ -260,6 +404,9 @@ def main(argv=None):
     instance = encode_images(pipe.vae, images, image_paths, opts.resolution, generator, device)
     prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt])
     if opts.prior_preservation:
+        if rank == 0:  # rank 0 generates the missing class images, the others wait for them
+            ensure_class_images(pipe, opts, class_name, gen_cfg)
+        barrier(world_size)
         class_paths = ensure_class_images(pipe, opts, class_name, gen_cfg)
         class_images = [sdxl.load_image(path) for path in class_paths]
         prior = encode_images(pipe.vae, class_images, class_paths, opts.resolution, generator, device)
@@ -281,7 +428,9 @@ def main(argv=None):
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     optimizer = torch.optim.AdamW(params.values(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay,
                                   eps=1e-8)
-    start = load_checkpoint(checkpoint_path, params, optimizer, generator, opts) if opts.resume else 0
+    passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
+    start = load_checkpoint(checkpoint_path, params, optimizer, generator, opts, passes) if opts.resume else 0
+    broadcast_from_rank0(params, world_size)
 
     n_layers = len(waveft.adapted_layers(unet))
     print(f"{run_name(opts)}: {opts.method} on {n_layers} layers of {opts.model}, "
@@ -299,24 +448,31 @@ def main(argv=None):
         stop_requested.append(True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    progress = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc=run_name(opts))
+    progress = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc=run_name(opts),
+                    disable=rank != 0)
     try:
         for step in progress:
+            # Every rank plans the whole step (the same plan); each computes its share of the micro-batches.
+            plan = plan_step(opts.batching, passes, len(image_paths), len(prior[0]) if opts.prior_preservation else 0,
+                             opts.grad_accum, generator, opts.seed if opts.fixed_noise else None)
             step_loss, step_prior = 0.0, 0.0
-            for _ in range(opts.grad_accum):
-                if opts.fixed_noise:  # the same draws every time: a fixed regression target
-                    generator.manual_seed(opts.seed)
-                latents, time_ids = sample_batch(instance, 1, generator, latent_scale, latent_shift)
+            for photo, class_image, seed in plan[rank::world_size]:
+                micro_generator = torch.Generator().manual_seed(seed)  # latent sample, noise, timestep
+                latents, time_ids = draw_latents(instance, [photo], micro_generator, latent_scale, latent_shift)
                 if opts.prior_preservation:
-                    class_latents, class_ids = sample_batch(prior, 1, generator, latent_scale, latent_shift)
+                    class_latents, class_ids = draw_latents(prior, [class_image], micro_generator, latent_scale,
+                                                            latent_shift)
                     latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_ids])
                 losses = diffusion_losses(unet, scheduler, latents.to(device), prompt_embeds[:len(latents)],
-                                          pooled[:len(latents)], time_ids.to(device), generator, autocast)
+                                          pooled[:len(latents)], time_ids.to(device), micro_generator, autocast)
                 # DreamBooth's objective: instance MSE + weight * class-prior MSE (two explicit terms)
                 loss = losses[0] + (opts.prior_loss_weight * losses[1] if opts.prior_preservation else 0)
-                (loss / opts.grad_accum).backward()
-                step_loss += losses[0].item() / opts.grad_accum
-                step_prior += losses[1].item() / opts.grad_accum if opts.prior_preservation else 0.0
+                (loss / opts.grad_accum).backward()  # / grad_accum even in a short step (as accelerate does)
+                step_loss += losses[0].item()
+                step_prior += losses[1].item() if opts.prior_preservation else 0.0
+            # Gradients and loss sums of all ranks; the logged losses are means over the step's micro-batches.
+            step_loss, step_prior = sum_over_ranks(params, [step_loss, step_prior], world_size)
+            step_loss, step_prior = step_loss / len(plan), step_prior / len(plan)
             if not math.isfinite(step_loss + step_prior):  # stop before the optimizer writes NaN into the adapter
                 raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the last good state is in "
                                          f"{checkpoint_path} (if one was written): lower --lr, or check the data")
@@ -325,18 +481,23 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss_rows.append([step + 1, f"{step_loss:.6f}", f"{step_prior:.6f}"])
             progress.set_postfix(loss=f"{step_loss:.4f}")
-            if (step + 1) % opts.checkpoint_every == 0 or stop_requested:
-                save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts)
-            if stop_requested:
+            stop = any_rank(stop_requested, world_size)  # all ranks stop after the same step
+            if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
+                save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
+            if stop:
                 print(f"\ninterrupted after step {step + 1}; checkpoint saved to {checkpoint_path}, "
                       f"continue with the same command plus --resume", file=sys.stderr)
                 raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
-        with open(run_dir / "loss.csv", "w", newline="") as f:
-            csv.writer(f).writerows([["step", "loss", "prior_loss"]] + loss_rows)
-    save_checkpoint(checkpoint_path, opts.steps, params, optimizer, generator, opts)
+        if rank == 0:
+            with open(run_dir / "loss.csv", "w", newline="") as f:
+                csv.writer(f).writerows([["step", "loss", "prior_loss"]] + loss_rows)
+    leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
+    if rank != 0:
+        return run_dir
+    save_checkpoint(checkpoint_path, opts.steps, params, optimizer, generator, opts, passes)
 
     # The adapter file describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed, ...)
     # plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training".
