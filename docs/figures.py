@@ -2,7 +2,7 @@
 
     python docs/figures.py [--out docs] [--adapter outputs/<run>/adapter.safetensors]
 
-makes, in a few seconds on a CPU:
+makes, in about ten seconds on 2 CPU cores (most of it rank.png's 1280 x 1280 singular values):
   basis.png    the dW painted by ONE coefficient in each quarter (cA, cH, cV, cD) of C, for db1, db2 and db4:
                with Haar a signed 2 x 2 block, with longer filters a wider, smoother patch;
   domains.png  the same k random coefficients as dW with the IDWT (WaveFT) and without it (use_idwt=False, the

@@ -81,3 +81,24 @@ def test_k_2592_is_the_lora_rank_1_budget_of_sdxl():
     unet = sdxl_unet_on_meta()
     waveft.inject(unet, k=2592)
     assert waveft.count_parameters(unet) == 1_451_520
+
+
+def test_pyproject_installs_the_modules_with_the_pinned_requirements():
+    """`pip install .` must install every module that dwt/waveft/sdxl import from the checkout, and exactly the pins
+    of requirements.txt (requirements-dev.txt as the `dev` extra): this fails when one changes without the other."""
+    tomllib = pytest.importorskip("tomllib")  # python >= 3.11
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+    def pins(name):
+        lines = (REPO / name).read_text().splitlines()
+        return sorted(line.split("#")[0].strip() for line in lines if line.split("#")[0].strip())
+
+    assert sorted(project["project"]["dependencies"]) == pins("requirements.txt")
+    assert sorted(project["project"]["optional-dependencies"]["dev"]) == pins("requirements-dev.txt")
+    modules = project["tool"]["setuptools"]["py-modules"]
+    assert {"dwt", "waveft", "sdxl"} <= set(modules)
+    local = {path.stem for path in REPO.glob("*.py")}
+    for module in modules:
+        source = (REPO / f"{module}.py").read_text()
+        imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", source, re.M))
+        assert imported & local <= set(modules), f"{module}.py imports {sorted(imported & local)} from the checkout"
