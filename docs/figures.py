@@ -238,7 +238,7 @@ def draw_domains(out_dir, adapter=None):
     if adapter is None:
         deltas["the smooth target"] = smooth_target(n)
     deltas[caption] = trained
-    labels = [f"{name}\nmax |{'T' if 'target' in name else 'dW'}| = {float(d.abs().max()):.2f}"
+    labels = [f"{name}\nmax |{'T' if name == 'the smooth target' else 'dW'}| = {float(d.abs().max()):.2f}"
               for name, d in deltas.items()]
     sheet = figure(f"a {n} x {n} layer: the same k={k} random coefficients as dW without and with the IDWT; "
                    "a trained layer", [matrix_panel(d, float(d.abs().max()), 3) for d in deltas.values()],
