@@ -13,7 +13,8 @@ makes, in about ten seconds on 2 CPU cores (most of it rank.png's 1280 x 1280 si
                LoRA r=1's in + out averaged over SDXL's 560 layers): a rank-1 update against a nearly full-rank one.
 
 Each picture is a data function (tested in tests/test_docs.py) and a drawing function. Only waveft's public API is
-used: inject, a layer's delta_weight(), waveft_spectrum, waveft_positions, LoRA's lora_A/lora_B.
+used: inject, read_metadata, a layer's delta_weight(), waveft_spectrum and waveft_positions (and dwt.wavelet_filters
+for the filter length).
 """
 import argparse
 import math

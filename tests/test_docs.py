@@ -65,6 +65,23 @@ def test_domains_share_positions_and_values():
     assert haar.norm().item() == pytest.approx(plain.norm().item(), rel=1e-5)
 
 
+def test_trained_panel_from_an_adapter_file_is_that_layers_delta_weight(tmp_path):
+    import torch.nn as nn
+    import waveft
+    model = nn.Sequential(nn.Linear(96, 80))
+    waveft.inject(model, k=300, target_modules=["0"], wavelet="db2", seed=5)
+    with torch.no_grad():
+        model[0].waveft_spectrum.normal_()
+    waveft.save(model, tmp_path / "adapter.safetensors")
+    delta, caption = figures.trained_delta(tmp_path / "adapter.safetensors")
+    assert torch.allclose(delta, model[0].delta_weight()[:64, :64]) and caption.startswith("trained: 0")
+    waveft.remove(model)
+    waveft.inject(model, method="lora", target_modules=["0"])
+    waveft.save(model, tmp_path / "lora.safetensors")
+    with pytest.raises(ValueError, match="lora adapter"):
+        figures.trained_delta(tmp_path / "lora.safetensors")
+
+
 def test_rank_at_equal_budget_and_one_step_fit():
     spectra = figures.rank_spectra(n=128, k=512)
     ranks = {label.split(",")[0].split(" (")[0] + (" random" if "random" in label else ""): figures.numerical_rank(s)
