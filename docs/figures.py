@@ -7,10 +7,10 @@ makes, in about ten seconds on 2 CPU cores (most of it rank.png's 1280 x 1280 si
                with Haar a signed 2 x 2 block, with longer filters a wider, smoother patch;
   domains.png  the same k random coefficients as dW with the IDWT (WaveFT) and without it (use_idwt=False, the
                weight-domain sparse baseline), and a trained layer: by default one small layer fitted to a smooth
-               target here in a few hundred Adam steps, or with --adapter the first layer of a trained adapter;
+               target here in 150 Adam steps, or with --adapter the first layer of a trained adapter;
   rank.png     the singular values of dW on a 1280 x 1280 layer (SDXL's most common attention projection): WaveFT
                with k = 2592 values against LoRA rank 1 with 1280 + 1280 = 2560, nearly the same budget (2592 is
-               LoRA r=1's in + out averaged over SDXL's 560 layers): a rank-1 update against a nearly full-rank one.
+               LoRA r=1's in + out averaged over SDXL's 560 layers): a rank-1 update against one of rank about 1000.
 
 Each picture is a data function (tested in tests/test_docs.py) and a drawing function. Only waveft's public API is
 used: inject, read_metadata, a layer's delta_weight(), waveft_spectrum and waveft_positions (and dwt.wavelet_filters
