@@ -1,18 +1,21 @@
 """SDXL and DreamBooth-data plumbing shared by train_dreambooth.py and evaluate.py.
 
 SDXL (Podell et al., arXiv 2307.01952) conditions its UNet on two CLIP text encoders and on "micro-conditioning"
-time ids; DreamBooth (Ruiz et al., arXiv 2208.12242) fine-tunes on 3-5 photos of one subject called "a zjw <class>".
+time ids; DreamBooth (Ruiz et al., arXiv 2208.12242) fine-tunes on 4-6 photos of one subject called "a zjw <class>".
 This file holds everything both scripts need to agree on, so that training and evaluation see the same thing:
 
 - loading a pipeline: a hub id / local diffusers folder, or `tiny`, an SDXL-architecture pipeline with random
   weights built from configs (the offline CPU demo and test fixture: its images are noise);
 - the DreamBooth dataset: subjects, classes, the 25 evaluation prompts, robust image loading;
 - `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it;
-- `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5).
+- `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5);
+- pictures with pillow only: `plot_loss` (every run's loss.png) and the `line_chart` it draws with.
 
 Usage:  pipe = load_pipeline("tiny");  images = generate(pipe, ["a zjw dog"], seeds=(42,), cfg=GenerationConfig())
 Not here: training (train_dreambooth.py), metrics (evaluate.py), the adapter itself (waveft.py).
 """
+import csv
+import math
 import os
 import re
 import socket
@@ -23,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 # diffusers/transformers are imported inside the functions that need them: `import sdxl` stays cheap for the
 # dataset helpers, and the tiny tokenizer below needs nothing but the standard library.
@@ -392,3 +395,126 @@ def export_merged(run_dir, model=None, overwrite=False, dtype=None):
     pipe = load_pipeline(model)
     waveft.load(pipe.unet, run_dir / "adapter.safetensors")
     return save_merged_unet(pipe.unet, folder, dtype=dtype)
+
+# Pictures, with pillow only (no matplotlib): every run's loss.png, and the line charts of docs/figures.py
+
+CHART_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#7f7f7f")
+
+
+def chart_font(size=13):
+    """Pillow's bundled TrueType font at `size` px (its small bitmap font where pillow has no FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, TypeError, ValueError):
+        return ImageFont.load_default()
+
+
+def _ticks(lo, hi, count=5):
+    """About `count` round values (steps of 1, 2 or 5 times a power of ten) from lo to hi, and that step."""
+    raw = (hi - lo) / count if hi > lo else 1.0
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)], step
+
+
+def line_chart(series, title="", x_label="", y_label="", size=(640, 380)):
+    """A white PIL image with one line per series, axes with round ticks and a legend.
+
+    series: [(label, xs, ys)] or [(label, xs, ys, colour, width)]. Points whose y is not finite are left out (the
+    line breaks there); a series of a single point is drawn as a dot."""
+    font, (width, height) = chart_font(), size
+    left, right, top, bottom = 64, 16, 30 if title else 12, 44  # margins: tick labels left, x label below
+    points = [(x, y) for _, xs, ys, *_ in series for x, y in zip(xs, ys) if math.isfinite(y)]
+    if not points:
+        raise ValueError(f"line_chart {title!r}: nothing to draw (no finite values)")
+    x_lo, x_hi = min(x for x, _ in points), max(x for x, _ in points)
+    y_lo, y_hi = min(y for _, y in points), max(y for _, y in points)
+    x_hi, y_hi = max(x_hi, x_lo + 1), y_hi if y_hi > y_lo else y_lo + 1  # one point or a flat line: any range
+    y_ticks, y_step = _ticks(y_lo, y_hi)
+    y_lo, y_hi = min(y_lo, y_ticks[0]), max(y_hi, y_ticks[-1])
+    if y_hi - y_ticks[-1] > 1e-9 * y_step:  # round the top up to a tick, so the highest point sits under one
+        y_hi = y_ticks[-1] + y_step
+        y_ticks.append(y_hi)
+    x_ticks, _ = _ticks(x_lo, x_hi, count=6)
+
+    def px(x, y):  # data -> pixel
+        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for y in y_ticks:  # horizontal grid lines with their values
+        _, v = px(x_lo, y)
+        draw.line([(left, v), (width - right, v)], fill="#e6e6e6")
+        draw.text((left - 6, v), f"{y:g}", fill="black", font=font, anchor="rm")
+    for x in x_ticks:
+        u, _ = px(x, y_lo)
+        draw.line([(u, height - bottom), (u, height - bottom + 4)], fill="black")
+        draw.text((u, height - bottom + 6), f"{x:g}", fill="black", font=font, anchor="ma")
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    draw.text((width / 2, 4), title, fill="black", font=font, anchor="ma")
+    draw.text(((left + width - right) / 2, height - 4), x_label, fill="black", font=font, anchor="md")
+    draw.text((4, top - 4), y_label, fill="black", font=font, anchor="ld")
+    legend = []  # (label, colour)
+    for i, (label, xs, ys, *style) in enumerate(series):
+        colour = style[0] if style else CHART_COLOURS[i % len(CHART_COLOURS)]
+        line_width = style[1] if len(style) > 1 else 2
+        runs, run = [], []  # stretches of finite points
+        for x, y in zip(xs, ys):
+            if math.isfinite(y):
+                run.append(px(x, y))
+            elif run:
+                runs, run = runs + [run], []
+        for run in runs + [run]:
+            if len(run) == 1:
+                u, v = run[0]
+                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
+            elif run:
+                draw.line(run, fill=colour, width=line_width, joint="curve")
+        if label:
+            legend.append((label, colour))
+    if legend:  # top right, on a white box over the lines
+        text_width = max(draw.textlength(label, font=font) for label, _ in legend)
+        x0, y0 = width - right - 8 - text_width - 34, top + 4
+        draw.rectangle([x0, y0, width - right - 4, y0 + 17 * len(legend) + 6], fill="white", outline="#bbbbbb")
+        for i, (label, colour) in enumerate(legend):
+            v = y0 + 12 + 17 * i
+            draw.line([(x0 + 6, v), (x0 + 26, v)], fill=colour, width=3)
+            draw.text((x0 + 32, v), label, fill="black", font=font, anchor="lm")
+    return image
+
+
+def moving_average(values, window):
+    """Trailing mean over the last `window` finite values (fewer at the start); NaN until the first finite one."""
+    out, recent = [], []
+    for value in values:
+        if math.isfinite(value):
+            recent = (recent + [value])[-window:]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
+def plot_loss(csv_path, png_path, window=25):
+    """Draw a run's loss.csv (columns step, loss[, prior_loss]) into png_path: the loss of every step (pale), its
+    moving average over `window` steps, and, for runs with prior preservation (a prior_loss column that is not all
+    zero), the prior loss and its average. The per-step loss of a diffusion model jumps with the random timestep;
+    the average is the curve to read."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"step", "loss"} <= set(rows[0]):
+        raise ValueError(f"{csv_path}: expected a header 'step,loss,prior_loss' and at least one row")
+    try:
+        steps = [int(row["step"]) for row in rows]
+        columns = {name: [float(row[name]) for row in rows] for name in ("loss", "prior_loss") if name in rows[0]}
+    except (TypeError, ValueError) as error:  # TypeError: a short row gives None
+        raise ValueError(f"{csv_path}: not a loss log of numbers ({error})") from None
+    window = max(1, min(window, len(steps)))
+    series = [("loss", steps, columns["loss"], "#aec7e8", 1),
+              (f"loss, moving average ({window} steps)", steps, moving_average(columns["loss"], window), "#1f77b4", 2)]
+    if any(value != 0 for value in columns.get("prior_loss", [0])):
+        series += [("prior loss", steps, columns["prior_loss"], "#ffbb78", 1),
+                   (f"prior loss, moving average ({window} steps)", steps,
+                    moving_average(columns["prior_loss"], window), "#ff7f0e", 2)]
+    line_chart(series, title=f"training loss of {Path(csv_path).resolve().parent.name}", x_label="step", y_label="MSE").save(png_path)
+    return png_path

@@ -1,0 +1,145 @@
+"""Tests for the pictures: docs/figures.py (README's figures) runs and its data say what the README says, and
+sdxl.plot_loss draws a run's loss.csv."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import sdxl
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "docs"))
+import figures  # noqa: E402
+
+
+def test_figures_script_writes_three_small_pngs(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "docs" / "figures.py"), "--out", str(tmp_path),
+                             "--rank-size", "128"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("basis.png", "domains.png", "rank.png"):
+        path = tmp_path / name
+        assert 2_000 < path.stat().st_size < 200_000, name
+        with Image.open(path) as image:
+            assert image.format == "PNG" and 300 <= image.width <= 1400 and 200 <= image.height <= 900, name
+            image.verify()
+
+
+HAAR = {"cA": [[1, 1], [1, 1]], "cH": [[1, 1], [-1, -1]], "cV": [[1, -1], [1, -1]], "cD": [[1, -1], [-1, 1]]}
+
+
+@pytest.mark.parametrize("quarter", figures.QUARTERS)
+def test_haar_coefficient_paints_one_signed_2x2_block(quarter):
+    """README's worked example: a Haar coefficient in cA/cH/cV/cD paints +-1/2 in a 2 x 2 block of dW, with the
+    signs of a constant, a top-minus-bottom, a left-minus-right and a checkerboard pattern."""
+    delta = figures.basis_delta("db1", quarter, n=16)
+    rows, cols = delta.nonzero(as_tuple=True)
+    assert len(rows) == 4
+    block = delta[rows.min():rows.min() + 2, cols.min():cols.min() + 2]
+    assert torch.allclose(block, 0.5 * torch.tensor(HAAR[quarter], dtype=delta.dtype), rtol=0, atol=1e-12)
+    assert rows.min() % 2 == 0 and cols.min() % 2 == 0  # blocks tile dW: one coefficient, one 2 x 2 cell
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db2", "db4"])
+def test_every_basis_image_has_unit_energy_and_the_right_sum(wavelet):
+    """Orthonormal wavelets: one coefficient 1 paints a patch of Frobenius norm 1 (none of it cropped on 16 x 16);
+    the approximation patch sums to 2 (the low-pass filter sums to sqrt 2 each way), a detail patch to 0."""
+    for quarter in figures.QUARTERS:
+        delta = figures.basis_delta(wavelet, quarter, n=16)
+        assert delta.norm().item() == pytest.approx(1.0, abs=1e-12), quarter
+        assert delta.sum().item() == pytest.approx(2.0 if quarter == "cA" else 0.0, abs=1e-12), quarter
+        assert (delta != 0).sum() == len(figures.dwt.wavelet_filters(wavelet)[2]) ** 2, quarter
+
+
+def test_domains_share_positions_and_values():
+    """Same positions and values: without the IDWT dW holds the k values themselves; Haar's IDWT is orthonormal,
+    so the WaveFT dW has the same energy, spread over 2 x 2 blocks."""
+    deltas = figures.domain_deltas(n=64, k=128, seed=0)
+    plain, haar = deltas["no IDWT (use_idwt=False)"], deltas["WaveFT, db1"]
+    values = torch.randn(128, generator=torch.Generator().manual_seed(0))
+    assert (plain != 0).sum() == 128
+    assert torch.equal(plain[plain != 0].sort().values, values.sort().values)
+    assert haar.norm().item() == pytest.approx(plain.norm().item(), rel=1e-5)
+
+
+def test_trained_panel_from_an_adapter_file_is_that_layers_delta_weight(tmp_path):
+    import torch.nn as nn
+    import waveft
+    model = nn.Sequential(nn.Linear(96, 80))
+    waveft.inject(model, k=300, target_modules=["0"], wavelet="db2", seed=5)
+    with torch.no_grad():
+        model[0].waveft_spectrum.normal_()
+    waveft.save(model, tmp_path / "adapter.safetensors")
+    delta, caption = figures.trained_delta(tmp_path / "adapter.safetensors")
+    assert torch.allclose(delta, model[0].delta_weight()[:64, :64]) and caption.startswith("trained: 0")
+    waveft.remove(model)
+    waveft.inject(model, method="lora", target_modules=["0"])
+    waveft.save(model, tmp_path / "lora.safetensors")
+    with pytest.raises(ValueError, match="lora adapter"):
+        figures.trained_delta(tmp_path / "lora.safetensors")
+
+
+def test_rank_at_equal_budget_and_one_step_fit():
+    spectra = figures.rank_spectra(n=128, k=512)
+    ranks = {label.split(",")[0].split(" (")[0] + (" random" if "random" in label else ""): figures.numerical_rank(s)
+             for label, s in spectra.items()}
+    assert ranks["LoRA r=1"] == 1
+    assert ranks["WaveFT k=512"] > 64 and ranks["WaveFT k=512 random"] > 64  # nearly full rank with 512 values
+    # the claim in rank_spectra: with Haar and distinct positions one gradient step of size 1 reaches the optimum
+    target = torch.randn(128, 128, generator=torch.Generator().manual_seed(1))
+    layer = figures.fit(figures.one_layer(128, 128, torch.float64, k=512, scaling=1.0), target.double(), 1, 1.0,
+                        adam=False)
+    layer.waveft_spectrum.grad = None
+    (0.5 * (layer.delta_weight() - target.double()).pow(2).sum()).backward()
+    assert layer.waveft_spectrum.grad.abs().max() < 1e-12
+
+
+def test_singular_values_match_svd():
+    m = torch.randn(40, 40, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.logspace(0, -3, 40))
+    assert torch.allclose(figures.singular_values(m), torch.linalg.svdvals(m.double()), atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sdxl.plot_loss: every run's loss.png
+
+def write_loss_csv(path, steps, prior):
+    """A loss.csv exactly as train_dreambooth.py writes it."""
+    rows = [f"{s},{0.5 / s:.6f},{(0.25 if prior else 0.0):.6f}" for s in range(1, steps + 1)]
+    path.write_text("\n".join(["step,loss,prior_loss"] + rows) + "\n")
+    return path
+
+
+def colours(path):
+    with Image.open(path) as image:
+        return {colour for _, colour in image.convert("RGB").getcolors(maxcolors=1 << 20)}
+
+
+def rgb(hex_colour):
+    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_plot_loss_draws_the_loss_its_average_and_the_prior_loss_only_when_present(tmp_path, prior):
+    png = sdxl.plot_loss(write_loss_csv(tmp_path / "loss.csv", 40, prior), tmp_path / "loss.png")
+    drawn = colours(png)
+    assert rgb("#1f77b4") in drawn and rgb("#aec7e8") in drawn  # the moving average and the per-step loss
+    assert (rgb("#ff7f0e") in drawn) == prior  # the prior loss's average, only for prior preservation
+
+
+def test_plot_loss_of_one_step_and_bad_files(tmp_path):
+    sdxl.plot_loss(write_loss_csv(tmp_path / "loss.csv", 1, False), tmp_path / "loss.png")  # a single dot
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    (tmp_path / "empty.csv").write_text("step,loss,prior_loss\n")
+    (tmp_path / "words.csv").write_text("step,loss,prior_loss\n1,high,0\n")
+    for name in ("empty.csv", "words.csv"):
+        with pytest.raises(ValueError, match=name):
+            sdxl.plot_loss(tmp_path / name, tmp_path / "x.png")
+
+
+def test_moving_average_is_trailing_and_skips_non_finite_values():
+    got = sdxl.moving_average([1.0, 2.0, 3.0, math.nan, 5.0], window=2)
+    assert got == [1.0, 1.5, 2.5, 2.5, 4.0]
+    assert math.isnan(sdxl.moving_average([math.nan, 1.0], 3)[0])
