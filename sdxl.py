@@ -396,6 +396,8 @@ def export_merged(run_dir, model=None, overwrite=False, dtype=None):
     waveft.load(pipe.unet, run_dir / "adapter.safetensors")
     return save_merged_unet(pipe.unet, folder, dtype=dtype)
 
+
+# ----------------------------------------------------------------------------------------------------------------
 # Pictures, with pillow only (no matplotlib): every run's loss.png, and the line charts of docs/figures.py
 
 CHART_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#7f7f7f")
