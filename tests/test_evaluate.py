@@ -403,12 +403,12 @@ def retrained(adapter, dest):
 
 def test_a_retrained_adapter_at_the_same_path_is_detected(evaluated, tmp_path):
     """Same run folder name, same adapter path, other content: the images on disk are stale (adapter hash)."""
-    run, out, _ = evaluated
+    run, _, _ = evaluated
     again = copy_run(run, tmp_path / "runs" / run.name)
-    shutil.copytree(out / run.name / "images", tmp_path / "eval" / run.name / "images")
-    retrained(run / "adapter.safetensors", again / "adapter.safetensors")
+    evaluate.main(["--runs", str(again), "--out-dir", str(tmp_path / "eval"), "--max-prompts", "1"] + SMOKE)
+    retrained(run / "adapter.safetensors", again / "adapter.safetensors")  # the same path, another adapter
     with pytest.raises(ValueError, match="holds images made with other adapter_sha256"):
-        evaluate.main(["--runs", str(again), "--out-dir", str(tmp_path / "eval")] + SMOKE)
+        evaluate.main(["--runs", str(again), "--out-dir", str(tmp_path / "eval"), "--max-prompts", "1"] + SMOKE)
 
 
 def test_one_pipeline_serves_runs_of_the_same_model_exactly(evaluated, tmp_path, monkeypatch):
@@ -418,11 +418,13 @@ def test_one_pipeline_serves_runs_of_the_same_model_exactly(evaluated, tmp_path,
     first = copy_run(run, tmp_path / "runs" / "first")
     second = copy_run(run, tmp_path / "runs" / "second")
     retrained(run / "adapter.safetensors", second / "adapter.safetensors")
-    loads = []
-    real_load_pipeline = sdxl.load_pipeline
+    loads, merged = [], []
+    real_load_pipeline, real_generate = sdxl.load_pipeline, sdxl.generate
     monkeypatch.setattr(sdxl, "load_pipeline", lambda *a, **kw: loads.append(a) or real_load_pipeline(*a, **kw))
+    monkeypatch.setattr(sdxl, "generate", lambda pipe, *a: merged.append(  # the adapter is merged when sampling
+        [layer.merged for _, layer in waveft.adapted_layers(pipe.unet)]) or real_generate(pipe, *a))
     evaluate.main(["--runs", str(first), str(second), "--out-dir", str(tmp_path / "eval")] + SMOKE)
-    assert len(loads) == 1
+    assert len(loads) == 1 and len(merged) == 4 and all(state and all(state) for state in merged)
     pipe = real_load_pipeline("tiny")
     waveft.load(pipe.unet, second / "adapter.safetensors")
     waveft.merge(pipe.unet)
