@@ -418,27 +418,31 @@ def count_trainable(adapter):
                    if key.endswith(("waveft_spectrum", "lora_A", "lora_B")))
 
 
+@torch.no_grad()
 def adapted_pipeline(pipelines, model, adapter, device):
-    """The pipeline of `model` with `adapter` loaded and merged. `pipelines` ({model: (pipeline, original weights)})
-    keeps one pipeline, reused by the next run of the same model: its adapter is taken out (waveft.remove) and the
-    adapted layers' weights are put back bit for bit from a CPU copy, because merge + unmerge is exact only up to
-    rounding, and an image must not depend on which run came before it (resuming, torchrun)."""
+    """The pipeline of `model` with `adapter` loaded and merged (the update folded into W: sampling costs what the
+    base model costs). `pipelines` ({model: (pipeline, originals)}) keeps one pipeline for the next run of the same
+    model: its adapter is taken out (waveft.remove) and every weight entry the merge changed is put back bit for
+    bit, because merge + unmerge is exact only up to rounding, and an image must not depend on which run came
+    before it (resuming, torchrun). WaveFT changes few entries (k footprints per layer): a small CPU copy."""
     if model not in pipelines:
         pipelines.clear()  # one model in memory at a time
         pipelines[model] = (sdxl.load_pipeline(model).to(device), {})  # float32; generate() autocasts on CUDA
     pipe, originals = pipelines[model]
     if waveft.adapted_layers(pipe.unet):
         waveft.remove(pipe.unet)
-        with torch.no_grad():
-            for name, weight in originals.items():
-                pipe.unet.get_submodule(name).weight.copy_(weight)
+        for name, (where, values) in originals.items():
+            pipe.unet.get_submodule(name).weight.view(-1).index_copy_(0, where.to(device), values.to(device))
     try:
         waveft.load(pipe.unet, adapter)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
     originals.clear()
-    originals.update({name: layer.base.weight.to("cpu", copy=True) for name, layer in waveft.adapted_layers(pipe.unet)})
-    waveft.merge(pipe.unet)  # the update is folded into W: sampling costs what the base model costs
+    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's copy at most
+        before = layer.base.weight.clone()
+        waveft.merge(layer)
+        where = (layer.base.weight != before).view(-1).nonzero().squeeze(1)
+        originals[name] = (where.cpu(), before.view(-1)[where].cpu())
     return pipe
 
 
