@@ -35,6 +35,7 @@ the authors' (`prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png` with the prompt in
 line; DIR is their `<method>/<subject>` folder).
 """
 import csv
+import datetime
 import hashlib
 import json
 import os
@@ -559,6 +560,9 @@ def main(argv=None):
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun. The one collective is the barrier after
+        # generation, where ranks may wait hours for one another (a resumed run's shares differ): gloo, long timeout
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     rank, world_size = sdxl.init_distributed(device_type)
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling

@@ -139,7 +139,7 @@ def test_cmmd_defaults_are_the_reference_sigma_10_scale_1000_biased():
 
 def test_crop_is_centred():
     """A 30 x 10 image whose columns all differ: the 10 x 10 crop must be columns 10..19 (and rows, rotated)."""
-    columns = np.repeat(np.arange(0, 240, 8, dtype=np.uint8)[None, :, None], 10, axis=0).repeat(3, axis=2)  # (10, 30, 3)
+    columns = np.repeat(np.arange(0, 240, 8, dtype=np.uint8)[None, :, None], 10, axis=0).repeat(3, axis=2)  # 10x30
     for array in (columns, columns.transpose(1, 0, 2)):
         x = evaluate.preprocess([Image.fromarray(np.ascontiguousarray(array))], 10, (0, 0, 0), (1, 1, 1))
         centre = array[10:20] if array.shape[0] == 30 else array[:, 10:20]
@@ -150,7 +150,8 @@ def test_each_metric_model_gets_its_own_normalisation_and_features(tiny_models, 
     """DINO: ImageNet mean/std and the CLS token of the last layer; CLIP: CLIP's mean/std and the projected pooled
     embedding. The constants are checked against transformers' own, the features against the models' outputs."""
     from transformers.utils import constants
-    assert evaluate.CLIP_MEAN == tuple(constants.OPENAI_CLIP_MEAN) and evaluate.CLIP_STD == tuple(constants.OPENAI_CLIP_STD)
+    assert evaluate.CLIP_MEAN == tuple(constants.OPENAI_CLIP_MEAN)
+    assert evaluate.CLIP_STD == tuple(constants.OPENAI_CLIP_STD)
     assert evaluate.IMAGENET_MEAN == tuple(constants.IMAGENET_DEFAULT_MEAN)
     assert evaluate.IMAGENET_STD == tuple(constants.IMAGENET_DEFAULT_STD)
     images = [sdxl.load_image(dreambooth_dir / "dog6" / f"0{i}.jpg") for i in range(2)]
@@ -262,7 +263,8 @@ def test_options_parser_builds_argparse_from_a_dataclass(capsys):
         parser.parse_args(["--count", "2"])  # --name is required
     parser.print_help()
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--name NAME required; 100% needed" in help_text and "--count COUNT, --number COUNT how many [3]" in help_text
+    assert "--name NAME required; 100% needed" in help_text
+    assert "--count COUNT, --number COUNT how many [3]" in help_text
     assert "on or off [false]" in help_text and "one or more" in help_text
 
 
@@ -282,6 +284,10 @@ def test_evaluate_command_line_comes_from_its_options_dataclass(capsys):
     for argv in ([], ["--runs", "a", "--metrics-only", "b", "--subject", "dog"]):  # exactly one source
         with pytest.raises(SystemExit):
             evaluate.parse_args(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--runs", "a", "--images-per-prompt", "0"])
+    assert "error: --images-per-prompt must be positive, not 0" in capsys.readouterr().err
 
 
 def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
