@@ -190,7 +190,7 @@ def test_missing_metric_model_fails_fast_naming_it(flag, monkeypatch):
     start = time.time()
     with pytest.raises(FileNotFoundError, match=f"'nobody/no-such-model' is not available.*pass {flag} DIR"):
         evaluate.load_metric_models(**names)
-    assert time.time() - start < 10
+    assert time.time() - start < 30  # not a minute of hub retries (generous: the test machine may be loaded)
     with pytest.raises(FileNotFoundError, match=f"folder /no/such/dir does not exist .*{flag}"):
         evaluate.load_metric_models(**{**names, flag[2:].replace("-", "_"): "/no/such/dir"})
 
