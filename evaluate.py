@@ -19,18 +19,23 @@ Protocol (the authors' generation, sdxl.GenerationConfig): 25 DreamBooth prompts
 merged. Metric scores are means over a run's images; the comparison table gives mean +- std over subjects.
 
     python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
-    python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (layout below)
+    torchrun --nproc-per-node 8 evaluate.py --runs outputs/*    # the same, images generated on 8 GPUs
+    python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (layouts below)
     python evaluate.py --runs outputs/dog6-waveft-k2000 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
         --resolution 64 --dino tiny --clip tiny --cmmd-clip tiny  # CPU smoke run: tiny models, meaningless numbers
 
-Layout: <out-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder and
-images/generation.json (settings + adapter hash: a rerun skips existing images only if they match), then scores.csv
-(one row per image), metrics.json, grid.png; <out-dir>/comparison.{md,csv} over all runs.
-`--metrics-only DIR` reads DIR in the layout of images/: one folder `<number>_<anything>` per prompt holding the
-images (any names) and, optionally, prompt.txt (else the prompt is the folder name after the number, "_" -> " ").
+Layout: <output-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder
+and images/generation.json (settings + adapter hash: a rerun skips existing images only if they match), then
+scores.csv (one row per image), metrics.json, grid.png; <output-dir>/comparison.{md,csv} over all runs.
+Under torchrun every rank generates its share of the (run, prompt) folders, then rank 0 alone scores; the images and
+numbers are those of one process. One pipeline per base model serves all its runs (the adapter is swapped).
+`--metrics-only DIR` reads one folder per prompt from DIR, in either layout: ours (`<number>_<anything>/` holding the
+images, any names, and optionally prompt.txt, else the prompt is the folder name after the number, "_" -> " ") or
+the authors' (`prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png` with the prompt in prompt_<i>_info.txt's "Prompt:"
+line; DIR is their `<method>/<subject>` folder).
 """
-import argparse
 import csv
+import datetime
 import hashlib
 import json
 import os
@@ -229,20 +234,39 @@ def load_lpips():
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring one run's images, laid out by prompt
 
+def natural_order(path):
+    """Sort key: numbers by value ("sample_10" after "sample_2")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def folder_prompt(folder, name):
+    """A prompt folder's prompt: prompt.txt, else the authors' prompt_<i>_info.txt ("Prompt: ..."), else the name."""
+    if (folder / "prompt.txt").is_file():
+        return (folder / "prompt.txt").read_text().strip()
+    for info in folder.glob("prompt_*_info.txt"):
+        for line in info.read_text().splitlines():
+            if line.startswith("Prompt:"):  # not "Negative Prompt:"
+                return line[len("Prompt:"):].strip()
+        raise ValueError(f"{info} has no 'Prompt:' line, so the prompt of the images in {folder} is unknown")
+    if name is None:
+        raise ValueError(f"{folder} has no prompt_<i>_info.txt or prompt.txt: the prompt of its images is unknown")
+    return name.replace("_", " ")
+
+
 def read_image_folder(images_dir):
-    """--metrics-only: [(prompt_idx, prompt, path)] from folders `<number>_<anything>` holding a prompt's images."""
+    """--metrics-only: [(prompt_idx, prompt, path)] from one folder per prompt, `<number>_<anything>` (ours) or
+    `prompt_<number>` (the authors')."""
     entries = []
-    folders = [(int(m.group(1)), m.group(2), p) for p in Path(images_dir).iterdir()
-               if p.is_dir() and (m := re.fullmatch(r"(\d+)_(.*)", p.name))]
-    for prompt_idx, name, folder in sorted(folders):
-        prompt_file = folder / "prompt.txt"
-        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else name.replace("_", " ")
-        entries += [(prompt_idx, prompt, path) for path in sorted(folder.iterdir())
-                    if path.suffix.lower() in sdxl.IMAGE_EXTENSIONS]
+    folders = [(int(m.group(1) or m.group(3)), m.group(2), p) for p in Path(images_dir).iterdir()
+               if p.is_dir() and (m := re.fullmatch(r"(\d+)_(.*)|prompt_(\d+)", p.name))]
+    for prompt_idx, name, folder in sorted(folders, key=lambda f: (f[0], f[2])):
+        images = [path for path in folder.iterdir() if path.suffix.lower() in sdxl.IMAGE_EXTENSIONS]
+        prompt = folder_prompt(folder, name) if images else None
+        entries += [(prompt_idx, prompt, path) for path in sorted(images, key=natural_order)]
     if not entries:
         raise FileNotFoundError(f"no images found in {images_dir}: expected one folder <number>_<prompt> per prompt "
-                                f"holding its images (and optionally prompt.txt), "
-                                f"e.g. 00_a_dog_in_the_jungle/seed42.png")
+                                f"holding its images (and optionally prompt.txt), e.g. 00_a_dog_in_the_jungle/"
+                                f"seed42.png, or the authors' prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png")
     return entries
 
 
@@ -264,7 +288,7 @@ def score(entries, real_images, models, unique_token, lpips_model=None):
     (dino, dino_real), (clip, clip_real) = embed(models.dino), embed(models.clip)
     text = embed_texts(models.clip, models.tokenizer, [strip_token(prompt, unique_token) for _, prompt, _ in entries])
     per_image = dict(dino=mean_cosine(dino, dino_real), clip_i=mean_cosine(clip, clip_real), clip_t=clip_t(clip, text))
-    rows = [dict(prompt_idx=idx, prompt=prompt, file=str(path), seed=(re.findall(r"seed(\d+)", path.stem) or [""])[0],
+    rows = [dict(prompt_idx=idx, prompt=prompt, file=str(path), seed=(re.findall(r"seed_?(\d+)", path.stem) or [""])[0],
                  **{name: round(float(values[i]), 6) for name, values in per_image.items()})
             for i, (idx, prompt, path) in enumerate(entries)]
     metrics = {name: float(values.mean()) for name, values in per_image.items()}
@@ -312,24 +336,24 @@ class Run:
     images_dir: Path = None  # --metrics-only: the folder of images to score
 
 
-def read_runs(args):
+def read_runs(opts):
     """--runs: every run folder among them (checked); --metrics-only: the one folder of images."""
-    if args.metrics_only:
-        folder = Path(args.metrics_only)
-        run = Run(folder.name, args.subject, args.unique_token, args.data_dir or "dataset", {}, images_dir=folder)
+    if opts.metrics_only:
+        folder = Path(opts.metrics_only)
+        run = Run(folder.name, opts.subject, opts.unique_token, opts.data_dir or "dataset", {}, images_dir=folder)
         check_subject(run, "--metrics-only")
         read_image_folder(folder)  # fail now, not after loading the models
         return [run]
-    for folder in args.runs:
+    for folder in opts.runs:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"run folder {folder} does not exist")
     # `outputs/*` also matches folders that are no runs at all (class-images/): skipped, with a note
-    folders = [f for f in args.runs if any((Path(f) / n).exists() for n in ("config.json", "adapter.safetensors"))]
-    for folder in sorted(set(args.runs) - set(folders)):
+    folders = [f for f in opts.runs if any((Path(f) / n).exists() for n in ("config.json", "adapter.safetensors"))]
+    for folder in sorted(set(opts.runs) - set(folders)):
         print(f"skipping {folder}: not a run folder (no config.json, no adapter.safetensors)", file=sys.stderr)
     if not folders:
-        raise FileNotFoundError(f"none of --runs {' '.join(args.runs)} is a run folder of train_dreambooth.py")
-    runs = [read_run(folder, args.data_dir, args.model) for folder in folders]
+        raise FileNotFoundError(f"none of --runs {' '.join(opts.runs)} is a run folder of train_dreambooth.py")
+    runs = [read_run(folder, opts.data_dir, opts.model) for folder in folders]
     if len({run.name for run in runs}) < len(runs):
         raise ValueError("two run folders have the same name; their results would overwrite each other")
     return runs
@@ -356,8 +380,13 @@ def read_run(folder, data_dir=None, model=None):
     if model is not None and model != config["model"]:
         raise ValueError(f"{folder}: its adapter was trained for model {config['model']!r} (config.json), not for "
                          f"--model {model!r}; drop --model to evaluate each run with its own model")
+    recorded = str(config.get("data_dir", "dataset"))
+    if data_dir is None and not (Path(recorded) / "prompts_and_classes.txt").is_file():  # moved, or another machine
+        relative = "" if Path(recorded).is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+        raise FileNotFoundError(f"{folder}: config.json records the DreamBooth dataset at {recorded}{relative}, but "
+                                f"it is not there (no prompts_and_classes.txt); pass --data-dir with its folder")
     run = Run(folder.name, config["subject"], config.get("unique_token", sdxl.UNIQUE_TOKEN),
-              str(data_dir or config.get("data_dir", "dataset")), config, folder / "adapter.safetensors")
+              str(data_dir or recorded), config, folder / "adapter.safetensors")
     check_subject(run, f"run {folder}")
     return run
 
@@ -390,11 +419,40 @@ def count_trainable(adapter):
                    if key.endswith(("waveft_spectrum", "lora_A", "lora_B")))
 
 
-def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device):
-    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes. Returns
-    [(prompt_idx, prompt, path)] of all of them and the settings recorded in generation.json: everything an image
-    depends on besides its prompt and seed. Images on disk made with other settings or another adapter (by its
-    hash) are an error, never silently reused."""
+@torch.no_grad()
+def adapted_pipeline(pipelines, model, adapter, device):
+    """The pipeline of `model` with `adapter` loaded and merged (the update folded into W: sampling costs what the
+    base model costs). `pipelines` ({model: (pipeline, originals)}) keeps one pipeline for the next run of the same
+    model: its adapter is taken out (waveft.remove) and every weight entry the merge changed is put back bit for
+    bit, because merge + unmerge is exact only up to rounding, and an image must not depend on which run came
+    before it (resuming, torchrun). WaveFT changes few entries (k footprints per layer): a small CPU copy."""
+    if model not in pipelines:
+        pipelines.clear()  # one model in memory at a time
+        pipelines[model] = (sdxl.load_pipeline(model).to(device), {})  # float32; generate() autocasts on CUDA
+    pipe, originals = pipelines[model]
+    if waveft.adapted_layers(pipe.unet):
+        waveft.remove(pipe.unet)
+        for name, (where, values) in originals.items():
+            pipe.unet.get_submodule(name).weight.view(-1).index_copy_(0, where.to(device), values.to(device))
+    try:
+        waveft.load(pipe.unet, adapter)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
+    originals.clear()
+    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's copy at most
+        before = layer.base.weight.clone()
+        waveft.merge(layer)
+        where = (layer.base.weight != before).view(-1).nonzero().squeeze(1)
+        originals[name] = (where.cpu(), before.view(-1)[where].cpu())
+    return pipe
+
+
+def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None, pipelines=None):
+    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes; under
+    torchrun only those of the prompts `mine` (indices; default all), this rank's share. Returns
+    [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
+    depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
+    settings or another adapter (by its hash) are an error, never silently reused."""
     settings = dict(model=run.config["model"], adapter_sha256=hashlib.sha256(run.adapter.read_bytes()).hexdigest(),
                     steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
                     solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
@@ -403,33 +461,30 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device):
     if old != settings:
         changed = [key for key in settings if old.get(key) != settings[key]]
         raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
-                         f"that folder or pass another --out-dir")
+                         f"that folder or pass another --output-dir")
     folders = [images_dir / (f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60])  # a safe name
                for i, prompt in enumerate(prompts)]
     entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
-    missing = [[seed for seed in seeds if not (folder / f"seed{seed}.png").is_file()] for folder in folders]
-    if not any(missing):
-        return entries, settings  # nothing to do: not even the pipeline is loaded
+    missing = {i: [seed for seed in seeds if not (folders[i] / f"seed{seed}.png").is_file()]
+               for i in (range(len(prompts)) if mine is None else mine)}
+    missing = {i: todo for i, todo in missing.items() if todo}  # a whole prompt's seeds stay one batch, as in 1 process
+    if not missing:
+        return entries, settings, 0  # nothing to do: not even the pipeline is loaded
     images_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2) + "\n")
-    pipe = sdxl.load_pipeline(run.config["model"]).to(device)  # float32 weights; generate() autocasts on CUDA
-    try:
-        waveft.load(pipe.unet, run.adapter)
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise ValueError(f"adapter {run.adapter} does not fit model {run.config['model']!r}: {error}") from None
-    waveft.merge(pipe.unet)  # the update is folded into W: sampling costs what the base model costs
-    with tqdm(total=sum(map(len, missing)), desc=f"{run.name}: generating", unit="image") as bar:
-        for prompt, folder, todo in zip(prompts, folders, missing):
-            if not todo:
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "prompt.txt").write_text(prompt + "\n")
-            for seed, image in zip(todo, sdxl.generate(pipe, [prompt], todo, gen_cfg)):
-                tmp = folder / f"seed{seed}.tmp.png"  # saved, then renamed: a killed run leaves no half image
+    tmp = images_dir / f"generation.{os.getpid()}.tmp"  # every rank writes the same text: each its own temporary
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, record)
+    pipe = adapted_pipeline({} if pipelines is None else pipelines, run.config["model"], run.adapter, device)
+    with tqdm(total=sum(map(len, missing.values())), desc=f"{run.name}: generating", unit="image") as bar:
+        for i, todo in missing.items():
+            folders[i].mkdir(parents=True, exist_ok=True)
+            (folders[i] / "prompt.txt").write_text(prompts[i] + "\n")
+            for seed, image in zip(todo, sdxl.generate(pipe, [prompts[i]], todo, gen_cfg)):
+                tmp = folders[i] / f"seed{seed}.tmp.png"  # saved, then renamed: a killed run leaves no half image
                 image.save(tmp)
-                os.replace(tmp, folder / f"seed{seed}.png")
+                os.replace(tmp, folders[i] / f"seed{seed}.png")
                 bar.update(1)
-    return entries, settings
+    return entries, settings, sum(map(len, missing.values()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,10 +505,11 @@ def write_comparison(all_metrics, out_dir):
             if not values:  # a metric that some methods have (the diversity kind) and these runs lack
                 cells.append("-")
                 continue
-            mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            row.update({f"{name}_mean": round(mean, 4), f"{name}_std": round(std, 4)})
-            digits = 2 if name == "clip_t" else 3  # CLIP-T is x 100
-            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+            mean, digits = float(np.mean(values)), 2 if name == "clip_t" else 3  # CLIP-T is x 100
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # the std of one value is undefined
+            row.update({f"{name}_mean": round(mean, 4), f"{name}_std": None if std is None else round(std, 4)})
+            count = f" (n={len(values)})" if len(values) < len(runs) or std is None else ""  # fewer than "subjects"
+            cells.append(f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}") + count)
         rows.append(row)
         md.append("| " + " | ".join(cells) + " |")
     (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
@@ -464,51 +520,86 @@ def write_comparison(all_metrics, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # The command line
 
+@dataclass
+class Options:
+    runs: list = None  # run folders of train_dreambooth.py, e.g. outputs/* (or --metrics-only)
+    metrics_only: str = None  # instead of --runs: score the images in this folder (our layout or the authors')
+    subject: str = None  # with --metrics-only: the DreamBooth subject whose photos the images are compared with
+    unique_token: str = sdxl.UNIQUE_TOKEN  # with --metrics-only: the rare token, left out of prompts for CLIP-T
+    data_dir: str = None  # DreamBooth dataset folder; default: the one recorded in each run's config.json
+    model: str = None  # SDXL model; must be the run's own; default: the one in each run's config.json
+    output_dir: str = "evaluation"  # <output_dir>/<run>/ per run, comparison.md and .csv over all runs
+    images_per_prompt: int = 4  # images per prompt, with seeds --seed, --seed + 1, ...
+    seed: int = 42  # the first generation seed (the protocol: 42..45)
+    max_prompts: int = 25  # evaluate the first N of the 25 DreamBooth prompts (fewer for smoke runs)
+    steps: int = None  # sampler steps; default the protocol's 30 (sdxl.GenerationConfig); fewer for smoke runs
+    resolution: int = None  # image size in px; default the protocol's 1024; 64 for smoke runs
+    dino: str = "facebook/dino-vits16"  # DINO model: hub id, local folder, or tiny (random: smoke runs)
+    clip: str = "openai/clip-vit-base-patch32"  # CLIP for CLIP-I and CLIP-T: hub id, local folder, or tiny
+    cmmd_clip: str = "openai/clip-vit-large-patch14-336"  # CLIP for CMMD: hub id, local folder, or tiny
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--runs", nargs="+", help="run folders of train_dreambooth.py, e.g. outputs/*")
-    source.add_argument("--metrics-only", metavar="DIR", help="score existing images, laid out by prompt")
-    parser.add_argument("--subject", help="with --metrics-only: the DreamBooth subject of the images")
-    parser.add_argument("--unique-token", default=sdxl.UNIQUE_TOKEN, help="with --metrics-only: stripped for CLIP-T")
-    parser.add_argument("--data-dir", help="DreamBooth dataset folder (default: the one in each run's config.json)")
-    parser.add_argument("--model", help="SDXL model; must be the run's own (default: config.json's)")
-    parser.add_argument("--out-dir", default="evaluation")
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="seeds --seed, --seed+1, ...")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--max-prompts", type=int, default=25, help="fewer prompts for smoke runs")
-    parser.add_argument("--steps", type=int, help="override GenerationConfig's 30 steps (smoke runs)")
-    parser.add_argument("--resolution", type=int, help="override GenerationConfig's 1024 px (smoke runs)")
-    parser.add_argument("--dino", default="facebook/dino-vits16", help="hub id, local folder, or tiny")
-    parser.add_argument("--clip", default="openai/clip-vit-base-patch32", help="for CLIP-I/CLIP-T; or tiny")
-    parser.add_argument("--cmmd-clip", default="openai/clip-vit-large-patch14-336", help="for CMMD; or tiny")
-    args = parser.parse_args(argv)
-    if args.metrics_only and not args.subject:
+    """Options from the command line: one --flag per field of Options (--out-dir: the old name of --output-dir)."""
+    parser = sdxl.options_parser(Options, __doc__.split("\n\n")[0], aliases=dict(output_dir=["--out-dir"]))
+    opts = Options(**vars(parser.parse_args(argv)))
+    if bool(opts.runs) == bool(opts.metrics_only):
+        parser.error("pass either --runs (run folders to evaluate) or --metrics-only (a folder of images to score)")
+    if opts.metrics_only and not opts.subject:
         parser.error("--metrics-only needs --subject (whose real photos the images are compared with)")
-    return args
+    for name in ("images_per_prompt", "max_prompts", "steps", "resolution"):
+        if getattr(opts, name) is not None and getattr(opts, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(opts, name)}")
+    return opts
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    out_dir = Path(args.out_dir)
-    runs = read_runs(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = load_metric_models(args.dino, args.clip, args.cmmd_clip, device)
-    tiny = "tiny" in models.names.values()
-    lpips_model = load_lpips()
+    opts = parse_args(argv)
+    out_dir = Path(opts.output_dir)
+    runs = read_runs(opts)  # every rank checks the same things and fails the same way
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun. The one collective is the barrier after
+        # generation, where ranks may wait hours for one another (a resumed run's shares differ): gloo, long timeout
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    rank, world_size = sdxl.init_distributed(device_type)
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
+        models = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device)
+        tiny, lpips_model = "tiny" in models.names.values(), load_lpips()
     gen_cfg = sdxl.GenerationConfig()
-    gen_cfg = replace(gen_cfg, num_inference_steps=args.steps or gen_cfg.num_inference_steps,
-                      resolution=args.resolution or gen_cfg.resolution)
-    seeds = [args.seed + i for i in range(args.images_per_prompt)]
-    all_metrics = []
+    gen_cfg = replace(gen_cfg, num_inference_steps=opts.steps or gen_cfg.num_inference_steps,
+                      resolution=opts.resolution or gen_cfg.resolution)
+    seeds = [opts.seed + i for i in range(opts.images_per_prompt)]
+
+    # 1. Generation. The n-th (run, prompt) folder over all runs belongs to rank n % world_size: a fixed rule that
+    # needs no communication, and a prompt's seeds stay one batch, so every image is the one 1 process makes.
+    pipelines, plans, generated, n = {}, [], 0, 0
     for run in runs:
+        if run.adapter is None:  # --metrics-only
+            plans.append((run, read_image_folder(run.images_dir), None))
+            continue
+        prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:opts.max_prompts]
+        mine = [i for i in range(len(prompts)) if (n + i) % world_size == rank]
+        n += len(prompts)
+        entries, settings, count = generate_missing(run, out_dir / run.name / "images", prompts, seeds, gen_cfg,
+                                                    device, mine, pipelines)
+        plans.append((run, entries, settings))
+        generated += count
+    pipelines.clear()  # the pipeline's memory is free for scoring
+    if world_size > 1:
+        print(f"rank {rank}: generated {generated} images", file=sys.stderr)
+        torch.distributed.barrier()  # every image is on disk
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return []
+
+    # 2. Scoring (rank 0)
+    all_metrics = []
+    for run, entries, settings in plans:
         run_out = out_dir / run.name
         run_out.mkdir(parents=True, exist_ok=True)
-        if run.adapter:
-            prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:args.max_prompts]
-            entries, settings = generate_missing(run, run_out / "images", prompts, seeds, gen_cfg, device)
-        else:
-            entries = read_image_folder(run.images_dir)
         real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
         rows, metrics, images = score(entries, real_images, models, run.unique_token, lpips_model)
         method, budget = method_and_budget(run.config)

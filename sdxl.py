@@ -14,7 +14,10 @@ This file holds everything both scripts need to agree on, so that training and e
 Usage:  pipe = load_pipeline("tiny");  images = generate(pipe, ["a zjw dog"], seeds=(42,), cfg=GenerationConfig())
 Not here: training (train_dreambooth.py), metrics (evaluate.py), the adapter itself (waveft.py).
 """
+import argparse
 import csv
+import dataclasses
+import inspect
 import math
 import os
 import re
@@ -248,6 +251,41 @@ def init_distributed(device_type="cpu"):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command lines from a dataclass: each script lists its options once, each with a comment that becomes its --help
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def options_parser(options_class, description, aliases=None):
+    """argparse from a dataclass: --some-field VALUE for every field, help = the comment after the field plus its
+    [default]. A field without default is required; a bool takes "--flag", "--flag true" or "--flag false"; a list
+    takes one or more values. `aliases` maps a field name to more flags (old names that must keep working)."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(options_class), re.M))
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for field in dataclasses.fields(options_class):
+        flags = ["--" + field.name.replace("_", "-"), *(aliases or {}).get(field.name, ())]
+        help_text = comments.get(field.name, "").replace("%", "%%")  # argparse %-formats help texts
+        if field.default not in (None, dataclasses.MISSING):
+            help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"
+        kwargs = dict(dest=field.name, help=help_text)
+        if field.default is dataclasses.MISSING:
+            kwargs.update(type=field.type, required=True)
+        elif field.type is bool:
+            kwargs.update(type=parse_bool, nargs="?", const=True, default=field.default, metavar="true|false")
+        elif field.type is list:
+            kwargs.update(nargs="+", default=field.default)
+        else:
+            kwargs.update(type=field.type, default=field.default)
+        parser.add_argument(*flags, **kwargs)
+    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------

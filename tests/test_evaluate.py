@@ -1,7 +1,12 @@
 """evaluate.py: the metric maths on controlled inputs, model loading, the by-prompt layout, the comparison table,
 an end-to-end run on the tiny SDXL with a tiny adapter (resumable), and clear errors for bad input."""
+import csv
+import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,6 +16,7 @@ from PIL import Image, ImageOps
 
 import evaluate
 import sdxl
+import waveft
 
 TINY = ["--dino", "tiny", "--clip", "tiny", "--cmmd-clip", "tiny"]
 
@@ -124,6 +130,41 @@ def test_preprocess_resizes_crops_and_normalises():
     assert x.shape == (2, 3, 16, 16) and x.abs().max() < 0.02  # the mean colour normalises to ~0
 
 
+def test_cmmd_defaults_are_the_reference_sigma_10_scale_1000_biased():
+    """cmmd() as evaluate.py calls it (no arguments) must be the reference CMMD: sigma 10, x 1000, all pairs."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(6, 10)), rng.normal(0.3, 1.0, size=(4, 10))
+    assert evaluate.cmmd(x, y) == pytest.approx(numpy_mmd2(x, y, sigma=10.0, unbiased=False), rel=1e-10)
+
+
+def test_crop_is_centred():
+    """A 30 x 10 image whose columns all differ: the 10 x 10 crop must be columns 10..19 (and rows, rotated)."""
+    columns = np.repeat(np.arange(0, 240, 8, dtype=np.uint8)[None, :, None], 10, axis=0).repeat(3, axis=2)  # 10x30
+    for array in (columns, columns.transpose(1, 0, 2)):
+        x = evaluate.preprocess([Image.fromarray(np.ascontiguousarray(array))], 10, (0, 0, 0), (1, 1, 1))
+        centre = array[10:20] if array.shape[0] == 30 else array[:, 10:20]
+        np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy() * 255, centre, atol=1e-4)
+
+
+def test_each_metric_model_gets_its_own_normalisation_and_features(tiny_models, dreambooth_dir):
+    """DINO: ImageNet mean/std and the CLS token of the last layer; CLIP: CLIP's mean/std and the projected pooled
+    embedding. The constants are checked against transformers' own, the features against the models' outputs."""
+    from transformers.utils import constants
+    assert evaluate.CLIP_MEAN == tuple(constants.OPENAI_CLIP_MEAN)
+    assert evaluate.CLIP_STD == tuple(constants.OPENAI_CLIP_STD)
+    assert evaluate.IMAGENET_MEAN == tuple(constants.IMAGENET_DEFAULT_MEAN)
+    assert evaluate.IMAGENET_STD == tuple(constants.IMAGENET_DEFAULT_STD)
+    images = [sdxl.load_image(dreambooth_dir / "dog6" / f"0{i}.jpg") for i in range(2)]
+    dino, clip = tiny_models.dino, tiny_models.clip
+    with torch.no_grad():
+        x = evaluate.preprocess(images, 32, constants.IMAGENET_DEFAULT_MEAN, constants.IMAGENET_DEFAULT_STD)
+        cls_token = dino(pixel_values=x).last_hidden_state[:, 0]
+        x = evaluate.preprocess(images, 32, constants.OPENAI_CLIP_MEAN, constants.OPENAI_CLIP_STD)
+        projected = clip.visual_projection(clip.vision_model(pixel_values=x).pooler_output)
+    torch.testing.assert_close(evaluate.embed_images(dino, images), cls_token, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(evaluate.embed_images(clip, images), projected, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # model loading
 
@@ -149,7 +190,7 @@ def test_missing_metric_model_fails_fast_naming_it(flag, monkeypatch):
     start = time.time()
     with pytest.raises(FileNotFoundError, match=f"'nobody/no-such-model' is not available.*pass {flag} DIR"):
         evaluate.load_metric_models(**names)
-    assert time.time() - start < 10
+    assert time.time() - start < 30  # not a minute of hub retries (generous: the test machine may be loaded)
     with pytest.raises(FileNotFoundError, match=f"folder /no/such/dir does not exist .*{flag}"):
         evaluate.load_metric_models(**{**names, flag[2:].replace("-", "_"): "/no/such/dir"})
 
@@ -180,18 +221,87 @@ def test_metrics_only_scores_a_folder_laid_out_by_prompt(tmp_path, dreambooth_di
         evaluate.parse_args(["--metrics-only", str(images)])
 
 
+def test_metrics_only_reads_the_authors_layout(tmp_path, dreambooth_dir):
+    """The authors' repository writes <method>/<subject>/prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png plus
+    prompt_<i>_info.txt ("Prompt: ..." first). Synthetic images in that layout are read as they are."""
+    folder, rng = tmp_path / "waveft" / "dog", np.random.default_rng(0)
+    prompts = {10: "a zjw dog in the snow", 2: "a zjw dog in the jungle"}  # prompt_10 sorts after prompt_2
+    for i, prompt in prompts.items():
+        (folder / f"prompt_{i}").mkdir(parents=True)
+        (folder / f"prompt_{i}" / f"prompt_{i}_info.txt").write_text(
+            f"Prompt: {prompt}\nNegative Prompt: low quality\nGuidance Scale: 7.5\nInference Steps: 30\nSeed: 42\n")
+        for j, seed in enumerate((42, 43)):
+            image = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+            image.save(folder / f"prompt_{i}" / f"prompt_{i}_sample_{j}_seed_{seed}.png")
+    out = tmp_path / "eval"
+    [metrics] = evaluate.main(["--metrics-only", str(folder), "--subject", "dog", "--data-dir", str(dreambooth_dir),
+                               "--output-dir", str(out)] + TINY)
+    with open(out / "dog" / "scores.csv") as f:
+        rows = [(row["prompt_idx"], row["prompt"], row["seed"]) for row in csv.DictReader(f)]
+    assert rows == [(str(i), prompts[i], seed) for i in (2, 10) for seed in ("42", "43")]
+    assert metrics["n_images"] == 4 and metrics["n_prompts"] == 2 and metrics["subject"] == "dog"
+    (folder / "prompt_2" / "prompt_2_info.txt").write_text("Negative Prompt: low quality\n")
+    with pytest.raises(ValueError, match="prompt_2_info.txt has no 'Prompt:' line"):
+        evaluate.read_image_folder(folder)
+
+
+@dataclasses.dataclass
+class ExampleOptions:
+    name: str  # required; 100% needed
+    count: int = 3  # how many
+    flag: bool = False  # on or off
+    items: list = None  # one or more
+
+
+def test_options_parser_builds_argparse_from_a_dataclass(capsys):
+    parser = sdxl.options_parser(ExampleOptions, "example", aliases=dict(count=["--number"]))
+    assert vars(parser.parse_args(["--name", "a"])) == dict(name="a", count=3, flag=False, items=None)
+    opts = ExampleOptions(**vars(parser.parse_args(["--name", "b", "--number", "5", "--flag", "--items", "x", "y"])))
+    assert opts == ExampleOptions("b", 5, True, ["x", "y"])
+    assert parser.parse_args(["--name", "c", "--flag", "false"]).flag is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--count", "2"])  # --name is required
+    parser.print_help()
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--name NAME required; 100% needed" in help_text
+    assert "--count COUNT, --number COUNT how many [3]" in help_text
+    assert "on or off [false]" in help_text and "one or more" in help_text
+
+
+def test_evaluate_command_line_comes_from_its_options_dataclass(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    parser = sdxl.options_parser(evaluate.Options, "")
+    assert all(action.help for action in parser._actions)  # every option explained
+    for field in dataclasses.fields(evaluate.Options):
+        assert "--" + field.name.replace("_", "-") in help_text
+    assert "--output-dir OUTPUT_DIR, --out-dir OUTPUT_DIR" in help_text and "[evaluation]" in help_text
+    assert "[42]" in help_text  # --seed's default
+    opts = evaluate.parse_args(["--runs", "a", "b", "--out-dir", "x", "--seed", "7"])
+    assert opts.output_dir == "x" and opts.runs == ["a", "b"] and opts.seed == 7 and opts.steps is None
+    assert evaluate.parse_args(["--runs", "a", "--output-dir", "y"]).output_dir == "y"
+    for argv in ([], ["--runs", "a", "--metrics-only", "b", "--subject", "dog"]):  # exactly one source
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--runs", "a", "--images-per-prompt", "0"])
+    assert "error: --images-per-prompt must be positive, not 0" in capsys.readouterr().err
+
+
 def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
     runs = [dict(method="waveft", budget="k=2592", trainable_params=1000, dino=d, cmmd=c)
             for d, c in ((0.4, 1.0), (0.6, 2.0), (0.8, 3.0))] + \
            [dict(method="lora", budget="r=1", trainable_params=120, dino=0.5, cmmd=1.5, dino_diversity=0.25)]
     table = evaluate.write_comparison(runs, tmp_path)
-    assert "| lora | r=1 | 120 | 1 | 0.500 ± 0.000 | 1.500 ± 0.000 | 0.250 ± 0.000 |" in table
+    assert "| lora | r=1 | 120 | 1 | 0.500 (n=1) | 1.500 (n=1) | 0.250 (n=1) |" in table  # no std of one value
     assert "| waveft | k=2592 | 1,000 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 | - |" in table  # no diversity there
     assert table.startswith("| method | k or rank | trainable params | subjects | DINO ↑ | CMMD ↓ | DINO diversity ↑ |")
     csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
     assert csv_rows[0] == ("method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,cmmd_std,"
                            "dino_diversity_mean,dino_diversity_std")
-    assert csv_rows[1:] == ["waveft,k=2592,1000,3,0.6,0.2,2.0,1.0,,", "lora,r=1,120,1,0.5,0.0,1.5,0.0,0.25,0.0"]
+    assert csv_rows[1:] == ["waveft,k=2592,1000,3,0.6,0.2,2.0,1.0,,", "lora,r=1,120,1,0.5,,1.5,,0.25,"]
     assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
     assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
     assert evaluate.method_and_budget(dict(method="waveft", k=9, wavelet="db1", scaling=25.0)) == ("waveft", "k=9")
@@ -224,7 +334,6 @@ def evaluated(tiny_run_dir, tmp_path_factory):
 
 
 def test_end_to_end_writes_grid_scores_metrics_and_table(evaluated):
-    import waveft
     run, out, metrics = evaluated
     result = out / run.name
     config = json.loads((run / "config.json").read_text())
@@ -252,7 +361,6 @@ def test_end_to_end_writes_grid_scores_metrics_and_table(evaluated):
 
 
 def test_images_are_the_merged_adapter_at_each_seed(evaluated):
-    import waveft
     run, out, _ = evaluated
     pipe = sdxl.load_pipeline("tiny")
     waveft.load(pipe.unet, run / "adapter.safetensors")
@@ -290,6 +398,75 @@ def test_second_run_skips_existing_images_and_regenerates_only_missing_ones(eval
         evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE + ["--steps", "3"])
 
 
+def retrained(adapter, dest):
+    """Another adapter of the same shape in `dest` (the trained spectra negated), as if retrained."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(adapter), "pt") as f:
+        tensors = {key: -f.get_tensor(key) if key.endswith("spectrum") else f.get_tensor(key) for key in f.keys()}
+        save_file(tensors, str(dest), metadata=f.metadata())
+
+
+def test_a_retrained_adapter_at_the_same_path_is_detected(evaluated, tmp_path):
+    """Same run folder name, same adapter path, other content: the images on disk are stale (adapter hash)."""
+    run, _, _ = evaluated
+    again = copy_run(run, tmp_path / "runs" / run.name)
+    evaluate.main(["--runs", str(again), "--out-dir", str(tmp_path / "eval"), "--max-prompts", "1"] + SMOKE)
+    retrained(run / "adapter.safetensors", again / "adapter.safetensors")  # the same path, another adapter
+    with pytest.raises(ValueError, match="holds images made with other adapter_sha256"):
+        evaluate.main(["--runs", str(again), "--out-dir", str(tmp_path / "eval"), "--max-prompts", "1"] + SMOKE)
+
+
+def test_one_pipeline_serves_runs_of_the_same_model_exactly(evaluated, tmp_path, monkeypatch):
+    """Two runs on the tiny model: the pipeline is loaded once and the adapter swapped (waveft.remove, then the
+    original weights restored exactly), yet every image equals the one a fresh pipeline makes with that adapter."""
+    run, out, _ = evaluated
+    first = copy_run(run, tmp_path / "runs" / "first")
+    second = copy_run(run, tmp_path / "runs" / "second")
+    retrained(run / "adapter.safetensors", second / "adapter.safetensors")
+    loads, merged = [], []
+    real_load_pipeline, real_generate = sdxl.load_pipeline, sdxl.generate
+    monkeypatch.setattr(sdxl, "load_pipeline", lambda *a, **kw: loads.append(a) or real_load_pipeline(*a, **kw))
+    monkeypatch.setattr(sdxl, "generate", lambda pipe, *a: merged.append(  # the adapter is merged when sampling
+        [layer.merged for _, layer in waveft.adapted_layers(pipe.unet)]) or real_generate(pipe, *a))
+    evaluate.main(["--runs", str(first), str(second), "--out-dir", str(tmp_path / "eval")] + SMOKE)
+    assert len(loads) == 1 and len(merged) == 4 and all(state and all(state) for state in merged)
+    pipe = real_load_pipeline("tiny")
+    waveft.load(pipe.unet, second / "adapter.safetensors")
+    waveft.merge(pipe.unet)
+    expected = sdxl.generate(pipe, ["a zjw dog in the snow"], [42, 43], sdxl.GenerationConfig(num_inference_steps=2,
+                                                                                                resolution=64))
+    for name, images in (("first", None), ("second", expected)):
+        for i, seed in enumerate((42, 43)):
+            made = Image.open(tmp_path / "eval" / name / "images" / "01_a_zjw_dog_in_the_snow" / f"seed{seed}.png")
+            reference = images[i] if images else Image.open(out / run.name / "images" / "01_a_zjw_dog_in_the_snow" /
+                                                            f"seed{seed}.png")
+            assert np.array_equal(np.asarray(made), np.asarray(reference)), (name, seed)
+
+
+def test_torchrun_two_ranks_make_the_same_images_and_metrics_as_one_process(evaluated, tmp_path):
+    """`torchrun --nproc-per-node 2 evaluate.py` (2 gloo ranks on the CPU): each rank generates its share of the
+    images, rank 0 scores: the image files (bytes) and metrics.json equal the single-process evaluation's."""
+    run, _, _ = evaluated
+    sharded = copy_run(run, tmp_path / "runs" / run.name)
+    # the reference: a fresh 1-process evaluation (not `evaluated`'s folder, where another test regenerated one seed
+    # alone: a batch of 1 differs from a batch of 2 in the last bits)
+    out = tmp_path / "one"
+    evaluate.main(["--runs", str(sharded), "--output-dir", str(out)] + SMOKE)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            evaluate.__file__, "--runs", str(sharded), "--output-dir", str(tmp_path / "eval")] + SMOKE
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rank 0: generated 2 images" in result.stderr and "rank 1: generated 2 images" in result.stderr
+    one, two = out / run.name, tmp_path / "eval" / run.name
+    files = sorted(path.relative_to(one) for path in (one / "images").rglob("*.png"))
+    assert len(files) == 4 and files == sorted(path.relative_to(two) for path in (two / "images").rglob("*.png"))
+    assert all((one / file).read_bytes() == (two / file).read_bytes() for file in files)
+    assert json.loads((two / "metrics.json").read_text()) == json.loads((one / "metrics.json").read_text())
+    assert (tmp_path / "eval" / "comparison.md").read_text() == (out / "comparison.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 
@@ -309,8 +486,12 @@ def test_bad_run_folders_fail_clearly_before_loading_models(tiny_run_dir, tmp_pa
         evaluate.main(["--runs", str(tmp_path / "class-images")] + SMOKE)
     with pytest.raises(ValueError, match="unknown subject 'dog42'.*dog6"):
         evaluate.main(["--runs", str(copy_run(tiny_run_dir, tmp_path / "r1", subject="dog42"))] + SMOKE)
-    with pytest.raises(FileNotFoundError, match="(?s)r2: DreamBooth dataset not found.*git clone"):
-        evaluate.main(["--runs", str(copy_run(tiny_run_dir, tmp_path / "r2", data_dir=str(tmp_path)))] + SMOKE)
+    with pytest.raises(FileNotFoundError) as error:  # the recorded dataset is gone: say so, suggest --data-dir
+        evaluate.main(["--runs", str(copy_run(tiny_run_dir, tmp_path / "r2", data_dir=str(tmp_path / "moved")))]
+                      + SMOKE)
+    assert f"r2: config.json records the DreamBooth dataset at {tmp_path / 'moved'}" in str(error.value)
+    assert "--data-dir" in str(error.value) and "git clone" not in str(error.value)
+    evaluate.read_run(tmp_path / "r2", data_dir=dreambooth_dir)  # and --data-dir is the way out
     run = copy_run(tiny_run_dir, tmp_path / "r3")
     with pytest.raises(ValueError, match="trained for model 'tiny'.*not for --model 'stabilityai/sdxl-other'"):
         evaluate.main(["--runs", str(run), "--model", "stabilityai/sdxl-other"] + SMOKE)
@@ -320,7 +501,6 @@ def test_bad_run_folders_fail_clearly_before_loading_models(tiny_run_dir, tmp_pa
 
 
 def test_adapter_for_a_different_architecture_fails_clearly(tiny_run_dir, tmp_path, monkeypatch):
-    import waveft
     run = copy_run(tiny_run_dir, tmp_path / "run")
     model = torch.nn.Sequential()
     model.add_module("to_q", torch.nn.Linear(8, 8))  # a model with a to_q that the tiny UNet does not have
@@ -331,8 +511,6 @@ def test_adapter_for_a_different_architecture_fails_clearly(tiny_run_dir, tmp_pa
 
 
 def test_command_line_error_is_one_clear_line(tmp_path):
-    import subprocess
-    import sys
     result = subprocess.run([sys.executable, str(evaluate.__file__), "--runs", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
