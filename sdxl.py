@@ -1,7 +1,7 @@
 """SDXL and DreamBooth-data plumbing shared by train_dreambooth.py and evaluate.py.
 
 SDXL (Podell et al., arXiv 2307.01952) conditions its UNet on two CLIP text encoders and on "micro-conditioning"
-time ids; DreamBooth (Ruiz et al., arXiv 2208.12242) fine-tunes on 3-5 photos of one subject called "a zjw <class>".
+time ids; DreamBooth (Ruiz et al., arXiv 2208.12242) fine-tunes on 4–6 photos of one subject called "a zjw <class>".
 This file holds everything both scripts need to agree on, so that training and evaluation see the same thing:
 
 - loading a pipeline: a hub id / local diffusers folder, or `tiny`, an SDXL-architecture pipeline with random
@@ -13,6 +13,7 @@ This file holds everything both scripts need to agree on, so that training and e
 Usage:  pipe = load_pipeline("tiny");  images = generate(pipe, ["a zjw dog"], seeds=(42,), cfg=GenerationConfig())
 Not here: training (train_dreambooth.py), metrics (evaluate.py), the adapter itself (waveft.py).
 """
+import logging
 import os
 import re
 import socket
@@ -27,6 +28,12 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 # diffusers/transformers are imported inside the functions that need them: `import sdxl` stays cheap for the
 # dataset helpers, and the tiny tokenizer below needs nothing but the standard library.
+
+# Importing diffusers' SDXL pipeline makes transformers resolve CLIPImageProcessor and SiglipImageProcessor, which
+# without torchvision fall back to their PIL versions with a warning each. Nothing here uses those processors, so
+# exactly that message is dropped, at the logger that emits it; every other transformers warning still shows.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed); falling back to" not in record.getMessage())
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 UNIQUE_TOKEN = "zjw"  # the authors' rare token (not the usual "sks")
@@ -49,6 +56,27 @@ def _check_data_dir(data_dir):
             f"    git clone https://github.com/google/dreambooth\n"
             f"and pass --data-dir dreambooth/dataset")
     return data_dir
+
+
+DATA_DIR_DEFAULTS = ("dataset", "dreambooth/dataset", "../shared/dreambooth")  # after `git clone`, in the repo
+
+
+def find_data_dir(data_dir=""):
+    """Where the dataset is: `data_dir` when given (and then it must be the dataset), else the first of
+    $DREAMBOOTH_DIR, ./dataset, ./dreambooth/dataset, ../shared/dreambooth that holds it. Returns (path, where
+    from); none -> an error listing every place looked at."""
+    if data_dir:
+        return _check_data_dir(data_dir), "--data-dir"
+    env = os.environ.get("DREAMBOOTH_DIR")
+    candidates = ([(env, "$DREAMBOOTH_DIR")] if env else []) + [(path, "./" + path) for path in DATA_DIR_DEFAULTS]
+    for path, source in candidates:
+        if (Path(path) / "prompts_and_classes.txt").is_file():
+            return Path(path), source
+    looked = ", ".join(f"{path} ({source})" if source.startswith("$") else path for path, source in candidates)
+    raise FileNotFoundError(
+        f"DreamBooth dataset not found; looked in {looked} (none has prompts_and_classes.txt). Fetch it with\n"
+        f"    git clone https://github.com/google/dreambooth\n"
+        f"and pass --data-dir dreambooth/dataset (or set $DREAMBOOTH_DIR)")
 
 
 def read_classes(data_dir):
@@ -274,10 +302,9 @@ def time_ids(original_size, crop_top_left, target_size):
 # ----------------------------------------------------------------------------------------------------------------
 # Generation: the authors' evaluation protocol, in one place
 
-# The authors' fixed negative prompt is only known roughly ("low quality, bad anatomy, worst quality, ..."); this is
-# a sensible full version that approximates it, not their exact string.
-NEGATIVE_PROMPT = ("low quality, bad anatomy, worst quality, lowres, blurry, jpeg artifacts, deformed, disfigured, "
-                   "bad proportions, extra limbs, missing limbs, watermark, text, signature")
+# The authors' fixed negative prompt, exactly (their evaluation code and every stored example output).
+NEGATIVE_PROMPT = ("low quality, bad anatomy, worst quality, low res, blurry, distorted, deformed, ugly, duplicate, "
+                   "morbid, mutilated, mutation, disfigured, poorly drawn face, bad proportions")
 
 
 @dataclass
@@ -295,7 +322,9 @@ class GenerationConfig:
 @torch.no_grad()
 def generate(pipe, prompts, seeds=None, cfg=None):
     """One image per (prompt, seed), prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...]. Each image's initial noise comes
-    from its own CPU torch.Generator().manual_seed(seed), so it is the same on any device and in any batch."""
+    from its own torch.Generator(device=the UNet's device).manual_seed(seed), as in the authors' evaluation: on a GPU
+    a seed gives their initial noise (a CUDA generator draws other numbers than a CPU one), on the CPU it is the CPU
+    generator's. Either way an image does not depend on the batch it is made in."""
     from diffusers import DPMSolverMultistepScheduler
     cfg = cfg or GenerationConfig()
     seeds = list(cfg.seeds if seeds is None else seeds)
@@ -304,7 +333,11 @@ def generate(pipe, prompts, seeds=None, cfg=None):
     original_scheduler = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                              solver_order=cfg.solver_order)
-    autocast = torch.autocast("cuda", dtype=cfg.cuda_dtype, enabled=device.type == "cuda")
+    # CUDA samples under bf16 autocast (the protocol); the CPU in float32, unless the UNet itself is bf16 (validation
+    # of a bf16 training run): then under autocast to bf16, since float32 latents cannot meet bf16 weights.
+    on_cuda = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=cfg.cuda_dtype if on_cuda else torch.bfloat16,
+                              enabled=on_cuda or pipe.unet.dtype == torch.bfloat16)
     images = []
     try:
         for prompt in prompts:
@@ -314,7 +347,7 @@ def generate(pipe, prompts, seeds=None, cfg=None):
                     images += pipe(prompt=[prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk),
                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                    height=cfg.resolution, width=cfg.resolution,
-                                   generator=[torch.Generator().manual_seed(s) for s in chunk]).images
+                                   generator=[torch.Generator(device).manual_seed(s) for s in chunk]).images
     finally:
         pipe.scheduler = original_scheduler
     return images
