@@ -408,7 +408,9 @@ def main(argv=None):
     pipe = sdxl.load_pipeline(opts.model)  # float32; the VAE and text encoders stay float32
     unet = pipe.unet
     if use_bf16:
-        unet.to(torch.bfloat16)  # the frozen UNet in bf16 halves its memory (cast before inject: adapters stay fp32)
+        # The frozen UNet in bf16 halves its memory; cast before inject, so the adapters are made float32.
+        # (.bfloat16(), the same cast as .to(dtype), which makes diffusers warn about float32 modules it has none of)
+        unet.bfloat16()
     add_adapter(unet, opts)
     pipe.to(device)
     gen_cfg = sdxl.GenerationConfig(resolution=opts.resolution, num_inference_steps=opts.sample_steps)
