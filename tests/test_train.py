@@ -388,18 +388,24 @@ def test_two_lora_runs_with_the_same_options_are_equal(dreambooth_dir, tmp_path)
 # The GPU's path on any device: bf16 autocast + bf16 frozen UNet + float32 adapters, gradient checkpointing
 
 def first_step_gradients(dreambooth_dir, out, device, *extra, monkeypatch):
-    """The adapter gradients of one real training step (grabbed where they are clipped)."""
-    clip, grads = torch.nn.utils.clip_grad_norm_, []
+    """The adapter gradients of one real training step (grabbed where they are clipped), and how many blocks
+    were recomputed (checkpointed) on the way."""
+    clip, checkpoint, grads, recomputed = torch.nn.utils.clip_grad_norm_, torch.utils.checkpoint.checkpoint, [], []
 
     def grab(params, *args, **kwargs):
         params = list(params)
         grads.append(torch.cat([p.grad.detach().float().flatten().cpu() for p in params]))
         return clip(params, *args, **kwargs)
+
+    def count(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", grab)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", count)
     train_dreambooth.main(tiny_argv(dreambooth_dir, out, "--steps", "1", "--validation-prompts", "0", "--device",
                                     str(device), *extra))
     monkeypatch.undo()
-    return grads[0]
+    return grads[0], len(recomputed)
 
 
 def test_bf16_gradients_are_close_to_float32_and_checkpointing_changes_none(dreambooth_dir, tmp_path, device,
@@ -407,8 +413,9 @@ def test_bf16_gradients_are_close_to_float32_and_checkpointing_changes_none(drea
     def gradients(*extra):
         return first_step_gradients(dreambooth_dir, tmp_path / "-".join(extra or ["fp32"]), device, "--mixed-precision",
                                     *extra, monkeypatch=monkeypatch)
-    fp32, fp32_checkpointed = gradients("no"), gradients("no", "--gradient-checkpointing")
-    bf16 = gradients("bf16", "--gradient-checkpointing")
+    (fp32, plain), (fp32_checkpointed, recomputed) = gradients("no"), gradients("no", "--gradient-checkpointing")
+    bf16, recomputed_bf16 = gradients("bf16", "--gradient-checkpointing")
+    assert plain == 0 and recomputed > 0 and recomputed_bf16 == recomputed  # checkpointing is really on, or off
     assert fp32.abs().max() > 0 and torch.isfinite(bf16).all()
     assert torch.equal(fp32_checkpointed, fp32)  # recomputing activations replays the same float32 ops exactly
     # bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2 %). The frozen weights and every matmul's inputs are
@@ -596,7 +603,12 @@ def test_the_dataset_is_found_where_a_newcomer_puts_it(dreambooth_dir, tmp_path,
 
 def test_generation_follows_the_authors_protocol(device, monkeypatch):
     pipe = sdxl.build_tiny_pipeline().to(device)
-    calls = []
+    calls, generator, generator_devices = [], torch.Generator, []
+
+    def make_generator(*args, **kwargs):  # the device each generator is asked for (None: not given)
+        generator_devices.append(torch.device(*args, **kwargs) if args or kwargs else None)
+        return generator(*args, **kwargs)
+    monkeypatch.setattr(torch, "Generator", make_generator)
 
     def record(self, **kwargs):  # no sampling: the arguments are the point
         calls.append(dict(kwargs, scheduler=self.scheduler))
@@ -616,3 +628,4 @@ def test_generation_follows_the_authors_protocol(device, monkeypatch):
         assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
         assert (scheduler.config.algorithm_type, scheduler.config.solver_order) == ("dpmsolver++", 2)
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"  # swapped back
+    assert generator_devices == [pipe.unet.device] * 8  # asked for explicitly (on the CPU it is the default too)
