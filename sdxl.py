@@ -6,7 +6,8 @@ This file holds everything both scripts need to agree on, so that training and e
 
 - loading a pipeline: a hub id / local diffusers folder, or `tiny`, an SDXL-architecture pipeline with random
   weights built from configs (the offline CPU demo and test fixture: its images are noise);
-- the DreamBooth dataset: subjects, classes, the 25 evaluation prompts, robust image loading;
+- the DreamBooth dataset: where it is (`find_data_dir`), subjects, classes, the 25 evaluation prompts, robust
+  image loading;
 - `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it;
 - `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5).
 

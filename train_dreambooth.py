@@ -6,11 +6,16 @@ UNet's attention projections train (Bilican et al., arXiv 2505.12532): k coeffic
 One optimizer step, batch 1 x grad-accum 4, each micro-batch being
     x0 = VAE latent of an instance photo,  eps ~ N(0, I),  t ~ U{0..999},  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     loss = || eps - UNet(x_t, t, text("a zjw dog"), micro-conditioning) ||^2      (+ the same on a class image)
-The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation.
+The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation;
+bf16 autocast (bf16 frozen UNet, float32 adapters) + gradient checkpointing on CUDA, float32 on the CPU (either
+setting works on either device). A run lives in <output-dir>/<subject>-<method>-k<k> plus every option that
+changes the result (e.g. dog6-waveft-k2592-db4-lr2e-4); it is never replaced without --overwrite, nothing is
+written before everything is checked, and every file is written to a temporary file and renamed, so a crash
+or a full disk leaves the last checkpoint and the log up to it for --resume.
 
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop
-    python train_dreambooth.py --subject dog6 --k 2000 --model tiny --data-dir ../shared/dreambooth   # CPU demo
+    python train_dreambooth.py --subject dog6 --k 2000 --model tiny     # CPU demo (dataset: see --data-dir)
 
 Deliberately not here: accelerate/multi-GPU, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
 """
@@ -127,7 +132,7 @@ def ignored_options(opts):
     by_method = ("rank",) if opts.method == "waveft" else ("k", "wavelet", "use_idwt", "position_seed")
     ignored = dict.fromkeys(by_method, f"with --method {opts.method}")
     if not opts.prior_preservation:
-        ignored.update(dict.fromkeys(("class_images", "prior_loss_weight", "class_dir"), 
+        ignored.update(dict.fromkeys(("class_images", "prior_loss_weight", "class_dir"),
                                      "without --prior-preservation"))
     return ignored
 

@@ -97,7 +97,7 @@ def test_run_writes_outputs_config_and_summary(tiny_run_dir, dreambooth_dir):
                     rank=1, scaling=25.0, wavelet="db1", use_idwt=True, seed=42, resolution=64, steps=4,
                     grad_accum=2, lr=1e-4, instance_prompt="a zjw dog", prior_preservation=False,
                     device="cpu", mixed_precision="no", gradient_checkpointing=False,  # what was used, not "auto"
-                    data_dir=str(dreambooth_dir.resolve()), run_name=tiny_run_dir.name)  # absolute, though given relative
+                    data_dir=str(dreambooth_dir.resolve()), run_name=tiny_run_dir.name)  # absolute, given relative
     assert {key: config[key] for key in expected} == expected
     assert config["argv"][:2] == ["--subject", "dog6"]
     losses = read_losses(tiny_run_dir)
@@ -617,7 +617,7 @@ def test_generation_follows_the_authors_protocol(device, monkeypatch):
     images = sdxl.generate(pipe, ["a zjw dog", "a zjw dog on the beach"])
     assert len(images) == 8 and len(calls) == 2  # one call per prompt, its four seeds batched
     negative = ("low quality, bad anatomy, worst quality, low res, blurry, distorted, deformed, ugly, duplicate, "
-                "morbid, mutilated, mutation, disfigured, poorly drawn face, bad proportions")  # the authors' exact string
+                "morbid, mutilated, mutation, disfigured, poorly drawn face, bad proportions")  # the authors' string
     for call in calls:
         assert call["negative_prompt"] == [negative] * 4
         assert (call["num_inference_steps"], call["guidance_scale"], call["height"], call["width"]) == (30, 7.5, 1024,
