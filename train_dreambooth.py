@@ -251,7 +251,7 @@ def encode_images(vae, images, paths, resolution, generator, device):
 
 def ensure_class_images(pipe, opts, class_name, gen_cfg):
     """Prior preservation needs images of the class from the *base* model; generate the missing ones (seeded by
-    index, so an interrupted generation continues) before any adapter is injected."""
+    index, so an interrupted generation continues) while no adapter is in the UNet."""
     class_dir = Path(opts.class_dir or Path(opts.output_dir) / "class-images" / Path(opts.model).name / class_name)
     class_dir.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(opts.class_images), desc=f"class images in {class_dir}"):
@@ -294,7 +294,6 @@ def sample_batch(cache, count, generator, scaling_factor, shift_factor):
 # The run's files: each written so that a crash or a full disk never destroys what was there before
 
 RUN_FILES = ("config.json", "loss.csv", "checkpoint.pt", "adapter.safetensors", "validation.png")
-LOSS_HEADER = ["step", "loss", "prior_loss"]
 
 
 class WriteError(RuntimeError):
@@ -330,6 +329,19 @@ def write_rows(path, rows):
         csv.writer(f).writerows(rows)
 
 
+def start_files(run_dir, config, start, overwrite):
+    """Training starts: (with --overwrite, the earlier run's files go) config.json, and loss.csv with the rows up to
+    the checkpoint (a resumed run drops those after it). Returns loss.csv open for appending one row per step."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES if overwrite else ():
+        (run_dir / name).unlink(missing_ok=True)
+    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    loss_path = run_dir / "loss.csv"
+    kept = list(csv.reader(loss_path.read_text().splitlines()))[1:start + 1] if start and loss_path.exists() else []
+    write_atomically(loss_path, lambda tmp: write_rows(tmp, [["step", "loss", "prior_loss"]] + kept))
+    return open(loss_path, "a", newline="")
+
+
 def check_run_dir(run_dir, opts):
     """Refuse to start over a run without --resume or --overwrite; with --resume return the checkpoint (checked
     against the options). Only reads: a refused start leaves every file as it was."""
@@ -355,8 +367,9 @@ def save_checkpoint(path, step, params, optimizer, generator, opts):
 
 def read_checkpoint(path, opts):
     """The checkpoint's state, if it was made with the same options (up to RESUMABLE ones and ignored ones)."""
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if not path.exists():  # the folder's name follows the options, so other options point to another folder
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}" + ("" if opts.run_name else
+                                " (resume with the run's own options, or name its folder with --run-name)"))
     state = torch.load(path, weights_only=True)  # weights_only: tensors and plain types only, never arbitrary pickle
     saved, ignored = json.loads(state["options"]), ignored_options(opts)
     changed = [f"{key} ({saved.get(key)} -> {value})" for key, value in dataclasses.asdict(opts).items()
@@ -445,17 +458,9 @@ def main(argv=None):
                                   eps=1e-8)
     start = restore_checkpoint(resume_state, params, optimizer, generator) if resume_state else 0
 
-    # Training really starts: from here on the run's files are written, each one atomically.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if opts.overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
     config = {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
               "run_name": run_dir.name, "argv": argv}
-    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    # loss.csv: the rows up to the checkpoint (a resumed run drops what came after it), then one appended per step
-    kept = list(csv.reader(open(loss_path)))[1:start + 1] if start and loss_path.exists() else []
-    write_atomically(loss_path, lambda tmp: write_rows(tmp, [LOSS_HEADER] + kept))
+    log = start_files(run_dir, config, start, opts.overwrite)  # training really starts: files from here on
 
     n_layers = len(waveft.adapted_layers(unet))
     print(f"{run_dir.name}: {opts.method} on {n_layers} layers of {opts.model}, "
@@ -472,7 +477,6 @@ def main(argv=None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     progress = tqdm(total=opts.steps, initial=start, desc=run_dir.name)  # counts finished steps
-    log = open(loss_path, "a", newline="")
     try:
         for step in range(start, opts.steps):
             step_loss, step_prior = 0.0, 0.0
