@@ -21,7 +21,7 @@ merged. Metric scores are means over a run's images; the comparison table gives 
     python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
     torchrun --nproc-per-node 8 evaluate.py --runs outputs/*    # the same, images generated on 8 GPUs
     python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (layouts below)
-    python evaluate.py --runs outputs/dog6-waveft-k2000 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
+    python evaluate.py --runs outputs/dog6-waveft-k2000-tiny-steps4 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
         --resolution 64 --dino tiny --clip tiny --cmmd-clip tiny  # CPU smoke run: tiny models, meaningless numbers
 
 Layout: <output-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder

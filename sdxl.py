@@ -6,7 +6,8 @@ This file holds everything both scripts need to agree on, so that training and e
 
 - loading a pipeline: a hub id / local diffusers folder, or `tiny`, an SDXL-architecture pipeline with random
   weights built from configs (the offline CPU demo and test fixture: its images are noise);
-- the DreamBooth dataset: subjects, classes, the 25 evaluation prompts, robust image loading;
+- the DreamBooth dataset: where it is (`find_data_dir`), subjects, classes, the 25 evaluation prompts, robust
+  image loading;
 - `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it;
 - `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5);
 - pictures with pillow only: `plot_loss` (every run's loss.png) and the `line_chart` it draws with.
@@ -18,6 +19,7 @@ import argparse
 import csv
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import re
@@ -33,6 +35,12 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 # diffusers/transformers are imported inside the functions that need them: `import sdxl` stays cheap for the
 # dataset helpers, and the tiny tokenizer below needs nothing but the standard library.
+
+# Importing diffusers' SDXL pipeline makes transformers resolve CLIPImageProcessor and SiglipImageProcessor, which
+# without torchvision fall back to their PIL versions with a warning each. Nothing here uses those processors, so
+# exactly that message is dropped, at the logger that emits it; every other transformers warning still shows.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed); falling back to" not in record.getMessage())
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 UNIQUE_TOKEN = "zjw"  # the authors' rare token (not the usual "sks")
@@ -55,6 +63,27 @@ def _check_data_dir(data_dir):
             f"    git clone https://github.com/google/dreambooth\n"
             f"and pass --data-dir dreambooth/dataset")
     return data_dir
+
+
+DATA_DIR_DEFAULTS = ("dataset", "dreambooth/dataset", "../shared/dreambooth")  # after `git clone`, in the repo
+
+
+def find_data_dir(data_dir=""):
+    """Where the dataset is: `data_dir` when given (and then it must be the dataset), else the first of
+    $DREAMBOOTH_DIR, ./dataset, ./dreambooth/dataset, ../shared/dreambooth that holds it. Returns (path, where
+    from); none -> an error listing every place looked at."""
+    if data_dir:
+        return _check_data_dir(data_dir), "--data-dir"
+    env = os.environ.get("DREAMBOOTH_DIR")
+    candidates = ([(env, "$DREAMBOOTH_DIR")] if env else []) + [(path, "./" + path) for path in DATA_DIR_DEFAULTS]
+    for path, source in candidates:
+        if (Path(path) / "prompts_and_classes.txt").is_file():
+            return Path(path), source
+    looked = ", ".join(f"{path} ({source})" if source.startswith("$") else path for path, source in candidates)
+    raise FileNotFoundError(
+        f"DreamBooth dataset not found; looked in {looked} (none has prompts_and_classes.txt). Fetch it with\n"
+        f"    git clone https://github.com/google/dreambooth\n"
+        f"and pass --data-dir dreambooth/dataset (or set $DREAMBOOTH_DIR)")
 
 
 def read_classes(data_dir):
@@ -315,10 +344,9 @@ def time_ids(original_size, crop_top_left, target_size):
 # ----------------------------------------------------------------------------------------------------------------
 # Generation: the authors' evaluation protocol, in one place
 
-# The authors' fixed negative prompt is only known roughly ("low quality, bad anatomy, worst quality, ..."); this is
-# a sensible full version that approximates it, not their exact string.
-NEGATIVE_PROMPT = ("low quality, bad anatomy, worst quality, lowres, blurry, jpeg artifacts, deformed, disfigured, "
-                   "bad proportions, extra limbs, missing limbs, watermark, text, signature")
+# The authors' fixed negative prompt, exactly (their evaluation code and every stored example output).
+NEGATIVE_PROMPT = ("low quality, bad anatomy, worst quality, low res, blurry, distorted, deformed, ugly, duplicate, "
+                   "morbid, mutilated, mutation, disfigured, poorly drawn face, bad proportions")
 
 
 @dataclass
@@ -336,7 +364,9 @@ class GenerationConfig:
 @torch.no_grad()
 def generate(pipe, prompts, seeds=None, cfg=None):
     """One image per (prompt, seed), prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...]. Each image's initial noise comes
-    from its own CPU torch.Generator().manual_seed(seed), so it is the same on any device and in any batch."""
+    from its own torch.Generator(device=the UNet's device).manual_seed(seed), as in the authors' evaluation: on a GPU
+    a seed gives their initial noise (a CUDA generator draws other numbers than a CPU one), on the CPU it is the CPU
+    generator's. Either way an image does not depend on the batch it is made in."""
     from diffusers import DPMSolverMultistepScheduler
     cfg = cfg or GenerationConfig()
     seeds = list(cfg.seeds if seeds is None else seeds)
@@ -345,7 +375,11 @@ def generate(pipe, prompts, seeds=None, cfg=None):
     original_scheduler = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                              solver_order=cfg.solver_order)
-    autocast = torch.autocast("cuda", dtype=cfg.cuda_dtype, enabled=device.type == "cuda")
+    # CUDA samples under bf16 autocast (the protocol); the CPU in float32, unless the UNet itself is bf16 (validation
+    # of a bf16 training run): then under autocast to bf16, since float32 latents cannot meet bf16 weights.
+    on_cuda = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=cfg.cuda_dtype if on_cuda else torch.bfloat16,
+                              enabled=on_cuda or pipe.unet.dtype == torch.bfloat16)
     images = []
     try:
         for prompt in prompts:
@@ -355,7 +389,7 @@ def generate(pipe, prompts, seeds=None, cfg=None):
                     images += pipe(prompt=[prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk),
                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                    height=cfg.resolution, width=cfg.resolution,
-                                   generator=[torch.Generator().manual_seed(s) for s in chunk]).images
+                                   generator=[torch.Generator(device).manual_seed(s) for s in chunk]).images
     finally:
         pipe.scheduler = original_scheduler
     return images

@@ -6,7 +6,12 @@ UNet's attention projections train (Bilican et al., arXiv 2505.12532): k coeffic
 One optimizer step, batch 1 x grad-accum 4, each micro-batch being
     x0 = VAE latent of an instance photo,  eps ~ N(0, I),  t ~ U{0..999},  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     loss = || eps - UNet(x_t, t, text("a zjw dog"), micro-conditioning) ||^2      (+ the same on a class image)
-The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation.
+The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation;
+bf16 autocast (bf16 frozen UNet, float32 adapters) + gradient checkpointing on CUDA, float32 on the CPU (either
+setting works on either device). A run lives in <output-dir>/<subject>-<method>-k<k> plus every option that
+changes the result (e.g. dog6-waveft-k2592-db4-lr2e-4); it is never replaced without --overwrite, nothing is
+written before everything is checked, and every file is written to a temporary file and renamed, so a crash
+or a full disk leaves the last checkpoint and the log up to it for --resume.
 Which photos a step sees (--batching epoch, the authors' schedule): shuffled passes over the photos without
 replacement, a step after every grad_accum photos and at the end of every pass, the loss always / grad_accum: with
 5 photos a pass is a step of 4 photos, then a step of 1 (loss still / 4). --batching uniform: grad_accum photos
@@ -14,12 +19,13 @@ drawn with replacement every step. loss.csv holds each step's mean loss over the
 
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop
-    python train_dreambooth.py --subject dog6 --k 2000 --model tiny --data-dir ../shared/dreambooth   # CPU demo
+    python train_dreambooth.py --subject dog6 --k 2000 --model tiny     # CPU demo (dataset: see --data-dir)
     torchrun --nproc-per-node 4 train_dreambooth.py --subject dog6 --k 2000   # data parallel: the same result
 
 Deliberately not here: accelerate, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm import tqdm
 
+import dwt
 import sdxl
 import waveft
 
@@ -45,9 +53,11 @@ import waveft
 @dataclass
 class Options:
     subject: str  # DreamBooth subject, a folder of --data-dir (e.g. dog6)
-    data_dir: str = "dataset"  # google/dreambooth's dataset folder
+    data_dir: str = ""  # google/dreambooth's dataset; default: $DREAMBOOTH_DIR, ./dataset, ./dreambooth/dataset, ...
     model: str = sdxl.SDXL_BASE  # hub id, local diffusers folder, or "tiny" (random weights: CPU demo, tests)
-    output_dir: str = "outputs"  # the run goes to <output_dir>/<subject>-<method>-k<k> (or -r<rank>)
+    output_dir: str = "outputs"  # the run goes to <output_dir>/<run name> (see --run-name)
+    run_name: str = ""  # the run's folder; default <subject>-waveft-k<k> (or -lora-r<rank>) + every non-default option
+    overwrite: bool = False  # start again in a folder that holds a run (its files are replaced)
     method: str = "waveft"  # waveft | lora
     k: int = 2592  # WaveFT coefficients per layer (2592 = the LoRA rank-1 budget on SDXL)
     rank: int = 1  # LoRA rank
@@ -63,19 +73,26 @@ class Options:
     lr: float = 1e-4  # AdamW learning rate, constant
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9/0.999, eps 1e-8)
     max_grad_norm: float = 1.0  # gradient clipping
-    seed: int = 42  # seeds crops, image order, noise and timesteps
+    seed: int = 42  # seeds crops, image order, noise, timesteps and LoRA's init
     prior_preservation: bool = False  # add the class-prior loss on generated "a <class>" images
     class_images: int = 100  # number of class images (generated with the base model if missing)
     prior_loss_weight: float = 1.0  # weight of the class-prior MSE term
     class_dir: str = ""  # where class images live; default <output_dir>/class-images/<model>/<class>
     checkpoint_every: int = 100  # write checkpoint.pt every N steps (and on Ctrl-C)
     resume: bool = False  # continue from <run>/checkpoint.pt, exactly
-    mixed_precision: str = "bf16"  # on CUDA: bf16 autocast + bf16 frozen weights, or "no"; CPU is always fp32
-    gradient_checkpointing: bool = True  # on CUDA: recompute activations in backward to save memory
-    validation_prompts: int = 3  # rows of validation.png: the instance prompt, then evaluation prompts
+    mixed_precision: str = "auto"  # bf16 (autocast, bf16 frozen UNet, float32 adapter) | no; auto: bf16 on CUDA only
+    gradient_checkpointing: bool = None  # recompute activations in backward (less memory); default: on CUDA only
+    validation_prompts: int = 3  # rows of validation.png: the instance prompt, then evaluation prompts (0: none)
     sample_steps: int = 30  # sampler steps for validation and class images
     device: str = "auto"  # cuda if available, else cpu
     fixed_noise: bool = False  # debug: same image, noise and timestep every micro-batch (learning-signal test)
+
+
+# Options that cannot change the adapter: they are left out of the run's folder name.
+NO_EFFECT_ON_RESULT = {"data_dir", "output_dir", "run_name", "overwrite", "resume", "checkpoint_every", "class_dir",
+                       "validation_prompts", "sample_steps", "device", "gradient_checkpointing"}
+# Options that may change between an interrupted run and its --resume (--steps extends a run); others are refused.
+RESUMABLE = NO_EFFECT_ON_RESULT | {"steps"}
 
 
 def parse_bool(text):
@@ -87,12 +104,14 @@ def parse_bool(text):
 
 
 def parse_options(argv=None):
-    """argparse generated from Options: --some-field VALUE for every field, help = the field's comment."""
+    """argparse generated from Options: --some-field VALUE for every field, help = the field's comment. Then every
+    value is checked (a bad one stops with one line naming the option) and the automatic defaults are resolved."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Options), re.M))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     for field in dataclasses.fields(Options):
         flag, help_text = "--" + field.name.replace("_", "-"), comments.get(field.name, "")
-        if field.default not in (None, dataclasses.MISSING):
+        if field.default not in (None, "", dataclasses.MISSING):
             help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"
         if field.default is dataclasses.MISSING:
             parser.add_argument(flag, type=field.type, required=True, help=help_text)
@@ -102,27 +121,106 @@ def parse_options(argv=None):
         else:
             parser.add_argument(flag, type=field.type, default=field.default, help=help_text)
     opts = Options(**vars(parser.parse_args(argv)))
-    if opts.method not in ("waveft", "lora"):
-        parser.error(f"--method must be waveft or lora, not {opts.method!r}")
-    if opts.batching not in BATCHING:
-        parser.error(f"--batching must be one of {', '.join(BATCHING)}, not {opts.batching!r}")
-    if opts.mixed_precision not in ("bf16", "no"):
-        parser.error(f"--mixed-precision must be bf16 or no, not {opts.mixed_precision!r}")
+    ignored = ignored_options(opts)
+    for name, why in sorted(ignored.items()):  # given, but cannot matter: say so (and do not check it)
+        if any(arg == flag_of(name) or arg.startswith(flag_of(name) + "=") for arg in argv):
+            print(f"warning: {flag_of(name)} has no effect {why}", file=sys.stderr)
+    check_options(opts, ignored)
+    return resolve(opts)
+
+
+def flag_of(name):
+    return "--" + name.replace("_", "-")
+
+
+def ignored_options(opts):
+    """{option: why} for the options that have no effect with this method or without prior preservation."""
+    by_method = ("rank",) if opts.method == "waveft" else ("k", "wavelet", "use_idwt", "position_seed")
+    ignored = dict.fromkeys(by_method, f"with --method {opts.method}")
+    if not opts.prior_preservation:
+        ignored.update(dict.fromkeys(("class_images", "prior_loss_weight", "class_dir"),
+                                     "without --prior-preservation"))
+    return ignored
+
+
+def check_options(opts, ignored):
+    """Raise ValueError naming the first bad option and its value."""
+    def bad(name, rule):
+        return ValueError(f"{flag_of(name)} {getattr(opts, name)}: {rule}")
+    for name, allowed in (("method", ("waveft", "lora")), ("mixed_precision", ("auto", "bf16", "no")),
+                          ("wavelet", dwt.WAVELETS), ("batching", BATCHING)):
+        if name not in ignored and getattr(opts, name) not in allowed:
+            raise bad(name, f"must be one of {', '.join(allowed)}")
+    for name in ("k", "rank", "steps", "grad_accum", "checkpoint_every", "class_images", "sample_steps", "lr",
+                 "max_grad_norm", "resolution"):
+        value = getattr(opts, name)
+        if name not in ignored and value is not None and value <= 0:
+            raise bad(name, "must be positive")
+    if opts.resolution is not None and opts.resolution % 64:
+        raise bad("resolution", "must be a multiple of 64")
+    if opts.validation_prompts < 0:
+        raise bad("validation_prompts", "must be 0 or more")
+    if opts.resume and opts.overwrite:
+        raise ValueError("--resume continues the run in its folder, --overwrite starts it again: give one of them")
+    try:
+        device = torch.device("cuda" if opts.device == "auto" else opts.device)
+    except RuntimeError:
+        raise bad("device", "not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if opts.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
+        raise bad("device", "CUDA is not available here")
+
+
+def resolve(opts):
+    """Fill in, in place, the defaults that depend on other options: the device (and, from it, the precision and
+    checkpointing: bf16 + checkpointing on CUDA, float32 without on the CPU), resolution and scaling."""
+    if opts.device == "auto":
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = torch.device(opts.device).type == "cuda"
+    if opts.mixed_precision == "auto":
+        opts.mixed_precision = "bf16" if on_cuda else "no"
+    if opts.gradient_checkpointing is None:
+        opts.gradient_checkpointing = on_cuda
     if opts.resolution is None:
         opts.resolution = 64 if opts.model == "tiny" else 1024
-    if opts.resolution % 64 or opts.resolution <= 0:
-        parser.error(f"--resolution must be a positive multiple of 64, not {opts.resolution}")
-    if min(opts.k, opts.rank, opts.steps, opts.grad_accum, opts.checkpoint_every) <= 0:
-        parser.error("--k, --rank, --steps, --grad-accum and --checkpoint-every must be positive")
     if opts.scaling is None:
         opts.scaling = 25.0 if opts.method == "waveft" else 1.0
     return opts
 
 
 def run_name(opts):
-    if opts.method == "lora":
-        return f"{opts.subject}-lora-r{opts.rank}"
-    return f"{opts.subject}-{'waveft' if opts.use_idwt else 'waveft_noidwt'}-k{opts.k}"
+    """<subject>-waveft-k<k> (-waveft_noidwt-k<k>, -lora-r<rank>), then every option that changes the result and
+    differs from its default for this model, method and device, in Options' order: e.g. dog6-waveft-k2592-db4-lr2e-4.
+    Derived from the fields themselves, so a new option is covered without touching this function."""
+    tag = f"lora-r{opts.rank}" if opts.method == "lora" else f"waveft{'' if opts.use_idwt else '_noidwt'}-k{opts.k}"
+    defaults = resolve(Options(subject=opts.subject, model=opts.model, method=opts.method, device=opts.device))
+    defaults.model = sdxl.SDXL_BASE  # another model is named, but what follows from it (its resolution) is not
+    skip = NO_EFFECT_ON_RESULT | ignored_options(opts).keys() | {"subject", "method", "k", "rank", "use_idwt"}
+    parts = [name_part(f.name, getattr(opts, f.name)) for f in dataclasses.fields(Options)
+             if f.name not in skip and getattr(opts, f.name) != getattr(defaults, f.name)]
+    return "-".join([opts.subject, tag] + parts)
+
+
+SHORT_NAMES = {"model": "", "wavelet": "", "mixed_precision": "", "position_seed": "pos", "unique_token": "token",
+               "grad_accum": "ga", "resolution": "res", "weight_decay": "wd", "max_grad_norm": "clip",
+               "prior_preservation": "prior", "class_images": "cls", "prior_loss_weight": "pw"}
+
+
+def name_part(name, value):
+    """One option in a folder name: a flag as its name (no-name when off), a number glued to a short name
+    (lr2e-4, steps1000), a text after it (token-sks), or alone where the name adds nothing (db4, tiny, fp32)."""
+    short = SHORT_NAMES.get(name, name.replace("_", "-"))
+    if isinstance(value, bool):
+        return short if value else "no-" + short
+    if isinstance(value, int):
+        return f"{short}{value}"
+    if isinstance(value, float):  # the shorter of 0.0002 and 2e-4
+        mantissa, exponent = f"{value:e}".split("e")
+        return short + min(f"{value:g}", f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}", key=len)
+    if name == "model":
+        value = Path(value).name  # a hub id or a folder: its last part
+    if name == "mixed_precision":
+        value = "fp32" if value == "no" else value
+    return f"{short}-{value}" if short else value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +257,7 @@ def encode_images(vae, images, paths, resolution, generator, device):
 
 def ensure_class_images(pipe, opts, class_name, gen_cfg):
     """Prior preservation needs images of the class from the *base* model; generate the missing ones (seeded by
-    index, so an interrupted generation continues) before any adapter is injected."""
+    index, so an interrupted generation continues) while no adapter is in the UNet."""
     class_dir = Path(opts.class_dir or Path(opts.output_dir) / "class-images" / Path(opts.model).name / class_name)
     class_dir.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(opts.class_images), desc=f"class images in {class_dir}"):
@@ -327,7 +425,70 @@ def leave_ranks(world_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: adapter + optimizer + step + RNG states in one file, written atomically
+# The run's files: each written so that a crash or a full disk never destroys what was there before
+
+RUN_FILES = ("config.json", "loss.csv", "checkpoint.pt", "adapter.safetensors", "validation.png")
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written (full disk, no permission); the message is one line."""
+
+
+@contextlib.contextmanager
+def reported_write(path):
+    """An OSError while writing `path` becomes one line naming the file and the free space on its disk."""
+    try:
+        yield
+    except OSError as error:
+        free = shutil.disk_usage(Path(path).parent).free / 2**20
+        raise WriteError(f"cannot write {path}: {error.strerror or error} ({free:,.0f} MiB free there); the files "
+                         f"written before are intact: make room and run again (with --resume once a checkpoint "
+                         f"exists)") from None
+
+
+def write_atomically(path, write):
+    """write(tmp) fills <path>.tmp, which then replaces `path` in one rename: a crash or a full disk mid-write leaves
+    the previous file intact, and no temporary file behind."""
+    tmp = Path(f"{path}.tmp")
+    with reported_write(path):
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_rows(path, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def start_files(run_dir, config, start, overwrite):
+    """Training starts: (with --overwrite, the earlier run's files go) config.json, and loss.csv with the rows up to
+    the checkpoint (a resumed run drops those after it). Returns loss.csv open for appending one row per step."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES if overwrite else ():
+        (run_dir / name).unlink(missing_ok=True)
+    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    loss_path = run_dir / "loss.csv"
+    kept = list(csv.reader(loss_path.read_text().splitlines()))[1:start + 1] if start and loss_path.exists() else []
+    write_atomically(loss_path, lambda tmp: write_rows(tmp, [["step", "loss", "prior_loss"]] + kept))
+    return open(loss_path, "a", newline="")
+
+
+def check_run_dir(run_dir, opts):
+    """Refuse to start over a run without --resume or --overwrite; with --resume return the checkpoint (checked
+    against the options). Only reads: a refused start leaves every file as it was."""
+    if opts.resume:
+        return read_checkpoint(run_dir / "checkpoint.pt", opts)
+    held = [name for name in ("checkpoint.pt", "adapter.safetensors") if (run_dir / name).exists()]
+    if held and not opts.overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume, start it "
+                         f"again with --overwrite, or give this one another folder with --run-name")
+    return None
+
+
+# Checkpoints: adapter + optimizer + step + RNG states in one file
 
 def save_checkpoint(path, step, params, optimizer, generator, opts, passes=None):
     state = {"step": step, "adapter": {name: p.detach().cpu() for name, p in params.items()},
@@ -337,24 +498,24 @@ def save_checkpoint(path, step, params, optimizer, generator, opts, passes=None)
         state["passes"] = passes  # where the run stands in its shuffled passes (--batching epoch)
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
-# Options that may change between an interrupted run and its --resume; any other change is an error.
-RESUMABLE = {"steps", "resume", "checkpoint_every", "validation_prompts", "sample_steps", "data_dir", "output_dir",
-             "device", "class_dir", "gradient_checkpointing"}
-
-
-def load_checkpoint(path, params, optimizer, generator, opts, passes=None):
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+def read_checkpoint(path, opts):
+    """The checkpoint's state, if it was made with the same options (up to RESUMABLE ones and ignored ones)."""
+    if not path.exists():  # the folder's name follows the options, so other options point to another folder
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}" + ("" if opts.run_name else
+                                " (resume with the run's own options, or name its folder with --run-name)"))
     state = torch.load(path, weights_only=True)  # weights_only: tensors and plain types only, never arbitrary pickle
-    saved = json.loads(state["options"])
-    changed = [f"{key} ({saved[key]} -> {value})" for key, value in dataclasses.asdict(opts).items()
-               if key not in RESUMABLE and saved.get(key) != value]
+    saved, ignored = json.loads(state["options"]), ignored_options(opts)
+    changed = [f"{key} ({saved.get(key)} -> {value})" for key, value in dataclasses.asdict(opts).items()
+               if key not in RESUMABLE | ignored.keys() and saved.get(key) != value]
     if changed:
         raise ValueError(f"--resume: {path} was trained with other options: {', '.join(changed)}")
+    return state
+
+
+def restore_checkpoint(state, params, optimizer, generator, passes=None):
     for name, p in params.items():
         p.data.copy_(state["adapter"][name])
     optimizer.load_state_dict(state["optimizer"])
@@ -369,33 +530,47 @@ def load_checkpoint(path, params, optimizer, generator, opts, passes=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def add_adapter(unet, opts):
+    waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
+                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank, init_seed=opts.seed)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_options(argv)
-    # Check the data before loading a multi-GB model: bad input fails in a second, naming what is wrong.
+    # Everything that can be checked is checked before a multi-GB model loads, and nothing is written before
+    # training starts: bad input fails in seconds, naming what is wrong, and a refused start changes no file.
+    data_dir, source = sdxl.find_data_dir(opts.data_dir)
+    opts.data_dir = str(data_dir.resolve())  # config.json records where the data really was
+    print(f"dataset: {opts.data_dir} ({source})")
     class_name = sdxl.read_classes(opts.data_dir).get(opts.subject)
     image_paths = sdxl.instance_images(opts.data_dir, opts.subject)
     images = [sdxl.load_image(path) for path in image_paths]  # a corrupt file fails here, by name
-    run_dir = Path(opts.output_dir) / run_name(opts)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run_dir / "checkpoint.pt"
-    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if opts.device == "auto" else opts.device)
+    run_dir = Path(opts.output_dir) / (opts.run_name or run_name(opts))
+    checkpoint_path, loss_path = run_dir / "checkpoint.pt", run_dir / "loss.csv"
+    resume_state = check_run_dir(run_dir, opts)
+    device = torch.device(opts.device)
     rank, world_size, device = join_ranks(device)  # (0, 1, device) without torchrun
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+    if opts.model != "tiny" and device.type == "cpu":
+        print(f"note: training {opts.model} on the CPU takes hours per run; --model tiny runs the whole loop in "
+              f"a minute, a GPU the real thing", flush=True)
     if opts.model == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # its ops are too small to gain from threads; on a busy 2-core machine they lose 4x
-    use_bf16 = device.type == "cuda" and opts.mixed_precision == "bf16"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    use_bf16 = opts.mixed_precision == "bf16"  # the same on any device: torch's CPU autocast has bfloat16 too
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     instance_prompt = f"a {opts.unique_token} {class_name}"
-    if rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(
-            {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
-             "run_name": run_name(opts), "argv": sys.argv[1:] if argv is None else list(argv)}, indent=2))
 
+    # The model: frozen UNet + trainable adapters (created in float32 even on a bf16 UNet). Injecting now checks
+    # --k against every layer before anything is written.
     pipe = sdxl.load_pipeline(opts.model)  # float32; the VAE and text encoders stay float32
+    unet = pipe.unet
     if use_bf16:
-        pipe.unet.to(torch.bfloat16)  # the frozen UNet in bf16 halves its memory; the adapters will be float32
+        # The frozen UNet in bf16 halves its memory; cast before inject, so the adapters are made float32.
+        # (.bfloat16(), the same cast as .to(dtype), which makes diffusers warn about float32 modules it has none of)
+        unet.bfloat16()
+    add_adapter(unet, opts)
     pipe.to(device)
     gen_cfg = sdxl.GenerationConfig(resolution=opts.resolution, num_inference_steps=opts.sample_steps)
     generator = torch.Generator().manual_seed(opts.seed)  # the training RNG: crops, order, VAE samples, noise, t
@@ -404,10 +579,12 @@ def main(argv=None):
     instance = encode_images(pipe.vae, images, image_paths, opts.resolution, generator, device)
     prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt])
     if opts.prior_preservation:
+        waveft.remove(unet)  # class images come from the base model
         if rank == 0:  # rank 0 generates the missing class images, the others wait for them
             ensure_class_images(pipe, opts, class_name, gen_cfg)
         barrier(world_size)
         class_paths = ensure_class_images(pipe, opts, class_name, gen_cfg)
+        add_adapter(unet, opts)
         class_images = [sdxl.load_image(path) for path in class_paths]
         prior = encode_images(pipe.vae, class_images, class_paths, opts.resolution, generator, device)
         prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt, f"a {class_name}"])
@@ -416,42 +593,39 @@ def main(argv=None):
     latent_scale, latent_shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", 0) or 0
     pipe.vae.to("cpu"), pipe.text_encoder.to("cpu"), pipe.text_encoder_2.to("cpu")  # free the accelerator
 
-    # The model: frozen UNet + trainable adapters (waveft creates them in float32 even on a bf16 UNet).
-    unet = pipe.unet
-    unet.requires_grad_(False)
-    waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
-                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank)
     params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
-    if device.type == "cuda" and opts.gradient_checkpointing:
+    if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     optimizer = torch.optim.AdamW(params.values(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay,
                                   eps=1e-8)
     passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
-    start = load_checkpoint(checkpoint_path, params, optimizer, generator, opts, passes) if opts.resume else 0
+    start = restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
     broadcast_from_rank0(params, world_size)
 
+    config = {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
+              "run_name": run_dir.name, "argv": argv}
+    # Training really starts: files from here on (rank 0's alone under torchrun).
+    log = start_files(run_dir, config, start, opts.overwrite) if rank == 0 else None
+
     n_layers = len(waveft.adapted_layers(unet))
-    print(f"{run_name(opts)}: {opts.method} on {n_layers} layers of {opts.model}, "
+    print(f"{run_dir.name}: {opts.method} on {n_layers} layers of {opts.model}, "
           f"{waveft.count_parameters(unet):,} trainable parameters; {len(image_paths)} images of {instance_prompt!r}"
           f"{' + prior preservation' if opts.prior_preservation else ''}\n"
-          f"device {device}, {'bf16 autocast' if use_bf16 else 'float32'}, steps {start}->{opts.steps} "
+          f"device {device}, {'bf16 autocast' if use_bf16 else 'float32'}"
+          f"{', gradient checkpointing' if opts.gradient_checkpointing else ''}, steps {start}->{opts.steps} "
           f"x {opts.grad_accum} micro-batches, output {run_dir}", flush=True)
 
-    loss_rows = []
-    if start and (run_dir / "loss.csv").exists():  # keep the log up to the checkpoint, drop what came after it
-        loss_rows = [row for row in csv.reader(open(run_dir / "loss.csv"))][1:start + 1]
     stop_requested = []
 
     def request_stop(*_):  # Ctrl-C: finish this step, save, leave; a second Ctrl-C interrupts at once
         stop_requested.append(True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    progress = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc=run_name(opts),
-                    disable=rank != 0)
+    progress = tqdm(total=opts.steps, initial=start, desc=run_dir.name, disable=rank != 0)  # counts finished steps
     try:
-        for step in progress:
+        for step in range(start, opts.steps):
             # Every rank plans the whole step (the same plan); each computes its share of the micro-batches.
             plan = plan_step(opts.batching, passes, len(image_paths), len(prior[0]) if opts.prior_preservation else 0,
                              opts.grad_accum, generator, opts.seed if opts.fixed_noise else None)
@@ -479,8 +653,12 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(params.values(), opts.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_rows.append([step + 1, f"{step_loss:.6f}", f"{step_prior:.6f}"])
-            progress.set_postfix(loss=f"{step_loss:.4f}")
+            if log:
+                with reported_write(loss_path):  # the log before the checkpoint: it may run ahead of it, never behind
+                    csv.writer(log).writerow([step + 1, f"{step_loss:.6f}", f"{step_prior:.6f}"])
+                    log.flush()
+            progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+            progress.update()  # before a Ctrl-C exit: the bar shows the step that is saved
             stop = any_rank(stop_requested, world_size)  # all ranks stop after the same step
             if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
                 save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
@@ -491,9 +669,9 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
-        if rank == 0:
-            with open(run_dir / "loss.csv", "w", newline="") as f:
-                csv.writer(f).writerows([["step", "loss", "prior_loss"]] + loss_rows)
+        if log:  # rank 0's; a failed append was reported already, and the file keeps its rows
+            with contextlib.suppress(OSError):
+                log.close()
     leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
     if rank != 0:
         return run_dir
@@ -501,28 +679,28 @@ def main(argv=None):
 
     # The adapter file describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed, ...)
     # plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training".
-    training = {key: value for key, value in json.loads((run_dir / "config.json").read_text()).items()
-                if key not in ("argv", "resume", "device")}
-    waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={
-        "model": opts.model, "subject": opts.subject, "class_name": class_name, "unique_token": opts.unique_token,
-        "instance_prompt": instance_prompt, "resolution": opts.resolution, "training": training})
+    training = {key: value for key, value in config.items() if key not in ("argv", "resume", "overwrite", "device")}
+    with reported_write(run_dir / "adapter.safetensors"):  # waveft.save writes through a temporary file itself
+        waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={
+            "model": opts.model, "subject": opts.subject, "class_name": class_name, "unique_token": opts.unique_token,
+            "instance_prompt": instance_prompt, "resolution": opts.resolution, "training": training})
 
     # Validation grid: the instance prompt and the first evaluation prompts, two seeds each, made by the same
     # function (and settings) evaluate.py uses; the adapter is live in the UNet, exactly as trained.
-    unet.eval()
-    pipe.to(device)
-    prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
-    prompts = prompts[:opts.validation_prompts]
-    seeds = gen_cfg.seeds[:2]
-    images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
-    grid = sdxl.image_grid(images, cols=len(seeds), labels=[p for p in prompts for _ in seeds])
-    grid.save(run_dir / "validation.png")
-    print(f"saved {run_dir / 'adapter.safetensors'} and {run_dir / 'validation.png'}")
+    if opts.validation_prompts:
+        unet.eval()
+        pipe.to(device)
+        prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
+        prompts, seeds = prompts[:opts.validation_prompts], gen_cfg.seeds[:2]
+        images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
+        grid = sdxl.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
+        write_atomically(run_dir / "validation.png", lambda tmp: grid.save(tmp, format="PNG"))
+    print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}")
     return run_dir
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to fix; no traceback
+    except (ValueError, FileNotFoundError, WriteError) as error:  # bad input, full disk: one line, no traceback
         sys.exit(f"error: {error}")

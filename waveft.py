@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 import dwt
 
@@ -318,9 +318,15 @@ def save(model, path, extra_metadata=None):
             tensors[f"{name}.waveft_positions"] = m.waveft_positions.to(torch.int32).cpu()  # (2, k)
     meta = dict(model._waveft_config, layers={n: [m.base.out_features, m.base.in_features] for n, m in layers},
                 **(extra_metadata or {}))
+    data = save_bytes(tensors, metadata={key: json.dumps(value) for key, value in meta.items()})
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={key: json.dumps(value) for key, value in meta.items()})
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written adapter
+    try:  # open() gives the file the umask's mode (safetensors' save_file makes it 0600)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written adapter
+    finally:
+        if os.path.exists(tmp):  # a failed write (full disk) leaves no temporary file behind
+            os.remove(tmp)
 
 
 def read_metadata(path):

@@ -34,13 +34,13 @@ def tiny_run_dir(tmp_path_factory, dreambooth_dir):
     import subprocess
     out = tmp_path_factory.mktemp("tiny_run")
     argv = [sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog6", "--k", "2000", "--model", "tiny",
-            "--data-dir", str(dreambooth_dir), "--output-dir", str(out), "--resolution", "64", "--steps", "4",
-            "--grad-accum", "2", "--checkpoint-every", "2", "--sample-steps", "2"]
+            "--data-dir", os.path.relpath(dreambooth_dir, out), "--output-dir", ".", "--resolution", "64",
+            "--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2", "--sample-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is faster on a shared 2-core machine
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=out)  # relative paths
     (out / "train.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout + result.stderr
-    return out / "dog6-waveft-k2000"
+    return out / "dog6-waveft-k2000-tiny-steps4-ga2"  # every option that differs from the defaults names the run
 
 
 @pytest.fixture(scope="session")

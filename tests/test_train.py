@@ -4,18 +4,28 @@ One real training run as a subprocess (the `tiny_run_dir` fixture) serves the ou
 learning signal and bad input call `train_dreambooth.main(argv)` in-process, which is the same code without paying
 a python + diffusers import per case.
 """
+import contextlib
 import csv
+import dataclasses
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 
 import sdxl
@@ -41,6 +51,26 @@ def tiny_argv(data_dir, out, *extra):
             "--resolution", "64", "--grad-accum", "2", "--validation-prompts", "1", "--sample-steps", "1", *extra]
 
 
+def run_dir_of(argv):
+    options = train_dreambooth.parse_options(argv)
+    return Path(options.output_dir) / train_dreambooth.run_name(options)
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def adapter_tensors(run_dir):
+    return safetensors.torch.load_file(run_dir / "adapter.safetensors")
+
+
+def tensors_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+BF16_CHECKPOINTING = ["--mixed-precision", "bf16", "--gradient-checkpointing"]
+
+
 def read_losses(run_dir):
     return [float(row["loss"]) for row in csv.DictReader(open(run_dir / "loss.csv"))]
 
@@ -56,21 +86,38 @@ def unet_output(unet, seed=0):
 # ---------------------------------------------------------------------------------------------------------------
 # The real script, as a subprocess: outputs, config, metadata, adapter
 
-def test_run_writes_outputs_config_and_summary(tiny_run_dir):
-    for name in ("config.json", "adapter.safetensors", "loss.csv", "validation.png", "checkpoint.pt"):
-        assert (tiny_run_dir / name).is_file(), name
+def test_run_writes_outputs_config_and_summary(tiny_run_dir, dreambooth_dir):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sorted(p.name for p in tiny_run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)  # no temporary files
+    for path in tiny_run_dir.iterdir():  # all written atomically, all with the user's umask (not a temp file's 0600)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
     config = json.loads((tiny_run_dir / "config.json").read_text())
     expected = dict(subject="dog6", class_name="dog", unique_token="zjw", model="tiny", method="waveft", k=2000,
                     rank=1, scaling=25.0, wavelet="db1", use_idwt=True, seed=42, resolution=64, steps=4,
-                    grad_accum=2, lr=1e-4, instance_prompt="a zjw dog", prior_preservation=False)
+                    grad_accum=2, lr=1e-4, instance_prompt="a zjw dog", prior_preservation=False,
+                    device="cpu", mixed_precision="no", gradient_checkpointing=False,  # what was used, not "auto"
+                    data_dir=str(dreambooth_dir.resolve()), run_name=tiny_run_dir.name)  # absolute, given relative
     assert {key: config[key] for key in expected} == expected
-    assert config["argv"][:2] == ["--subject", "dog6"] and "data_dir" in config
+    assert config["argv"][:2] == ["--subject", "dog6"]
     losses = read_losses(tiny_run_dir)
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
     assert Image.open(tiny_run_dir / "validation.png").size[0] == 2 * 64  # 2 seeds per prompt, 64 px each
     log = (tiny_run_dir.parent / "train.log").read_text()
-    assert "64 layers" in log and "128,000 trainable parameters" in log and "device cpu, float32" in log
+    assert "64 layers" in log and "128,000 trainable parameters" in log and "device cpu, float32," in log
     assert "it/s" in log or "s/it" in log  # the tqdm bar
+    assert "requires torchvision" not in log and "warning" not in log.lower()  # quiet by default
+    assert "on the CPU takes hours" not in log  # the tiny model gets no full-model-on-CPU note
+
+
+def test_transformers_torchvision_fallback_message_alone_is_dropped():
+    logger = logging.getLogger("transformers.utils.import_utils")
+
+    def record(message):
+        return logging.LogRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)
+    assert not logger.filter(record("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+                                    "`CLIPImageProcessorPil` for backward compatibility."))
+    assert logger.filter(record("`CLIPImageProcessor` something else went wrong"))  # real warnings still show
 
 
 def test_adapter_loads_into_fresh_tiny_unet_and_changes_it(tiny_run_dir):
@@ -88,21 +135,25 @@ def test_adapter_loads_into_fresh_tiny_unet_and_changes_it(tiny_run_dir):
     assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-6
 
 
-def test_cli_reports_bad_input_without_traceback(dreambooth_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog4",
+def test_cli_reports_bad_input_in_one_line(dreambooth_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog6", "--k", "0",
                              "--data-dir", str(dreambooth_dir), "--output-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1
-    assert "error: unknown subject 'dog4'" in result.stderr and "dog6" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr == "error: --k 0: must be positive\n"  # the option and its value; no usage, no traceback
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Resume and learning, in-process
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(dreambooth_dir, tmp_path, monkeypatch):
-    argv = tiny_argv(dreambooth_dir, tmp_path / "full", "--k", "2000", "--steps", "4", "--checkpoint-every", "3")
-    full_dir = train_dreambooth.main(argv)
+@pytest.mark.parametrize("precision", [[], BF16_CHECKPOINTING], ids=["float32", "bf16+checkpointing"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(dreambooth_dir, tmp_path, monkeypatch, capsys,
+                                                                      device, precision):
+    def argv(out, *extra):
+        return tiny_argv(dreambooth_dir, tmp_path / out, "--k", "2000", "--steps", "4", "--checkpoint-every", "3",
+                         "--validation-prompts", "0", "--device", str(device), *precision, *extra)
+    full_dir = train_dreambooth.main(argv("full"))
 
     # Ctrl-C arrives during step 2: the script finishes that step, writes the checkpoint and exits with 130.
     clip, calls = torch.nn.utils.clip_grad_norm_, []
@@ -113,26 +164,26 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(dreambooth
             signal.raise_signal(signal.SIGINT)
         return clip(*args, **kwargs)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
-    argv = tiny_argv(dreambooth_dir, tmp_path / "cut", "--k", "2000", "--steps", "4", "--checkpoint-every", "3")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        train_dreambooth.main(argv)
+        train_dreambooth.main(argv("cut"))
     assert exit_info.value.code == 130
     monkeypatch.undo()
-    cut_dir = tmp_path / "cut" / "dog6-waveft-k2000"
+    assert re.findall(r"(\d+)/4 \[", capsys.readouterr().err)[-1] == "2"  # the bar ends at the saved step
+    cut_dir = run_dir_of(argv("cut"))
     assert torch.load(cut_dir / "checkpoint.pt", weights_only=True)["step"] == 2
     assert len(read_losses(cut_dir)) == 2 and not (cut_dir / "adapter.safetensors").exists()
 
+    before = snapshot(cut_dir)
     with pytest.raises(ValueError, match=r"other options: lr \(0.0001 -> 0.001\)"):
-        train_dreambooth.main(argv + ["--resume", "--lr", "1e-3"])
-    train_dreambooth.main(argv + ["--resume"])
+        train_dreambooth.main(argv("cut", "--resume", "--lr", "1e-3", "--run-name", cut_dir.name))
+    assert snapshot(cut_dir) == before  # a refused start changes no file
+    train_dreambooth.main(argv("cut", "--resume"))
     a = dict(waveft.adapted_layers(_loaded(full_dir)))
     b = dict(waveft.adapted_layers(_loaded(cut_dir)))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[n].waveft_spectrum, b[n].waveft_spectrum) for n in a)  # bit for bit
     assert read_losses(full_dir) == read_losses(cut_dir)
-
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path / "empty", "--resume"))
 
 
 def _loaded(run_dir):
@@ -151,11 +202,12 @@ def test_fixed_noise_training_lowers_the_loss(dreambooth_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method_args, folder, tensor", [
-    (["--k", "2000", "--use-idwt", "false"], "dog6-waveft_noidwt-k2000", "waveft_spectrum"),
-    (["--method", "lora", "--rank", "2"], "dog6-lora-r2", "lora_B"),
+    (["--k", "2000", "--use-idwt", "false"], "dog6-waveft_noidwt-k2000-tiny-steps3-ga1-fixed-noise", "waveft_spectrum"),
+    (["--method", "lora", "--rank", "2"], "dog6-lora-r2-tiny-steps3-ga1-fixed-noise", "lora_B"),
 ])
 def test_baselines_run_in_the_same_loop(dreambooth_dir, tmp_path, method_args, folder, tensor):
-    argv = tiny_argv(dreambooth_dir, tmp_path, *method_args, "--steps", "3", "--grad-accum", "1", "--fixed-noise")
+    argv = tiny_argv(dreambooth_dir, tmp_path, *method_args, "--steps", "3", "--grad-accum", "1", "--fixed-noise",
+                     "--validation-prompts", "0")
     run_dir = train_dreambooth.main(argv)
     assert run_dir.name == folder
     losses = read_losses(run_dir)
@@ -165,11 +217,13 @@ def test_baselines_run_in_the_same_loop(dreambooth_dir, tmp_path, method_args, f
     assert getattr(layer, tensor).abs().sum() > 0 and layer.scaling == (25.0 if "waveft" in folder else 1.0)
 
 
-def test_prior_preservation_from_a_local_model_folder(dreambooth_dir, tiny_model_dir, tmp_path):
+def test_prior_preservation_from_a_local_model_folder(dreambooth_dir, tiny_model_dir, tmp_path, capsys):
     # --model DIR: the same from_pretrained path a real SDXL folder takes. Class images come from the base model.
     argv = tiny_argv(dreambooth_dir, tmp_path, "--k", "2000", "--steps", "2", "--prior-preservation",
                      "--class-images", "2", "--model", str(tiny_model_dir))
     run_dir = train_dreambooth.main(argv)
+    assert capsys.readouterr().out.count("on the CPU takes hours") == 1  # not the tiny model: said once, up front
+    assert run_dir.name == f"dog6-waveft-k2000-{tiny_model_dir.name}-steps2-ga2-res64-prior-cls2"
     assert json.loads((run_dir / "config.json").read_text())["model"] == str(tiny_model_dir)
     class_images = sorted((tmp_path / "class-images" / tiny_model_dir.name / "dog").glob("*.png"))
     assert [p.name for p in class_images] == ["0000.png", "0001.png"]
@@ -200,19 +254,254 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
 
     if sdxl.hub_reachable():  # keep the test hermetic where a hub happens to be reachable
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from diffusers import StableDiffusionXLPipeline  # noqa: F401 (imported before the clock starts: not what is timed)
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"not available[\s\S]*--model tiny"):
         run("--model", SDXL_ID)
     assert time.perf_counter() - start < 5
 
-    for bad in (["--no-such-flag", "1"], ["--use-idwt", "maybe"], ["--method", "vera"], ["--resolution", "100"]):
+    # A bad value: one line naming the option and its value
+    for bad, message in ((["--k", "0"], "--k 0: must be positive"), (["--steps", "-1"], "--steps -1: must be positive"),
+                         (["--method", "vera"], "--method vera: must be one of waveft, lora"),
+                         (["--wavelet", "db99"], "--wavelet db99: must be one of haar, db1, db2"),
+                         (["--resolution", "100"], "--resolution 100: must be a multiple of 64"),
+                         (["--mixed-precision", "fp16"], "--mixed-precision fp16: must be one of auto, bf16, no"),
+                         (["--device", "tpu9"], "--device tpu9: not a torch device"),
+                         (["--resume", "--overwrite"], "give one of them")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run(*bad)
+    for bad in (["--no-such-flag", "1"], ["--use-idwt", "maybe"]):  # argparse's own errors keep their usage line
         with pytest.raises(SystemExit) as exit_info:
             run(*bad)
         assert exit_info.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
-    assert train_dreambooth.parse_options(["--subject", "x", "--use-idwt", "false", "--prior-preservation"]) == \
-        train_dreambooth.Options(subject="x", use_idwt=False, prior_preservation=True, scaling=25.0,
-                                 resolution=1024)
+    assert [p.name for p in tmp_path.iterdir()] == ["corrupt"]  # nothing above wrote anything
+
+    # An option that cannot matter is not checked, and given explicitly it draws a one-line warning
+    parse = train_dreambooth.parse_options
+    assert parse(["--subject", "x", "--rank", "0"]).rank == 0
+    assert parse(["--subject", "x", "--method", "lora", "--k=0", "--class-images", "5"]).k == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --rank has no effect with --method waveft", "warning: --class-images has no effect without "
+        "--prior-preservation", "warning: --k has no effect with --method lora"]
+    cuda = torch.cuda.is_available()
+    assert parse(["--subject", "x", "--use-idwt", "false", "--prior-preservation"]) == train_dreambooth.Options(
+        subject="x", use_idwt=False, prior_preservation=True, scaling=25.0, resolution=1024,
+        device="cuda" if cuda else "cpu", mixed_precision="bf16" if cuda else "no", gradient_checkpointing=cuda)
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Never lose a run: one folder per distinct run, no overwrite, nothing written before training starts, a full disk
+
+def test_every_option_that_changes_the_result_changes_the_folder_name():
+    parse, name = train_dreambooth.parse_options, train_dreambooth.run_name
+    assert name(parse(["--subject", "dog6"])) == "dog6-waveft-k2592"
+    assert name(parse(["--subject", "dog6", "--wavelet", "db4", "--lr", "2e-4"])) == "dog6-waveft-k2592-db4-lr2e-4"
+    assert name(parse(["--subject", "dog6", "--model", "tiny", "--resolution", "64"])) == "dog6-waveft-k2592-tiny"
+    assert name(parse(["--subject", "dog6", "--method", "lora", "--k", "7", "--steps", "1000"])) == \
+        "dog6-lora-r1-steps1000"  # --k cannot matter for LoRA
+    # Generically, from the fields: every option not declared result-neutral, changed alone (where it has an effect),
+    # gives a new folder name; so will an option added later.
+    base = parse(["--subject", "dog6"])
+    valid = {"method": "lora", "wavelet": "db4", "model": "tiny", "mixed_precision": "no" if
+             base.mixed_precision == "bf16" else "bf16"}
+    names = set()
+    for field in dataclasses.fields(train_dreambooth.Options):
+        if field.name in train_dreambooth.NO_EFFECT_ON_RESULT | {"subject"}:
+            continue
+        context = base
+        if field.name in train_dreambooth.ignored_options(base):
+            context = dataclasses.replace(base, **({"method": "lora"} if field.name == "rank" else
+                                                   {"prior_preservation": True}))
+        value = getattr(context, field.name)
+        other = valid.get(field.name, not value if isinstance(value, bool) else
+                          value * 2 + 1 if isinstance(value, (int, float)) else value + "x")
+        changed = name(dataclasses.replace(context, **{field.name: other}))
+        assert changed != name(context), field.name
+        names.add(changed)
+    assert len(names) == len(dataclasses.fields(train_dreambooth.Options)) - len(
+        train_dreambooth.NO_EFFECT_ON_RESULT) - 1
+
+
+def test_an_existing_run_is_never_replaced_and_a_refused_start_writes_nothing(dreambooth_dir, tmp_path):
+    argv = tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--validation-prompts", "0")
+    run_dir = train_dreambooth.main(argv)
+    before, adapter = snapshot(run_dir), adapter_tensors(run_dir)
+    with pytest.raises(ValueError, match=re.escape(f"{run_dir} already holds a run (checkpoint.pt, adapter.safetensors)"
+                                                   ": continue it with --resume, start it again with --overwrite")):
+        train_dreambooth.main(argv)
+    assert snapshot(run_dir) == before
+    (run_dir / "validation.png").write_bytes(b"from the earlier run")
+    assert train_dreambooth.main(argv + ["--overwrite"]) == run_dir
+    after = snapshot(run_dir)
+    assert sorted(after) == ["adapter.safetensors", "checkpoint.pt", "config.json", "loss.csv"]  # all replaced
+    assert tensors_equal(adapter_tensors(run_dir), adapter) and after["loss.csv"] == before["loss.csv"]
+
+    refused = tmp_path / "refused"
+    for extra, error in ((["--k", "5000"], "k=5000 is invalid for layer"), (["--resume"], "no checkpoint at")):
+        with pytest.raises((ValueError, FileNotFoundError), match=error):
+            train_dreambooth.main(tiny_argv(dreambooth_dir, refused, "--steps", "1", *extra))
+    assert not refused.exists()
+
+
+def test_a_full_disk_at_a_checkpoint_loses_nothing(dreambooth_dir, tmp_path, monkeypatch):
+    def argv(out, *extra):
+        return tiny_argv(dreambooth_dir, tmp_path / out, "--steps", "3", "--checkpoint-every", "1",
+                         "--validation-prompts", "0", *extra)
+    full_dir = train_dreambooth.main(argv("full"))
+
+    save, calls = torch.save, []
+
+    def disk_fills_at_second_checkpoint(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"the first bytes of a checkpoint")  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", disk_fills_at_second_checkpoint)
+    with pytest.raises(train_dreambooth.WriteError) as error:
+        train_dreambooth.main(argv("cut"))
+    monkeypatch.undo()
+    cut_dir = run_dir_of(argv("cut"))
+    assert re.fullmatch(rf"cannot write {re.escape(str(cut_dir / 'checkpoint.pt'))}: No space left on device "
+                        r"\([\d,]+ MiB free there\).*--resume once a checkpoint exists\)", str(error.value))
+    assert sorted(p.name for p in cut_dir.iterdir()) == ["checkpoint.pt", "config.json", "loss.csv"]  # no .tmp
+    assert torch.load(cut_dir / "checkpoint.pt", weights_only=True)["step"] == 1  # the previous one, loadable
+    assert read_losses(cut_dir) == read_losses(full_dir)[:2]  # the log up to the failure, not truncated
+    train_dreambooth.main(argv("cut", "--resume"))
+    assert read_losses(cut_dir) == read_losses(full_dir)
+    assert tensors_equal(adapter_tensors(cut_dir), adapter_tensors(full_dir))
+
+
+def test_two_lora_runs_with_the_same_options_are_equal(dreambooth_dir, tmp_path):
+    adapters = []
+    for name in ("first", "second"):
+        argv = tiny_argv(dreambooth_dir, tmp_path, "--method", "lora", "--steps", "1", "--grad-accum", "1",
+                         "--validation-prompts", "0", "--run-name", name)
+        adapters.append(adapter_tensors(train_dreambooth.main(argv)))
+    assert (tmp_path / "first").is_dir() and (tmp_path / "second").is_dir()  # --run-name chooses the folder
+    assert tensors_equal(*adapters)  # lora_A's init comes from --seed, not from the global RNG
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU's path on any device: bf16 autocast + bf16 frozen UNet + float32 adapters, gradient checkpointing
+
+def first_step_gradients(dreambooth_dir, out, device, *extra, monkeypatch):
+    """The adapter gradients of one real training step (grabbed where they are clipped), and how many blocks
+    were recomputed (checkpointed) on the way."""
+    clip, checkpoint, grads, recomputed = torch.nn.utils.clip_grad_norm_, torch.utils.checkpoint.checkpoint, [], []
+
+    def grab(params, *args, **kwargs):
+        params = list(params)
+        grads.append(torch.cat([p.grad.detach().float().flatten().cpu() for p in params]))
+        return clip(params, *args, **kwargs)
+
+    def count(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", grab)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", count)
+    train_dreambooth.main(tiny_argv(dreambooth_dir, out, "--steps", "1", "--validation-prompts", "0", "--device",
+                                    str(device), *extra))
+    monkeypatch.undo()
+    return grads[0], len(recomputed)
+
+
+def test_bf16_gradients_are_close_to_float32_and_checkpointing_changes_none(dreambooth_dir, tmp_path, device,
+                                                                             monkeypatch):
+    def gradients(*extra):
+        return first_step_gradients(dreambooth_dir, tmp_path / "-".join(extra or ["fp32"]), device, "--mixed-precision",
+                                    *extra, monkeypatch=monkeypatch)
+    (fp32, plain), (fp32_checkpointed, recomputed) = gradients("no"), gradients("no", "--gradient-checkpointing")
+    bf16, recomputed_bf16 = gradients("bf16", "--gradient-checkpointing")
+    assert plain == 0 and recomputed > 0 and recomputed_bf16 == recomputed  # checkpointing is really on, or off
+    assert fp32.abs().max() > 0 and torch.isfinite(bf16).all()
+    assert torch.equal(fp32_checkpointed, fp32)  # recomputing activations replays the same float32 ops exactly
+    # bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2 %). The frozen weights and every matmul's inputs are
+    # rounded to it, through the UNet's ~20 layers, so the adapter gradient differs by a few %: 2.8 % measured on
+    # the CPU; 6 % leaves room for other kernels (CUDA). And it must differ: bf16 really is in use.
+    relative = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert 1e-3 < relative < 0.06, relative
+
+
+def test_bf16_and_checkpointing_run_trains_and_says_what_it_used(dreambooth_dir, tmp_path, device, monkeypatch,
+                                                                 capsys):
+    grid, grid_labels = sdxl.image_grid, []
+    monkeypatch.setattr(sdxl, "image_grid", lambda images, cols, labels: grid_labels.extend(labels) or grid(
+        images, cols, labels))
+    argv = tiny_argv(dreambooth_dir, tmp_path, "--k", "2000", "--steps", "12", "--grad-accum", "1", "--fixed-noise",
+                     "--device", str(device), *BF16_CHECKPOINTING)
+    run_dir = train_dreambooth.main(argv)
+    losses = read_losses(run_dir)
+    assert all(np.isfinite(losses)) and losses[-1] < 0.95 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 9, losses
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["mixed_precision"], config["gradient_checkpointing"], config["device"]) == ("bf16", True,
+                                                                                               str(device))
+    out = capsys.readouterr().out
+    assert f"dataset: {dreambooth_dir.resolve()} (--data-dir)" in out
+    assert f"device {device}, bf16 autocast, gradient checkpointing" in out
+    assert grid_labels == ["a zjw dog (seed 42)", "a zjw dog (seed 43)"]  # validation.png labels its seeds
+    assert Image.open(run_dir / "validation.png").size[0] == 2 * 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training numerics pinned down
+
+def test_the_loss_compares_the_prediction_with_the_noise_at_a_ddpm_noised_latent():
+    scheduler = DDPMScheduler.from_config(sdxl.build_tiny_pipeline().scheduler.config)
+    assert scheduler.config.prediction_type == "epsilon"
+    latents, seen = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)), {}
+
+    def unet(noisy, timesteps, **conditioning):  # predicts zero: the loss is then |target|^2
+        seen.update(noisy=noisy, timesteps=timesteps)
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+    losses = train_dreambooth.diffusion_losses(unet, scheduler, latents, None, None, None,
+                                               torch.Generator().manual_seed(0), contextlib.nullcontext())
+    replay = torch.Generator().manual_seed(0)  # the same draws: noise first, then the timesteps
+    noise = torch.randn(latents.shape, generator=replay)
+    timesteps = torch.randint(1000, (3,), generator=replay)
+    abar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    assert torch.equal(seen["timesteps"], timesteps)
+    assert torch.allclose(seen["noisy"], abar.sqrt() * latents + (1 - abar).sqrt() * noise, atol=1e-6)
+    assert torch.allclose(losses, noise.pow(2).mean(dim=(1, 2, 3)))  # the target is the noise itself
+
+
+def test_latents_are_shifted_then_scaled_and_gradients_are_clipped(dreambooth_dir, tmp_path, monkeypatch):
+    load, encode, losses, step = (sdxl.load_pipeline, train_dreambooth.encode_images,
+                                  train_dreambooth.diffusion_losses, torch.optim.AdamW.step)
+    caches, latents_seen, norms = [], [], []
+
+    def load_with_shift(*args, **kwargs):  # SDXL's VAE has no shift; give it one, so the order of the two shows
+        pipe = load(*args, **kwargs)
+        pipe.vae.register_to_config(shift_factor=0.25)
+        return pipe
+
+    def encode_without_noise(*args, **kwargs):  # std 0: every latent is exactly (mean - shift) * scale
+        means, stds, ids = encode(*args, **kwargs)
+        caches.append(means)
+        return means, torch.zeros_like(stds), ids
+
+    def record_latents(unet, scheduler, latents, *args):
+        latents_seen.append(latents.cpu())
+        return losses(unet, scheduler, latents, *args)
+
+    def record_norm(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return step(optimizer, *args, **kwargs)
+    monkeypatch.setattr(sdxl, "load_pipeline", load_with_shift)
+    monkeypatch.setattr(train_dreambooth, "encode_images", encode_without_noise)
+    monkeypatch.setattr(train_dreambooth, "diffusion_losses", record_latents)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record_norm)
+    train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "2", "--max-grad-norm", "1e-3",
+                                    "--validation-prompts", "0"))
+    scale = sdxl.build_tiny_pipeline().vae.config.scaling_factor
+    expected = (caches[0] - 0.25) * scale  # (5, 4, 8, 8): one per photo
+    assert len(latents_seen) == 4 and all(
+        min((seen[0] - e).abs().max() for e in expected) < 1e-6 for seen in latents_seen)
+    assert len(norms) == 2 and all(abs(norm - 1e-3) < 1e-6 for norm in norms), norms  # clipped to --max-grad-norm
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,3 +560,72 @@ def test_tiny_pipeline_is_deterministic_and_loads_from_disk(tiny_model_dir):
     assert (pixels[3] - pixels[4]).abs().max() <= 2  # (prompt, seed) decides the image, batched or not
     assert (pixels[2] - pixels[3]).abs().mean() > 5  # and another seed gives another image
     assert type(fresh.scheduler).__name__ == "DDPMScheduler"  # generate() swaps its sampler only temporarily
+
+
+def test_each_of_the_30_subjects_gets_the_prompt_list_of_its_kind(dreambooth_dir):
+    live = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}  # the dataset's 9 live subjects
+    classes = sdxl.read_classes(dreambooth_dir)
+    assert len(classes) == 30 and live <= classes.keys()
+    for subject, class_name in classes.items():
+        prompts = sdxl.prompts_for(dreambooth_dir, subject)
+        assert len(prompts) == 25 and prompts[0] == f"a zjw {class_name} in the jungle"
+        assert (f"a zjw {class_name} wearing a santa hat" in prompts) == (subject in live), subject
+        assert (f"a zjw {class_name} on top of a mirror" in prompts) == (subject not in live), subject
+
+
+def test_resizing_keeps_the_aspect_ratio():
+    assert sdxl.resize_shorter_side(Image.new("RGB", (300, 200)), 64).size == (96, 64)
+    assert sdxl.resize_shorter_side(Image.new("RGB", (200, 300)), 64).size == (64, 96)
+    assert sdxl.resize_shorter_side(Image.new("RGB", (1000, 999)), 64).size == (64, 64)  # never below the crop
+
+
+def test_the_dataset_is_found_where_a_newcomer_puts_it(dreambooth_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DREAMBOOTH_DIR", raising=False)
+    with pytest.raises(FileNotFoundError) as error:
+        sdxl.find_data_dir()
+    assert "looked in dataset, dreambooth/dataset, ../shared/dreambooth" in str(error.value)
+    assert "git clone https://github.com/google/dreambooth" in str(error.value)
+    (tmp_path / "dreambooth").mkdir()
+    (tmp_path / "dreambooth" / "dataset").symlink_to(dreambooth_dir)  # where `git clone` puts it
+    assert sdxl.find_data_dir() == (Path("dreambooth/dataset"), "./dreambooth/dataset")
+    monkeypatch.setenv("DREAMBOOTH_DIR", str(dreambooth_dir))
+    assert sdxl.find_data_dir() == (dreambooth_dir, "$DREAMBOOTH_DIR")  # the variable comes first
+    assert sdxl.find_data_dir(str(dreambooth_dir)) == (dreambooth_dir, "--data-dir")  # and --data-dir before it
+    with pytest.raises(FileNotFoundError, match="nowhere has no prompts_and_classes.txt"):
+        sdxl.find_data_dir("nowhere")  # a --data-dir that is not the dataset is an error, not skipped
+    monkeypatch.setenv("DREAMBOOTH_DIR", str(tmp_path / "gone"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"looked in .*gone \(\$DREAMBOOTH_DIR\), dataset"):
+        sdxl.find_data_dir()
+
+
+def test_generation_follows_the_authors_protocol(device, monkeypatch):
+    pipe = sdxl.build_tiny_pipeline().to(device)
+    calls, generator, generator_devices = [], torch.Generator, []
+
+    def make_generator(*args, **kwargs):  # the device each generator is asked for (None: not given)
+        generator_devices.append(torch.device(*args, **kwargs) if args or kwargs else None)
+        return generator(*args, **kwargs)
+    monkeypatch.setattr(torch, "Generator", make_generator)
+
+    def record(self, **kwargs):  # no sampling: the arguments are the point
+        calls.append(dict(kwargs, scheduler=self.scheduler))
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8))] * len(kwargs["prompt"]))
+    monkeypatch.setattr(type(pipe), "__call__", record)
+    images = sdxl.generate(pipe, ["a zjw dog", "a zjw dog on the beach"])
+    assert len(images) == 8 and len(calls) == 2  # one call per prompt, its four seeds batched
+    negative = ("low quality, bad anatomy, worst quality, low res, blurry, distorted, deformed, ugly, duplicate, "
+                "morbid, mutilated, mutation, disfigured, poorly drawn face, bad proportions")  # the authors' string
+    for call in calls:
+        assert call["negative_prompt"] == [negative] * 4
+        assert (call["num_inference_steps"], call["guidance_scale"], call["height"], call["width"]) == (30, 7.5, 1024,
+                                                                                                        1024)
+        assert [g.initial_seed() for g in call["generator"]] == [42, 43, 44, 45]
+        assert all(g.device.type == device.type for g in call["generator"])  # made on the pipeline's device
+        scheduler = call["scheduler"]
+        assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+        assert (scheduler.config.algorithm_type, scheduler.config.solver_order) == ("dpmsolver++", 2)
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"  # swapped back
+    assert generator_devices == [pipe.unet.device] * 8  # asked for explicitly (on the CPU it is the default too)
