@@ -590,5 +590,7 @@ def plot_loss(csv_path, png_path, window=25):
         series += [("prior loss", steps, columns["prior_loss"], "#ffbb78", 1),
                    (f"prior loss, moving average ({window} steps)", steps,
                     moving_average(columns["prior_loss"], window), "#ff7f0e", 2)]
-    line_chart(series, title=f"training loss of {Path(csv_path).resolve().parent.name}", x_label="step", y_label="MSE").save(png_path)
+    chart = line_chart(series, title=f"training loss of {Path(csv_path).resolve().parent.name}", x_label="step",
+                       y_label="MSE")
+    chart.save(png_path, format="PNG")  # format given: the path may be a temporary name
     return png_path

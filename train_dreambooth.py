@@ -86,11 +86,14 @@ class Options:
     sample_steps: int = 30  # sampler steps for validation and class images
     device: str = "auto"  # cuda if available, else cpu
     fixed_noise: bool = False  # debug: same image, noise and timestep every micro-batch (learning-signal test)
+    fast: bool = True  # false: each layer computes the definition F.linear(x, W + dW, b) (teaching; same result)
+    save_merged: bool = False  # also write <run>/merged_unet: the UNet with dW folded in, for plain diffusers
 
 
 # Options that cannot change the adapter: they are left out of the run's folder name.
 NO_EFFECT_ON_RESULT = {"data_dir", "output_dir", "run_name", "overwrite", "resume", "checkpoint_every", "class_dir",
-                       "validation_prompts", "sample_steps", "device", "gradient_checkpointing"}
+                       "validation_prompts", "sample_steps", "device", "gradient_checkpointing", "fast",
+                       "save_merged"}
 # Options that may change between an interrupted run and its --resume (--steps extends a run); others are refused.
 RESUMABLE = NO_EFFECT_ON_RESULT | {"steps"}
 
@@ -427,7 +430,8 @@ def leave_ranks(world_size):
 # ----------------------------------------------------------------------------------------------------------------
 # The run's files: each written so that a crash or a full disk never destroys what was there before
 
-RUN_FILES = ("config.json", "loss.csv", "checkpoint.pt", "adapter.safetensors", "validation.png")
+RUN_FILES = ("config.json", "loss.csv", "loss.png", "checkpoint.pt", "adapter.safetensors", "validation.png",
+             "merged_unet")
 
 
 class WriteError(RuntimeError):
@@ -468,12 +472,20 @@ def start_files(run_dir, config, start, overwrite):
     the checkpoint (a resumed run drops those after it). Returns loss.csv open for appending one row per step."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES if overwrite else ():
-        (run_dir / name).unlink(missing_ok=True)
+        if (run_dir / name).is_dir():  # merged_unet
+            shutil.rmtree(run_dir / name)
+        else:
+            (run_dir / name).unlink(missing_ok=True)
     write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     loss_path = run_dir / "loss.csv"
     kept = list(csv.reader(loss_path.read_text().splitlines()))[1:start + 1] if start and loss_path.exists() else []
     write_atomically(loss_path, lambda tmp: write_rows(tmp, [["step", "loss", "prior_loss"]] + kept))
     return open(loss_path, "a", newline="")
+
+
+def plot_losses(run_dir):
+    """loss.png from loss.csv: the loss of every step and its moving average (sdxl.plot_loss)."""
+    write_atomically(run_dir / "loss.png", lambda tmp: sdxl.plot_loss(run_dir / "loss.csv", tmp))
 
 
 def check_run_dir(run_dir, opts):
@@ -532,7 +544,7 @@ def restore_checkpoint(state, params, optimizer, generator, passes=None):
 
 def add_adapter(unet, opts):
     waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
-                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank, init_seed=opts.seed)
+                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank, init_seed=opts.seed, fast=opts.fast)
 
 
 def main(argv=None):
@@ -662,6 +674,7 @@ def main(argv=None):
             stop = any_rank(stop_requested, world_size)  # all ranks stop after the same step
             if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
                 save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
+                plot_losses(run_dir)
             if stop:
                 print(f"\ninterrupted after step {step + 1}; checkpoint saved to {checkpoint_path}, "
                       f"continue with the same command plus --resume", file=sys.stderr)
@@ -676,6 +689,7 @@ def main(argv=None):
     if rank != 0:
         return run_dir
     save_checkpoint(checkpoint_path, opts.steps, params, optimizer, generator, opts, passes)
+    plot_losses(run_dir)
 
     # The adapter file describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed, ...)
     # plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training".
@@ -684,6 +698,9 @@ def main(argv=None):
         waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={
             "model": opts.model, "subject": opts.subject, "class_name": class_name, "unique_token": opts.unique_token,
             "instance_prompt": instance_prompt, "resolution": opts.resolution, "training": training})
+    if opts.save_merged:  # W + dW in float32, as load_pipeline loads the base: UNet2DConditionModel.from_pretrained
+        with reported_write(run_dir / "merged_unet"):
+            sdxl.save_merged_unet(unet, run_dir / "merged_unet", dtype=torch.float32)
 
     # Validation grid: the instance prompt and the first evaluation prompts, two seeds each, made by the same
     # function (and settings) evaluate.py uses; the adapter is live in the UNet, exactly as trained.

@@ -35,7 +35,7 @@ def tiny_run_dir(tmp_path_factory, dreambooth_dir):
     out = tmp_path_factory.mktemp("tiny_run")
     argv = [sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog6", "--k", "2000", "--model", "tiny",
             "--data-dir", os.path.relpath(dreambooth_dir, out), "--output-dir", ".", "--resolution", "64",
-            "--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2", "--sample-steps", "2"]
+            "--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2", "--sample-steps", "2", "--save-merged"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is faster on a shared 2-core machine
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=out)  # relative paths
     (out / "train.log").write_text(result.stdout + result.stderr)

@@ -91,7 +91,10 @@ def test_run_writes_outputs_config_and_summary(tiny_run_dir, dreambooth_dir):
     os.umask(umask)
     assert sorted(p.name for p in tiny_run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)  # no temporary files
     for path in tiny_run_dir.iterdir():  # all written atomically, all with the user's umask (not a temp file's 0600)
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    loss_png = Image.open(tiny_run_dir / "loss.png")  # drawn from loss.csv at each checkpoint and at the end
+    assert loss_png.format == "PNG" and loss_png.size[0] > 200
     config = json.loads((tiny_run_dir / "config.json").read_text())
     expected = dict(subject="dog6", class_name="dog", unique_token="zjw", model="tiny", method="waveft", k=2000,
                     rank=1, scaling=25.0, wavelet="db1", use_idwt=True, seed=42, resolution=64, steps=4,
@@ -335,7 +338,7 @@ def test_an_existing_run_is_never_replaced_and_a_refused_start_writes_nothing(dr
     (run_dir / "validation.png").write_bytes(b"from the earlier run")
     assert train_dreambooth.main(argv + ["--overwrite"]) == run_dir
     after = snapshot(run_dir)
-    assert sorted(after) == ["adapter.safetensors", "checkpoint.pt", "config.json", "loss.csv"]  # all replaced
+    assert sorted(after) == ["adapter.safetensors", "checkpoint.pt", "config.json", "loss.csv", "loss.png"]  # all replaced
     assert tensors_equal(adapter_tensors(run_dir), adapter) and after["loss.csv"] == before["loss.csv"]
 
     refused = tmp_path / "refused"
@@ -366,7 +369,8 @@ def test_a_full_disk_at_a_checkpoint_loses_nothing(dreambooth_dir, tmp_path, mon
     cut_dir = run_dir_of(argv("cut"))
     assert re.fullmatch(rf"cannot write {re.escape(str(cut_dir / 'checkpoint.pt'))}: No space left on device "
                         r"\([\d,]+ MiB free there\).*--resume once a checkpoint exists\)", str(error.value))
-    assert sorted(p.name for p in cut_dir.iterdir()) == ["checkpoint.pt", "config.json", "loss.csv"]  # no .tmp
+    kept = ["checkpoint.pt", "config.json", "loss.csv", "loss.png"]  # loss.png of the first checkpoint; no .tmp
+    assert sorted(p.name for p in cut_dir.iterdir()) == kept
     assert torch.load(cut_dir / "checkpoint.pt", weights_only=True)["step"] == 1  # the previous one, loadable
     assert read_losses(cut_dir) == read_losses(full_dir)[:2]  # the log up to the failure, not truncated
     train_dreambooth.main(argv("cut", "--resume"))
@@ -629,3 +633,37 @@ def test_generation_follows_the_authors_protocol(device, monkeypatch):
         assert (scheduler.config.algorithm_type, scheduler.config.solver_order) == ("dpmsolver++", 2)
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"  # swapped back
     assert generator_devices == [pipe.unet.device] * 8  # asked for explicitly (on the CPU it is the default too)
+
+
+def test_save_merged_writes_the_unet_with_the_adapter_folded_in(tiny_run_dir):
+    """--save-merged: <run>/merged_unet is a plain diffusers UNet (float32, as the base loads) whose adapted weights
+    are W + delta_weight() of the run's adapter, and whose other weights are the base model's."""
+    from diffusers import UNet2DConditionModel
+    merged = UNet2DConditionModel.from_pretrained(tiny_run_dir / "merged_unet").state_dict()
+    base = sdxl.load_pipeline("tiny").unet
+    expected = dict(base.state_dict())
+    waveft.load(base, tiny_run_dir / "adapter.safetensors")
+    layers = waveft.adapted_layers(base)
+    assert any(m.waveft_spectrum.abs().max() > 0 for _, m in layers)  # the run trained something to fold in
+    for name, layer in layers:
+        expected[f"{name}.weight"] = layer.base.weight.detach() + layer.delta_weight().detach()
+    assert merged.keys() == expected.keys() and all(v.dtype == torch.float32 for v in merged.values())
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_fast_false_trains_through_the_definition_to_the_same_adapter(tmp_path, dreambooth_dir):
+    """--fast false: every layer's forward is F.linear(x, W + delta_weight(), b); 2 steps end at the same adapter as
+    the fast path, up to float rounding (the folder name does not change: the result is the same)."""
+    common = ["--subject", "dog6", "--k", "300", "--model", "tiny", "--data-dir", str(dreambooth_dir), "--steps", "2",
+              "--validation-prompts", "0", "--lr", "1e-2"]
+    fast = train_dreambooth.main(common + ["--output-dir", str(tmp_path / "fast")])
+    slow = train_dreambooth.main(common + ["--output-dir", str(tmp_path / "slow"), "--fast", "false"])
+    assert fast.name == slow.name
+    assert json.loads((slow / "config.json").read_text())["fast"] is False
+    a, b = (safetensors.torch.load_file(run / "adapter.safetensors") for run in (fast, slow))
+    assert a.keys() == b.keys()
+    spectra = [key for key in a if key.endswith("waveft_spectrum")]
+    assert max(float(a[key].abs().max()) for key in spectra) > 1e-3  # it moved
+    for key in spectra:  # Adam's step is ~lr for every coefficient, so float rounding in a tiny gradient shows as
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)  # ~1e-6 here: 1e-3 of the 2e-2 moved
