@@ -214,6 +214,60 @@ def build_tiny_pipeline(seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# SDXL base 1.0's real UNet (2.6 B parameters, 560 attention projections) with random weights, built from its
+# published config without downloading anything: on the meta device for counting layers (tests/test_sdxl_full.py),
+# or allocated once in bf16 for the full-size training benchmark (benchmarks/bench_sdxl.py).
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the fields that shape the network (the rest are
+# UNet2DConditionModel's defaults). attention_head_dim is really the number of heads (64 channels each).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True,
+    freq_shift=0, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)  # 6 time ids x 256 + text_encoder_2's pooled 1280
+SDXL_UNET_PARAMETERS = 2_567_463_684  # the published UNet's size: the test checks the config above against it
+
+
+def build_sdxl_unet(device="meta", dtype=torch.float32, seed=0):
+    """SDXL base 1.0's UNet with random weights, built directly in `dtype` on `device`.
+
+    device="meta": shapes only, no memory, instant (layer and parameter counts). Any other device: the weights are
+    allocated there once, already in `dtype` (a bf16 UNet takes 5.1 GB and never exists in float32, 10.3 GB), then
+    filled cheaply instead of with diffusers' init: Linear/Conv weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the
+    scale of torch's default init, so activations stay finite), biases 0, norm scales 1. The values are
+    meaningless; only speed and memory are measured on this model."""
+    from diffusers import UNet2DConditionModel
+    nn = torch.nn
+    with torch.device("meta"):  # no storage: 2.6 B parameters cost nothing here
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    nn.Module.to(unet, dtype)  # torch's own .to: diffusers' warns about float32-only modules, which SDXL has none of
+    if torch.device(device).type == "meta":
+        return unet
+    unet.to_empty(device=device)  # uninitialised storage, filled below
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if not any(True for _ in module.parameters(recurse=False)):
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                bound = module.weight[0].numel() ** -0.5  # 1 / sqrt(fan_in)
+                module.weight.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+                module.weight.fill_(1.0)
+            else:  # a new diffusers version added a parameter kind: fill it knowingly rather than leave garbage
+                raise TypeError(f"build_sdxl_unet: no fill rule for {name!r} ({type(module).__name__})")
+            if module.bias is not None:
+                module.bias.zero_()
+    if any(True for _ in unet.buffers()):  # to_empty leaves buffers uninitialised too; SDXL's UNet has none
+        raise TypeError("build_sdxl_unet: the UNet has buffers, which would be left uninitialised")
+    return unet
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loading a real model: diffusers' own from_pretrained, but never a minutes-long hang when offline
 
 def hub_reachable(timeout=3.0):
