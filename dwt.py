@@ -42,25 +42,42 @@ dtypes: output dtype and device follow the input; float16/bfloat16 are computed 
 convolutions are slow or missing, and fp32 accumulation is more accurate) and cast back.
 """
 import functools
+import itertools
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 
-WAVELETS = ("haar",) + tuple(f"db{n}" for n in range(1, 11))
+WAVELETS = (("haar",) + tuple(f"db{n}" for n in range(1, 11)) + tuple(f"sym{n}" for n in range(2, 11))
+            + tuple(f"coif{n}" for n in range(1, 6)))
 MODES = ("zero", "constant", "symmetric", "reflect", "periodic", "periodization")
 
 
-def _daubechies_order(wavelet):
+def _family_and_order(wavelet):
+    """'db4' -> ('db', 4), 'haar' -> ('db', 1); anything not in WAVELETS is a ValueError."""
     if wavelet not in WAVELETS:
         raise ValueError(f"unknown wavelet {wavelet!r}; supported wavelets: {', '.join(WAVELETS)}")
-    return 1 if wavelet == "haar" else int(wavelet[2:])
+    if wavelet == "haar":
+        return "db", 1
+    family = wavelet.rstrip("0123456789")
+    return family, int(wavelet[len(family):])
 
 
-@functools.lru_cache(maxsize=None)
-def _daubechies_rec_lo(order):
-    """Minimum-phase Daubechies low-pass filter of length 2*order, float64, by spectral factorisation."""
-    N = order
+def _eager_cache(maxsize=None):
+    """functools.lru_cache for eager calls. torch.compile cannot use such a cache (dynamo warns and traces the
+    wrapped function anyway), so while compiling the function is traced: its small tensor ops become constants."""
+    def decorate(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        return functools.wraps(fn)(lambda *args: fn(*args) if torch.compiler.is_compiling() else cached(*args))
+    return decorate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Filter design, float64, run once per wavelet and never traced (see _filter_bank).
+
+def _daubechies_roots(N):
+    """The N - 1 roots z (|z| < 1) that the zeros of P contribute to the minimum-phase Daubechies filter."""
     p_coeffs = torch.tensor([math.comb(N - 1 + k, k) for k in range(N)], dtype=torch.float64)
     # Roots of P(y) = eigenvalues of its companion matrix (monic: divide by the leading coefficient).
     y = torch.zeros(0, dtype=torch.complex128)  # db1 (Haar): P = 1 has no roots
@@ -74,33 +91,120 @@ def _daubechies_rec_lo(order):
     # y = (2 - z - 1/z) / 4  <=>  z^2 - 2 b z + 1 = 0 with b = 1 - 2y; the two roots are z and 1/z.
     b = 1 - 2 * y
     z = b - torch.sqrt(b * b - 1)
-    z = torch.where(z.abs() > 1, 1 / z, z)  # keep the root inside the unit circle: minimum phase
-    roots = torch.cat([torch.full((N,), -1.0, dtype=torch.complex128), z])
-    poly = torch.ones(1, dtype=torch.complex128)  # coefficients of prod (1 - r z^-1), in powers of z^-1
+    return torch.where(z.abs() > 1, 1 / z, z)  # the root inside the unit circle
+
+
+def _filter_from_roots(roots):
+    """Real filter prod_r (1 - r z^-1) (its coefficients in powers of z^-1), scaled to sum sqrt(2)."""
+    poly = torch.ones(1, dtype=torch.complex128)
     for r in roots:
         poly = torch.cat([poly, poly.new_zeros(1)]) - r * torch.cat([poly.new_zeros(1), poly])
     h = poly.real  # complex roots come in conjugate pairs, so the imaginary part is rounding noise
     return h * (math.sqrt(2) / h.sum())
 
 
-@functools.lru_cache(maxsize=None)
+def _daubechies_rec_lo(N):
+    """Minimum-phase: N zeros at z = -1 plus every root inside the unit circle."""
+    return _filter_from_roots(torch.cat([torch.full((N,), -1.0, dtype=torch.complex128), _daubechies_roots(N)]))
+
+
+# PyWavelets (after MATLAB's tables) stores sym2, sym3 and sym7 with their energy before the middle of rec_lo and
+# every other symlet after it; the two orientations are equally good, so this is a convention, not a choice.
+_SYMLETS_FRONT_HEAVY = (2, 3, 7)
+
+
+def _symlet_rec_lo(N):
+    """Least-asymmetric: per real root or conjugate pair u, take u or 1/u so that the phase is closest to linear."""
+    inside = _daubechies_roots(N)
+    groups = [[u] for u in inside if u.imag == 0] + [[u, u.conj()] for u in inside if u.imag > 0]
+    # Phase of the factor (1 - u e^{-iw}) for |u| < 1 is periodic in w (no wrapping, Re > 0); taking 1/u instead
+    # adds a linear phase and negates the periodic part. So the non-linear phase of a choice is sum_g s_g c_g(w)
+    # with signs s_g = +-1, and we minimise its mean square on a uniform grid (the integrand is smooth, periodic).
+    w = torch.arange(512, dtype=torch.float64) * (2 * math.pi / 512)
+    e = torch.exp(-1j * w)
+    c = torch.stack([sum(torch.angle(1 - u * e) - torch.angle(1 - u) for u in g) for g in groups])  # (G, 512)
+    signs = torch.tensor(list(itertools.product([1.0, -1.0], repeat=len(groups))), dtype=torch.float64)
+    best = signs[(signs @ c).square().mean(1).argmin()]  # s and -s tie: they give the same filter reversed
+    roots = [r if s > 0 else 1 / r for g, s in zip(groups, best) for r in g]
+    h = _filter_from_roots(torch.stack([torch.tensor(-1.0, dtype=torch.complex128)] * N + roots))
+    n = torch.arange(len(h), dtype=torch.float64)
+    front_heavy = bool((n * h.square()).sum() < (len(h) - 1) / 2)
+    return h if front_heavy == (N in _SYMLETS_FRONT_HEAVY) else h.flip(0)
+
+
+def _coiflet_rec_lo(N):
+    """Length 6N; 2N vanishing moments for the wavelet, sum_n (n - 2N)^m h[n] = 0 (m = 1..2N-1) for the scaling
+    function, orthonormal: solved by Newton's method from the interpolating (Deslauriers-Dubuc) filter."""
+    L, centre, K = 6 * N, 2 * N, 2 * N
+    # Start: the filter that interpolates the odd samples from the 2N nearest even ones with a degree-(2N-1)
+    # polynomial. It already has both sets of moments; Newton then only has to make it orthonormal.
+    nodes = range(1 - K, K, 2)
+    start = [0.0] * L
+    start[centre] = 1.0
+    for t in nodes:
+        start[centre + t] = math.prod(-s / (t - s) for s in nodes if s != t)
+    h = torch.tensor(start, dtype=torch.float64) / math.sqrt(2)  # sums to 2 before: now sqrt(2)
+    # Moment rows (n - centre)^m / L^m: scaled so that Newton's linear systems are well conditioned.
+    n = torch.arange(L, dtype=torch.float64)
+    x = (n - centre) / L
+    moments = torch.cat([torch.stack([x ** m for m in range(1, K)]),  # scaling function
+                         torch.stack([(1 - 2 * (n % 2)) * x ** m for m in range(K)])])  # wavelet: sign (-1)^n
+    moment_weights = [(m, 1) for m in range(1, K)] + [(m, -1) for m in range(K)]  # (power, sign of odd n)
+
+    def exact_residual(h):
+        """The solution is ill-conditioned (Jacobian condition ~3e9 for coif5): a float64 residual would leave
+        errors ~1e-8 in h. float64 numbers are exact fractions, so Fraction gives the residual exactly, and Newton
+        steps solved in float64 from it converge to the correctly rounded solution (iterative refinement)."""
+        q = [Fraction(v) for v in h.tolist()]
+        r = [sum(q[i] * q[i + 2 * k] for i in range(L - 2 * k)) - (k == 0) for k in range(3 * N)]
+        r += [sum((1 if i % 2 == 0 else odd) * Fraction(i - centre, L) ** m * q[i] for i in range(L))
+              for m, odd in moment_weights]
+        return torch.tensor([float(v) for v in r], dtype=torch.float64)
+
+    for _ in range(20):
+        shifted = torch.stack([torch.cat([h[2 * k:], h.new_zeros(2 * k)]) + torch.cat([h.new_zeros(2 * k), h[:L - 2 * k]])
+                               for k in range(3 * N)])  # d/dh of sum_i h[i] h[i + 2k]
+        jacobian = torch.cat([shifted, moments])
+        step = torch.linalg.lstsq(jacobian, -exact_residual(h).unsqueeze(1), driver="gelsd").solution[:, 0]
+        h, previous = h + step, h
+        if torch.equal(h, previous):  # converged: the remaining step is below half an ulp (about 6 steps)
+            break
+    return h
+
+
+_FILTER_BANKS = {}  # wavelet -> the four filters as tuples of python floats
+
+
+@torch.compiler.assume_constant_result
+def _filter_bank(wavelet):
+    """(dec_lo, dec_hi, rec_lo, rec_hi) as python floats (float64), designed once per wavelet.
+
+    torch.compile calls this function instead of tracing it (a tracer once turned the signs (-1)^n, then a tensor
+    power, into -(1^n)): the filters enter a graph as constants. The signs are computed in python, exactly."""
+    if wavelet not in _FILTER_BANKS:
+        family, order = _family_and_order(wavelet)
+        design = {"db": _daubechies_rec_lo, "sym": _symlet_rec_lo, "coif": _coiflet_rec_lo}[family]
+        rec_lo = tuple(design(order).tolist())
+        dec_lo = rec_lo[::-1]
+        rec_hi = tuple(c if n % 2 == 0 else -c for n, c in enumerate(dec_lo))  # rec_hi[n] = (-1)^n dec_lo[n]
+        _FILTER_BANKS[wavelet] = (dec_lo, rec_hi[::-1], rec_lo, rec_hi)
+    return _FILTER_BANKS[wavelet]
+
+
+@_eager_cache()
 def _cached_filters(wavelet, dtype, device):
-    rec_lo = _daubechies_rec_lo(_daubechies_order(wavelet))
-    dec_lo = rec_lo.flip(0)
-    rec_hi = dec_lo * (-1.0) ** torch.arange(len(dec_lo), dtype=torch.float64)
-    dec_hi = rec_hi.flip(0)
-    return tuple(f.to(dtype=dtype, device=device) for f in (dec_lo, dec_hi, rec_lo, rec_hi))
+    return tuple(torch.tensor(f, dtype=dtype, device=device) for f in _filter_bank(wavelet))
 
 
 def wavelet_filters(wavelet, dtype=torch.float64, device=None):
     """(dec_lo, dec_hi, rec_lo, rec_hi) as 1-D tensors, in PyWavelets' `filter_bank` order and signs.
 
     Cached per (wavelet, dtype, device): the tensors are shared, do not modify them in place."""
-    _daubechies_order(wavelet)  # validate before caching
+    _family_and_order(wavelet)  # validate before caching
     return _cached_filters(wavelet, dtype, torch.device("cpu" if device is None else device))
 
 
-@functools.lru_cache(maxsize=None)
+@_eager_cache()
 def _kernels(wavelet, dtype, device):
     """Conv weights: analysis (flipped, for correlation) and synthesis (as is, for conv_transpose)."""
     dec_lo, dec_hi, rec_lo, rec_hi = wavelet_filters(wavelet, dtype, device)
@@ -112,7 +216,7 @@ def _kernels(wavelet, dtype, device):
     return analysis.unsqueeze(1), synthesis.unsqueeze(1), outer(analysis), outer(synthesis)
 
 
-@functools.lru_cache(maxsize=4096)
+@_eager_cache(maxsize=4096)
 def _extension_index(n, left, right, mode, device):
     """Indices into a length-n signal of the `left` samples before it and the `right` samples after it."""
     j = torch.cat([torch.arange(-left, 0, device=device), torch.arange(n, n + right, device=device)])
@@ -245,7 +349,7 @@ def idwt2(coeffs, wavelet, mode="symmetric"):
 
 def _check_level(level, length, wavelet):
     """PyWavelets' dwt_max_level: the largest J with (L - 1) * 2^J <= length; None means that maximum."""
-    filter_len = 2 * _daubechies_order(wavelet)
+    filter_len = len(_filter_bank(wavelet)[0])
     max_level = max((length // (filter_len - 1)).bit_length() - 1, 0)
     if level is None:
         return max_level
