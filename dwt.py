@@ -74,7 +74,7 @@ def _eager_cache(maxsize=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Filter design, float64, run once per wavelet and never traced (see _filter_bank).
+# Filter design, float64, run once per wavelet at import and never traced (see _FILTER_BANKS).
 
 def _daubechies_roots(N):
     """The N - 1 roots z (|z| < 1) that the zeros of P contribute to the minimum-phase Daubechies filter."""
@@ -144,12 +144,12 @@ def _coiflet_rec_lo(N):
     for t in nodes:
         start[centre + t] = math.prod(-s / (t - s) for s in nodes if s != t)
     h = torch.tensor(start, dtype=torch.float64) / math.sqrt(2)  # sums to 2 before: now sqrt(2)
-    # Moment rows (n - centre)^m / L^m: scaled so that Newton's linear systems are well conditioned.
-    n = torch.arange(L, dtype=torch.float64)
-    x = (n - centre) / L
-    moments = torch.cat([torch.stack([x ** m for m in range(1, K)]),  # scaling function
-                         torch.stack([(1 - 2 * (n % 2)) * x ** m for m in range(K)])])  # wavelet: sign (-1)^n
-    moment_weights = [(m, 1) for m in range(1, K)] + [(m, -1) for m in range(K)]  # (power, sign of odd n)
+    # Moment conditions sum_n sign(n) (n - centre)^m h[n] = 0 as integer rows, divided by L^m in the Jacobian so
+    # that Newton's linear systems are well conditioned. Scaling function: sign 1, m = 1..2N-1; wavelet: (-1)^n.
+    rows = ([[(n - centre) ** m for n in range(L)] for m in range(1, K)]
+            + [[(-1) ** n * (n - centre) ** m for n in range(L)] for m in range(K)])
+    scales = [L ** m for m in range(1, K)] + [L ** m for m in range(K)]
+    moments = torch.tensor(rows, dtype=torch.float64) / torch.tensor(scales, dtype=torch.float64).unsqueeze(1)
 
     def exact_residual(h):
         """The solution is ill-conditioned (Jacobian condition ~3e9 for coif5): a float64 residual would leave
@@ -157,8 +157,7 @@ def _coiflet_rec_lo(N):
         steps solved in float64 from it converge to the correctly rounded solution (iterative refinement)."""
         q = [Fraction(v) for v in h.tolist()]
         r = [sum(q[i] * q[i + 2 * k] for i in range(L - 2 * k)) - (k == 0) for k in range(3 * N)]
-        r += [sum((1 if i % 2 == 0 else odd) * Fraction(i - centre, L) ** m * q[i] for i in range(L))
-              for m, odd in moment_weights]
+        r += [sum(w * v for w, v in zip(row, q)) / scale for row, scale in zip(rows, scales)]
         return torch.tensor([float(v) for v in r], dtype=torch.float64)
 
     for _ in range(20):
@@ -172,28 +171,24 @@ def _coiflet_rec_lo(N):
     return h
 
 
-_FILTER_BANKS = {}  # wavelet -> the four filters as tuples of python floats
+def _design_filter_bank(wavelet):
+    """(dec_lo, dec_hi, rec_lo, rec_hi) as tuples of python floats (float64), in PyWavelets' order and signs."""
+    family, order = _family_and_order(wavelet)
+    rec_lo = tuple({"db": _daubechies_rec_lo, "sym": _symlet_rec_lo, "coif": _coiflet_rec_lo}[family](order).tolist())
+    dec_lo = rec_lo[::-1]
+    rec_hi = tuple(c if n % 2 == 0 else -c for n, c in enumerate(dec_lo))  # rec_hi[n] = (-1)^n dec_lo[n]
+    return dec_lo, rec_hi[::-1], rec_lo, rec_hi
 
 
-@torch.compiler.assume_constant_result
-def _filter_bank(wavelet):
-    """(dec_lo, dec_hi, rec_lo, rec_hi) as python floats (float64), designed once per wavelet.
-
-    torch.compile calls this function instead of tracing it (a tracer once turned the signs (-1)^n, then a tensor
-    power, into -(1^n)): the filters enter a graph as constants. The signs are computed in python, exactly."""
-    if wavelet not in _FILTER_BANKS:
-        family, order = _family_and_order(wavelet)
-        design = {"db": _daubechies_rec_lo, "sym": _symlet_rec_lo, "coif": _coiflet_rec_lo}[family]
-        rec_lo = tuple(design(order).tolist())
-        dec_lo = rec_lo[::-1]
-        rec_hi = tuple(c if n % 2 == 0 else -c for n, c in enumerate(dec_lo))  # rec_hi[n] = (-1)^n dec_lo[n]
-        _FILTER_BANKS[wavelet] = (dec_lo, rec_hi[::-1], rec_lo, rec_hi)
-    return _FILTER_BANKS[wavelet]
+# Every filter bank is designed once, here at import (all of them: tens of milliseconds), as python floats:
+# a tracer (torch.compile, torch.jit.trace, torch.export) sees them as constants and cannot get them wrong. (It
+# once did: torch 2.13's dynamo traced the signs (-1.0) ** torch.arange(L) as -(1.0 ** arange).)
+_FILTER_BANKS = {wavelet: _design_filter_bank(wavelet) for wavelet in WAVELETS}
 
 
 @_eager_cache()
 def _cached_filters(wavelet, dtype, device):
-    return tuple(torch.tensor(f, dtype=dtype, device=device) for f in _filter_bank(wavelet))
+    return tuple(torch.tensor(f, dtype=dtype, device=device) for f in _FILTER_BANKS[wavelet])
 
 
 def wavelet_filters(wavelet, dtype=torch.float64, device=None):
@@ -349,7 +344,8 @@ def idwt2(coeffs, wavelet, mode="symmetric"):
 
 def _check_level(level, length, wavelet):
     """PyWavelets' dwt_max_level: the largest J with (L - 1) * 2^J <= length; None means that maximum."""
-    filter_len = len(_filter_bank(wavelet)[0])
+    _family_and_order(wavelet)
+    filter_len = len(_FILTER_BANKS[wavelet][0])
     max_level = max((length // (filter_len - 1)).bit_length() - 1, 0)
     if level is None:
         return max_level
