@@ -49,7 +49,8 @@ def assert_compiled_equals_eager(fn, backend, *args):
 X = torch.randn(2, 12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("backend, wavelet, mode", [("eager", "db2", "symmetric"), ("aot_eager", "sym4", "periodization")])
+@pytest.mark.parametrize("backend, wavelet, mode", [("eager", "db2", "symmetric"),
+                                                    ("aot_eager", "sym4", "periodization")])
 def test_dwt_compiled_equals_eager(backend, wavelet, mode):
     assert_compiled_equals_eager(transforms, backend, X, wavelet, mode)
 

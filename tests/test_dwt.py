@@ -231,21 +231,89 @@ def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet):
     assert_matches(ours, reference, torch.float64, f"idwt2 quarters {wavelet}")
 
 
+def test_level_above_maximum_warns_and_computes_like_pywavelets():
+    """PyWavelets warns ("all coefficients will experience boundary effects") and computes; so do we."""
+    x = torch.randn(2, 20, dtype=torch.float64)  # db2: maximum level 2
+    image = torch.randn(20, 17, dtype=torch.float64)  # db2: maximum level 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = pywt.wavedec(x.numpy(), "db2", level=5)
+        reference2 = pywt.wavedec2(image.numpy(), "db2", level=4)
+    with pytest.warns(UserWarning, match="all coefficients will experience boundary effects"):
+        coeffs = dwt.wavedec(x, "db2", level=5)
+    assert_matches(coeffs, reference, torch.float64, "wavedec level 5")
+    assert_matches(dwt.waverec(coeffs, "db2"), pywt.waverec(reference, "db2"), torch.float64, "waverec level 5")
+    with pytest.warns(UserWarning, match="level 4 is above the maximum 2 .*boundary effects"):
+        coeffs2 = dwt.wavedec2(image, "db2", level=4)
+    assert_matches(coeffs2, reference2, torch.float64, "wavedec2 level 4")
+    assert_matches(dwt.waverec2(coeffs2, "db2"), pywt.waverec2(reference2, "db2"), torch.float64, "waverec2 level 4")
+
+
+def test_numpy_integer_levels():
+    x = torch.randn(3, 64, 40, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the maximum: no warning
+        for level in (np.int64(2), np.int32(3), np.uint8(1)):
+            assert_matches(dwt.wavedec2(x, "db2", level=level), pywt.wavedec2(x.numpy(), "db2", level=level),
+                           torch.float64, f"wavedec2 level {level!r}")
+            assert_matches(dwt.wavedec(x, "sym3", level=level, dim=1),
+                           pywt.wavedec(x.numpy(), "sym3", level=level, axis=1), torch.float64, "wavedec")
+
+
+def test_empty_batch_dimensions_like_pywavelets():
+    """Leading (batch) dimensions of size 0 give empty coefficients of PyWavelets' shapes; the transformed ones
+    must still be >= 1 (see BAD_INPUTS)."""
+    x = torch.empty(0, 3, 16, 10, dtype=torch.float64)
+    for mode in ("symmetric", "periodization"):
+        cA, cD = dwt.dwt(x, "db2", mode, dim=2)
+        ref = pywt.dwt(x.numpy(), "db2", mode, axis=2)
+        assert_matches((cA, cD), ref, torch.float64, f"dwt {mode}")
+        assert_matches(dwt.idwt(cA, cD, "db2", mode, dim=2), pywt.idwt(*ref, "db2", mode, axis=2), torch.float64,
+                       "idwt")
+        bands = dwt.dwt2(x, "coif1", mode)
+        ref2 = pywt.dwt2(x.numpy(), "coif1", mode)
+        assert_matches(bands, ref2, torch.float64, f"dwt2 {mode}")
+        assert_matches(dwt.idwt2(bands, "coif1", mode), pywt.idwt2(ref2, "coif1", mode), torch.float64, "idwt2")
+        for dtype in (torch.float32, torch.float16):
+            assert dwt.idwt2(dwt.dwt2(x.to(dtype), "db1", mode), "db1", mode).shape == (0, 3, 16, 10)
+    coeffs = dwt.wavedec2(x, "db1", level=2)
+    assert_matches(coeffs, pywt.wavedec2(x.numpy(), "db1", level=2), torch.float64, "wavedec2")
+    assert dwt.waverec2(coeffs, "db1").shape == (0, 3, 16, 10)
+    coeffs = dwt.wavedec(x, "db1", level=2)
+    assert_matches(coeffs, pywt.wavedec(x.numpy(), "db1", level=2), torch.float64, "wavedec")
+    assert dwt.waverec(coeffs, "db1").shape == (0, 3, 16, 10)
+
+
 X2 = torch.randn(64, 40)
 BAD_INPUTS = [  # (call, the bad value, the allowed values) that must both appear in the message
     (lambda: dwt.dwt2(X2, "db42"), "'db42'", "haar, db1, db2"),
-    (lambda: dwt.wavelet_filters("sym4"), "'sym4'", "db10"),
-    (lambda: dwt.wavedec2(X2, "db1", level=6), "level 6", "0..5"),
-    (lambda: dwt.wavedec(X2, "db4", level=-1), "level -1", "0..2"),
+    (lambda: dwt.wavelet_filters("sym11"), "'sym11'", "sym10, coif1"),
+    (lambda: dwt.wavelet_filters("coif6"), "'coif6'", "coif5"),
+    (lambda: dwt.wavedec(X2, "db4", level=-1), "level -1", "integer >= 0"),
+    (lambda: dwt.wavedec2(X2, "db4", level=2.0), "level 2.0", "integer >= 0"),
+    (lambda: dwt.wavedec2(X2, "db4", level="2"), "level '2'", "or None"),
     (lambda: dwt.dwt2(X2, "db2", mode="smooth"), "'smooth'", "zero, constant, symmetric"),
     (lambda: dwt.idwt2((X2, (X2, X2, X2)), "db2", mode="antisymmetric"), "'antisymmetric'", "periodization"),
     (lambda: dwt.dwt(torch.empty(0), "db2"), "shape (0,)", ">= 1"),
+    (lambda: dwt.dwt(torch.empty(3, 0, 4), "db2", dim=1), "shape (3, 0, 4)", ">= 1"),
     (lambda: dwt.wavedec2(torch.empty(3, 0, 4), "db2"), "shape (3, 0, 4)", ">= 1"),
     (lambda: dwt.dwt2(torch.randn(16), "haar"), "shape (16,)", "(..., height, width)"),
     (lambda: dwt.wavedec2(torch.randn(16), "haar"), "shape (16,)", "(..., height, width)"),
     (lambda: dwt.dwt2(torch.ones(8, 8, dtype=torch.int64), "haar"), "torch.int64", "float32"),
     (lambda: dwt.idwt2((X2, (X2, X2, X2[:-1])), "haar"), "(63, 40)", "equal shape"),
     (lambda: dwt.idwt2((X2[:3, :3],) * 1 + ((X2[:3, :3],) * 3,), "db4"), "(3, 3)", "at least 4"),
+    # A dim that does not exist: ValueError, as PyWavelets (whose AxisError is a ValueError), not IndexError.
+    (lambda: dwt.dwt(X2, "db2", dim=2), "dim=2", "-2..1"),
+    (lambda: dwt.idwt(X2, X2, "db2", dim=-3), "dim=-3", "-2..1"),
+    (lambda: dwt.wavedec(X2, "db2", dim=5), "dim=5", "-2..1"),
+    (lambda: dwt.waverec([X2, X2], "db2", dim=2), "dim=2", "-2..1"),
+    # Coefficients that are not a list/tuple (a tensor would be iterated along its first dim): ValueError.
+    (lambda: dwt.waverec(torch.randn(3, 8), "db2"), "Tensor", "list or tuple"),
+    (lambda: dwt.waverec2(torch.randn(4, 8, 8), "db2"), "Tensor", "list or tuple"),
+    (lambda: dwt.idwt2(torch.randn(2, 3, 8, 8), "db2"), "Tensor", "(cA, (cH, cV, cD))"),
+    (lambda: dwt.idwt2((X2, X2), "db2"), "Tensor", "(cA, (cH, cV, cD))"),
+    (lambda: dwt.waverec2([X2, X2], "db2"), "Tensor", "(cH, cV, cD)"),
+    (lambda: dwt.waverec([], "db2"), "[]", "at least"),
 ]
 
 
