@@ -1,9 +1,10 @@
 """dwt.py and a WaveFT layer under torch.compile give the uncompiled results (issue 9 B2).
 
-torch 2.13's tracer once turned the filter construction `(-1.0) ** torch.arange(L)` into `-(1.0 ** arange)`,
-so every compiled detail band and inverse was silently wrong. The filters are now python floats, computed once
-outside any trace; these tests compare each backend (eager, aot_eager and the default inductor, which compiles
-C++ and is therefore kept to one small case) with the plain eager call."""
+With backend="eager", torch 2.13 once traced the filter construction `(-1.0) ** torch.arange(L)` as
+`-(1.0 ** arange)`, so every compiled detail band and inverse was silently wrong (aot_eager and inductor happened
+to be right). The filters are now python floats designed at import, outside any trace. These tests compare each
+backend (eager, aot_eager and the default inductor, which compiles C++ and is therefore kept to one small dwt
+case) with the plain eager call."""
 import copy
 import warnings
 
