@@ -3,6 +3,7 @@
 Reference: WaveFT (arXiv 2505.12532) runs one idwt2 per adapted layer per step; this times the transform alone.
     python benchmarks/bench_dwt.py            # the full table (about 1-2 minutes on 2 cores)
     python benchmarks/bench_dwt.py --quick    # 640x640 only, 5 runs
+    python benchmarks/bench_dwt.py --quick --wavelets sym4 coif2   # any of dwt.WAVELETS (default: db1 db4)
 On a machine shared with other jobs, 2-thread timings of torch code (ours and ptwt alike) are hit by
 parallel regions waiting for a descheduled thread; `--threads 1` then gives stable, comparable numbers.
 Not here: GPU timings, backward passes, or memory use.
@@ -49,6 +50,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="640x640 only, 5 runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the project machines have 2 cores)")
+    parser.add_argument("--wavelets", nargs="+", default=["db1", "db4"], choices=dwt.WAVELETS, metavar="WAVELET",
+                        help="wavelets to time (default: db1 db4); any of dwt.WAVELETS")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(640, 640)] if args.quick else [(640, 640), (1280, 1280), (1280, 2048)]
@@ -56,7 +59,7 @@ def main():
     rows = []
     for height, width in shapes:
         x = torch.randn(height, width, generator=torch.Generator().manual_seed(0))
-        for wavelet in ("db1", "db4"):
+        for wavelet in args.wavelets:
             max_level = pywt.dwt_max_level(min(height, width), pywt.Wavelet(wavelet).dec_len)
             for level in (1, max_level):
                 check_same_result(x, wavelet, level)
