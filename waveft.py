@@ -318,14 +318,20 @@ def save(model, path, extra_metadata=None):
             tensors[f"{name}.waveft_positions"] = m.waveft_positions.to(torch.int32).cpu()  # (2, k)
     meta = dict(model._waveft_config, layers={n: [m.base.out_features, m.base.in_features] for n, m in layers},
                 **(extra_metadata or {}))
-    data = save_bytes(tensors, metadata={key: json.dumps(value) for key, value in meta.items()})
+    _write_safetensors(path, tensors, {key: json.dumps(value) for key, value in meta.items()})
+
+
+def _write_safetensors(path, tensors, metadata):
+    """Write through <path>.tmp and one rename: an interrupted save never leaves a half-written file, a failed one
+    (full disk) no temporary file; open() gives the file the umask's mode (safetensors' save_file makes it 0600)."""
+    data = save_bytes(tensors, metadata=metadata)
     tmp = f"{path}.tmp"
-    try:  # open() gives the file the umask's mode (safetensors' save_file makes it 0600)
+    try:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written adapter
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):  # a failed write (full disk) leaves no temporary file behind
+        if os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -735,9 +741,8 @@ def save_peft(model, folder):
         tensors = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}") for name, m in layers
                    for ab in "AB"}
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{PEFT_WEIGHTS}.tmp")
-    save_file({key: t.detach().cpu().contiguous() for key, t in tensors.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, PEFT_WEIGHTS))
+    _write_safetensors(os.path.join(folder, PEFT_WEIGHTS),
+                       {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, {"format": "pt"})
     with open(os.path.join(folder, PEFT_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
 
