@@ -332,7 +332,7 @@ class Run:
     unique_token: str
     data_dir: str
     config: dict  # the run's config.json ({} for --metrics-only)
-    adapter: Path = None  # adapter.safetensors (None for --metrics-only)
+    adapter: Path = None  # adapter.safetensors or a PEFT adapter folder (None for --metrics-only)
     images_dir: Path = None  # --metrics-only: the folder of images to score
 
 
@@ -348,12 +348,13 @@ def read_runs(opts):
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"run folder {folder} does not exist")
     # `outputs/*` also matches folders that are no runs at all (class-images/): skipped, with a note
-    folders = [f for f in opts.runs if any((Path(f) / n).exists() for n in ("config.json", "adapter.safetensors"))]
+    folders = [f for f in opts.runs if any((Path(f) / n).exists() for n in RUN_MARKERS)]
     for folder in sorted(set(opts.runs) - set(folders)):
         print(f"skipping {folder}: not a run folder (no config.json, no adapter.safetensors)", file=sys.stderr)
     if not folders:
         raise FileNotFoundError(f"none of --runs {' '.join(opts.runs)} is a run folder of train_dreambooth.py")
-    runs = [read_run(folder, opts.data_dir, opts.model) for folder in folders]
+    runs = [read_peft_run(folder, opts) if (Path(folder) / waveft.PEFT_CONFIG).is_file()
+            else read_run(folder, opts.data_dir, opts.model) for folder in folders]
     if len({run.name for run in runs}) < len(runs):
         raise ValueError("two run folders have the same name; their results would overwrite each other")
     return runs
@@ -391,6 +392,30 @@ def read_run(folder, data_dir=None, model=None):
     return run
 
 
+RUN_MARKERS = ("config.json", "adapter.safetensors", waveft.PEFT_CONFIG)  # a run folder holds one of these
+
+
+def read_peft_run(folder, opts):
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, trained with PEFT or the authors'
+    code) is scored like a run of ours. It records no subject or dataset: --subject says whose photos it learned,
+    --model its base model (unless the config names one), --data-dir / the usual places where the dataset is."""
+    folder, config = Path(folder), waveft.read_peft_config(folder)  # checks what our layers can compute as PEFT does
+    model = opts.model or config.get("base_model_name_or_path")
+    if not opts.subject or not model:
+        raise ValueError(f"{folder} is a PEFT adapter folder, which does not record "
+                         f"{'its subject' if not opts.subject else 'its base model'}: pass "
+                         f"{'--subject (e.g. dog6)' if not opts.subject else '--model'} to evaluate it")
+    if config["peft_type"] == "WAVEFT":
+        method = dict(method="waveft", k=config["n_frequency"], wavelet=config["wavelet_family"],
+                      scaling=config["scaling"], use_idwt=config["use_idwt"])
+    else:
+        method = dict(method="lora", rank=config["r"])
+    run = Run(folder.name, opts.subject, opts.unique_token, str(sdxl.find_data_dir(opts.data_dir or "")[0]),
+              dict(method, model=model, subject=opts.subject, peft_folder=True), folder)
+    check_subject(run, f"run {folder}")
+    return run
+
+
 def check_subject(run, where):
     try:
         sdxl.instance_images(run.data_dir, run.subject)
@@ -414,9 +439,18 @@ def method_and_budget(config):
 def count_trainable(adapter):
     """Trainable adapter parameters, read from the file: the spectra (WaveFT) or A and B (LoRA)."""
     from safetensors import safe_open
-    with safe_open(str(adapter), "pt") as f:
+    path = adapter / waveft.PEFT_WEIGHTS if adapter.is_dir() else adapter  # a PEFT folder: its weights file
+    with safe_open(str(path), "pt") as f:
         return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()
-                   if key.endswith(("waveft_spectrum", "lora_A", "lora_B")))
+                   if key.endswith(("waveft_spectrum", "lora_A", "lora_B", "lora_A.weight", "lora_B.weight")))
+
+
+def adapter_hash(adapter):
+    """sha256 of the adapter's bytes (of a PEFT folder: its config's, then its weights')."""
+    digest = hashlib.sha256()
+    for path in [adapter / waveft.PEFT_CONFIG, adapter / waveft.PEFT_WEIGHTS] if adapter.is_dir() else [adapter]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -453,7 +487,7 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None
     [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
     depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
     settings or another adapter (by its hash) are an error, never silently reused."""
-    settings = dict(model=run.config["model"], adapter_sha256=hashlib.sha256(run.adapter.read_bytes()).hexdigest(),
+    settings = dict(model=run.config["model"], adapter_sha256=adapter_hash(run.adapter),
                     steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
                     solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
     record = images_dir / "generation.json"
@@ -522,10 +556,10 @@ def write_comparison(all_metrics, out_dir):
 
 @dataclass
 class Options:
-    runs: list = None  # run folders of train_dreambooth.py, e.g. outputs/* (or --metrics-only)
+    runs: list = None  # run folders of train_dreambooth.py, e.g. outputs/*, or PEFT adapter folders (or --metrics-only)
     metrics_only: str = None  # instead of --runs: score the images in this folder (our layout or the authors')
-    subject: str = None  # with --metrics-only: the DreamBooth subject whose photos the images are compared with
-    unique_token: str = sdxl.UNIQUE_TOKEN  # with --metrics-only: the rare token, left out of prompts for CLIP-T
+    subject: str = None  # with --metrics-only or a PEFT folder: the DreamBooth subject (whose photos to compare with)
+    unique_token: str = sdxl.UNIQUE_TOKEN  # with --metrics-only or a PEFT folder: the rare token of the prompts
     data_dir: str = None  # DreamBooth dataset folder; default: the one recorded in each run's config.json
     model: str = None  # SDXL model; must be the run's own; default: the one in each run's config.json
     output_dir: str = "evaluation"  # <output_dir>/<run>/ per run, comparison.md and .csv over all runs
@@ -560,10 +594,9 @@ def main(argv=None):
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun. The one collective is the barrier after
-        # generation, where ranks may wait hours for one another (a resumed run's shares differ): gloo, long timeout
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    rank, world_size = sdxl.init_distributed(device_type)
+    # torchrun: the one collective is the barrier after generation, where ranks may wait hours for one another (a
+    # resumed run's shares differ), so gloo (also between GPUs: nothing big is exchanged) with a long timeout
+    rank, world_size = sdxl.init_distributed(device_type, backend="gloo", timeout=datetime.timedelta(days=7))
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
         models = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device)

@@ -325,14 +325,15 @@ def load_pipeline(model, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun: which process am I? (training and evaluation both scale out with torch.distributed, nothing else)
 
-def init_distributed(device_type="cpu"):
+def init_distributed(device_type="cpu", backend=None, timeout=None):
     """Under torchrun (RANK and WORLD_SIZE set) join the default process group once, NCCL on CUDA and gloo on the
-    CPU, and return (rank, world_size); without torchrun return (0, 1) and start nothing."""
+    CPU (or `backend`; `timeout` a datetime.timedelta, torch's default if None), and return (rank, world_size);
+    without torchrun return (0, 1) and start nothing."""
     import torch.distributed as dist
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend or ("nccl" if device_type == "cuda" else "gloo"), timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -515,3 +515,25 @@ def test_command_line_error_is_one_clear_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"evaluate.py: error: run folder {tmp_path / 'nope'} does not exist"
+
+
+def test_a_peft_adapter_folder_is_scored_like_our_run(evaluated, tmp_path, dreambooth_dir):
+    """--runs also takes a PEFT adapter folder (PEFT or the authors' code): it names no subject, so --subject (and
+    --model, unless its config names the base model) come from the command line. The same adapter saved in PEFT's
+    format gives the same images, byte for byte, and the same trainable count as our run folder."""
+    run, _, _ = evaluated
+    ours = copy_run(run, tmp_path / "runs" / run.name)
+    unet = sdxl.load_pipeline("tiny").unet
+    waveft.load(unet, run / "adapter.safetensors")
+    peft_folder = tmp_path / "runs" / "dog6-peft-waveft"
+    waveft.save_peft(unet, peft_folder)
+    with pytest.raises(ValueError, match="PEFT adapter folder.*--subject"):
+        evaluate.main(["--runs", str(peft_folder), "--model", "tiny", "--output-dir", str(tmp_path / "x")] + SMOKE)
+    out = tmp_path / "eval"
+    mine, theirs = evaluate.main(["--runs", str(ours), str(peft_folder), "--subject", "dog6", "--model", "tiny",
+                                  "--data-dir", str(dreambooth_dir), "--output-dir", str(out)] + SMOKE)
+    images = [sorted(p.relative_to(out / name) for p in (out / name / "images").rglob("*.png"))
+              for name in (ours.name, peft_folder.name)]
+    assert images[0] == images[1] and len(images[0]) == 4
+    assert all((out / ours.name / p).read_bytes() == (out / peft_folder.name / p).read_bytes() for p in images[0])
+    assert (theirs["method"], theirs["trainable_params"]) == (mine["method"], mine["trainable_params"])
