@@ -357,7 +357,7 @@ def options_parser(options_class, description, aliases=None):
     for field in dataclasses.fields(options_class):
         flags = ["--" + field.name.replace("_", "-"), *(aliases or {}).get(field.name, ())]
         help_text = comments.get(field.name, "").replace("%", "%%")  # argparse %-formats help texts
-        if field.default not in (None, dataclasses.MISSING):
+        if field.default not in (None, "", dataclasses.MISSING):  # None, "": a default that depends on others
             help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"
         kwargs = dict(dest=field.name, help=help_text)
         if field.default is dataclasses.MISSING:

@@ -24,15 +24,12 @@ drawn with replacement every step. loss.csv holds each step's mean loss over the
 
 Deliberately not here: accelerate, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
 """
-import argparse
 import contextlib
 import csv
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -98,31 +95,14 @@ NO_EFFECT_ON_RESULT = {"data_dir", "output_dir", "run_name", "overwrite", "resum
 RESUMABLE = NO_EFFECT_ON_RESULT | {"steps"}
 
 
-def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+parse_bool = sdxl.parse_bool  # the old name
 
 
 def parse_options(argv=None):
     """argparse generated from Options: --some-field VALUE for every field, help = the field's comment. Then every
     value is checked (a bad one stops with one line naming the option) and the automatic defaults are resolved."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Options), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    for field in dataclasses.fields(Options):
-        flag, help_text = "--" + field.name.replace("_", "-"), comments.get(field.name, "")
-        if field.default not in (None, "", dataclasses.MISSING):
-            help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"
-        if field.default is dataclasses.MISSING:
-            parser.add_argument(flag, type=field.type, required=True, help=help_text)
-        elif field.type is bool:  # "--flag", "--flag true", "--flag false"
-            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=field.default, help=help_text,
-                                metavar="true|false")
-        else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=help_text)
+    parser = sdxl.options_parser(Options, __doc__.split("\n")[0])
     opts = Options(**vars(parser.parse_args(argv)))
     ignored = ignored_options(opts)
     for name, why in sorted(ignored.items()):  # given, but cannot matter: say so (and do not check it)

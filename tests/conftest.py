@@ -51,3 +51,15 @@ def device():
     if name.startswith("cuda") and not torch.cuda.is_available():
         pytest.fail(f"WAVEFT_TEST_DEVICE={name} but torch.cuda.is_available() is False")
     return torch.device(name)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("single_thread")`): a second intra-op
+    thread only adds overhead there, and on a shared 2-core machine a parallel region waiting for a descheduled
+    thread is many times slower. One thread also fixes the summation order (bit-exact resume comparisons)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

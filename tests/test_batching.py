@@ -14,12 +14,7 @@ from safetensors.torch import load_file
 import train_dreambooth
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.single_thread
 
 
 def tiny_argv(data_dir, out, *extra):

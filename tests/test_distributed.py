@@ -20,12 +20,7 @@ import train_dreambooth
 from conftest import REPO
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.single_thread
 
 
 def run_folder(out, file):

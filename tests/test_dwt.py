@@ -27,14 +27,7 @@ LENGTH_1D = 2048
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These inputs are tiny: intra-op threads only add overhead, and on a shared 2-core machine a parallel
-    region that waits for a descheduled thread makes the suite 20x slower. Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.single_thread
 
 
 @pytest.fixture(autouse=True)

@@ -21,14 +21,7 @@ import waveft
 TINY = ["--dino", "tiny", "--clip", "tiny", "--cmmd-clip", "tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Every model here is tiny: a second intra-op thread only adds overhead, and on a shared 2-core machine a
-    parallel region waiting for a descheduled thread is many times slower. Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.single_thread
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,7 @@ from conftest import REPO
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The tiny model gains nothing from a second intra-op thread, and on a shared 2-core machine a parallel
-    region waiting for a descheduled thread is many times slower. One thread also fixes the summation order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.single_thread
 
 
 def tiny_argv(data_dir, out, *extra):
