@@ -21,6 +21,7 @@ The file has two halves.
   gradient take one matmul with W + dW (many tokens) or sparse products with A S and B S^T (few tokens, e.g.
   cross-attention to_k/to_v on 77 text tokens, or a bf16 W: the adapter then stays in float32).
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
+At the end, one more section: PEFT's on-disk format both ways (save_peft; load takes a PEFT adapter folder).
 """
 import json
 import os
