@@ -69,13 +69,16 @@ def test_accumulated_gradient_is_the_gradient_of_the_summed_losses_over_grad_acc
                                                                                   monkeypatch):
     # The real loop, 5 photos, grad_accum 4: steps of 4, then 1 micro-batch. At each optimizer step the adapter's
     # gradient must equal d/dtheta (sum of the step's micro-batch losses) / 4, recomputed here from the same inputs.
+    # loss.csv logs each step's mean over the micro-batches it saw (a short step of 1: that one loss, not / 4).
     diffusion_losses, clip = train_dreambooth.diffusion_losses, torch.nn.utils.clip_grad_norm_
-    micro_batches, plan_sizes, checked = [], [], []
+    micro_batches, plan_sizes, checked, losses = [], [], [], []
 
     def record_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, generator, autocast):
         micro_batches.append((unet, scheduler, latents, prompt_embeds, pooled, time_ids, generator.get_state(),
                               autocast))
-        return diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, generator, autocast)
+        result = diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, generator, autocast)
+        losses.append(float(result[0]))
+        return result
 
     def check_gradient(params, *args, **kwargs):
         params = list(params)
@@ -96,10 +99,12 @@ def test_accumulated_gradient_is_the_gradient_of_the_summed_losses_over_grad_acc
     monkeypatch.setattr(train_dreambooth, "plan_step", lambda *args: _recorded(plan_step, plan_sizes, *args))
     monkeypatch.setattr(train_dreambooth, "diffusion_losses", record_losses)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", check_gradient)
-    train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "2", "--grad-accum", "4"))
+    run_dir = train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "2", "--grad-accum", "4"))
     assert plan_sizes == [4, 1]
     assert [count for count, _ in checked] == [4, 1]
     assert all(relative < 1e-5 for _, relative in checked), checked
+    logged = [float(row.split(",")[1]) for row in (run_dir / "loss.csv").read_text().splitlines()[1:]]
+    assert logged == pytest.approx([sum(losses[:4]) / 4, losses[4]], abs=2e-6)  # loss.csv keeps 6 decimals
 
 
 def _recorded(plan_step, sizes, *args):

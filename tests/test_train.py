@@ -501,6 +501,27 @@ def test_latents_are_shifted_then_scaled_and_gradients_are_clipped(dreambooth_di
     assert len(norms) == 2 and all(abs(norm - 1e-3) < 1e-6 for norm in norms), norms  # clipped to --max-grad-norm
 
 
+def test_prior_loss_weight_multiplies_the_class_prior_term(dreambooth_dir, tmp_path, monkeypatch):
+    # The instance term is zeroed here, so the gradient is prior_loss_weight * d(class-prior MSE) / grad_accum: the
+    # same micro-batches (the weight changes no random draw) with weight 2 give 4 times the gradient of weight 0.5.
+    losses, clip, norms = train_dreambooth.diffusion_losses, torch.nn.utils.clip_grad_norm_, {}
+
+    def prior_term_only(*args):
+        return losses(*args) * torch.tensor([0.0, 1.0])  # rows: the instance image, then the class image
+
+    def record_norm(params, *args, **kwargs):
+        params = list(params)
+        norms.setdefault(weight, []).append(float(torch.stack([p.grad.norm() for p in params]).norm()))
+        return clip(params, *args, **kwargs)
+    monkeypatch.setattr(train_dreambooth, "diffusion_losses", prior_term_only)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_norm)
+    for weight in ("0.5", "2"):  # one output folder: the class image is generated once
+        train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--grad-accum", "1",
+                                        "--prior-preservation", "--class-images", "1", "--prior-loss-weight", weight,
+                                        "--max-grad-norm", "1e9", "--validation-prompts", "0"))
+    assert norms["0.5"][0] > 0 and norms["2"][0] / norms["0.5"][0] == pytest.approx(4, rel=1e-5), norms
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sdxl.py
 
