@@ -591,13 +591,10 @@ def main(argv=None):
     opts = parse_args(argv)
     out_dir = Path(opts.output_dir)
     runs = read_runs(opts)  # every rank checks the same things and fails the same way
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda" and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
-    # torchrun: the one collective is the barrier after generation, where ranks may wait hours for one another (a
-    # resumed run's shares differ), so gloo (also between GPUs: nothing big is exchanged) with a long timeout
-    rank, world_size = sdxl.init_distributed(device_type, backend="gloo", timeout=datetime.timedelta(days=7))
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    # torchrun: one GPU per rank; the one collective is the barrier after generation, where ranks may wait hours for
+    # one another (a resumed run's shares differ), so gloo (also between GPUs: nothing big is exchanged), long timeout
+    rank, world_size, device = sdxl.init_distributed("cuda" if torch.cuda.is_available() else "cpu", backend="gloo",
+                                                     timeout=datetime.timedelta(days=7))
     if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
         models = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device)
         tiny, lpips_model = "tiny" in models.names.values(), load_lpips()

@@ -325,16 +325,21 @@ def load_pipeline(model, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun: which process am I? (training and evaluation both scale out with torch.distributed, nothing else)
 
-def init_distributed(device_type="cpu", backend=None, timeout=None):
+def init_distributed(device, backend=None, timeout=None):
     """Under torchrun (RANK and WORLD_SIZE set) join the default process group once, NCCL on CUDA and gloo on the
-    CPU (or `backend`; `timeout` a datetime.timedelta, torch's default if None), and return (rank, world_size);
-    without torchrun return (0, 1) and start nothing."""
+    CPU (or `backend`; `timeout` a datetime.timedelta, torch's default if None), and give each rank its own GPU
+    (LOCAL_RANK) when `device` is CUDA. Returns (rank, world_size, device); without torchrun (0, 1, device), and
+    nothing is started."""
     import torch.distributed as dist
+    device = torch.device(device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
+        return 0, 1, device
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if device_type == "cuda" else "gloo"), timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # ----------------------------------------------------------------------------------------------------------------

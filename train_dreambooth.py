@@ -271,13 +271,6 @@ def diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, 
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
-def sample_batch(cache, count, generator, scaling_factor, shift_factor):
-    """Pick `count` cached images uniformly at random and draw their latents x0 = (mean + std * z - shift) * scale.
-    (The training loop now plans its images with plan_step and draws latents with draw_latents.)"""
-    index = torch.randint(len(cache[0]), (count,), generator=generator)
-    return draw_latents(cache, index, generator, scaling_factor, shift_factor)
-
-
 def draw_latents(cache, index, generator, scaling_factor, shift_factor):
     """Latents x0 = (mean + std * z - shift) * scale of the cached images `index` (a list or tensor of indices)."""
     means, stds, time_ids = cache
@@ -355,16 +348,6 @@ def plan_step(batching, passes, n_images, n_class_images, grad_accum, generator,
 # every rank takes the same clipped AdamW step. A rank without a micro-batch (a short step at the end of a pass)
 # contributes zeros. Only rank 0 writes files, prints and checkpoints. No DistributedDataParallel wrapper: one
 # flattened all-reduce per step is all that adapters of a million parameters need.
-
-def join_ranks(device):
-    """Under torchrun join the process group (NCCL on CUDA, gloo on the CPU) and give each rank its own GPU
-    (LOCAL_RANK); returns (rank, world_size, device). Without torchrun: (0, 1, device), nothing started."""
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    rank, world_size = sdxl.init_distributed(device.type)
-    return rank, world_size, device
-
 
 def broadcast_from_rank0(params, world_size):
     """Start every rank from rank 0's adapter (identical already when initialisation is seeded; this makes sure)."""
@@ -482,12 +465,11 @@ def check_run_dir(run_dir, opts):
 
 # Checkpoints: adapter + optimizer + step + RNG states in one file
 
-def save_checkpoint(path, step, params, optimizer, generator, opts, passes=None):
+def save_checkpoint(path, step, params, optimizer, generator, opts, passes):
     state = {"step": step, "adapter": {name: p.detach().cpu() for name, p in params.items()},
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "options": json.dumps(dataclasses.asdict(opts))}
-    if passes is not None:
-        state["passes"] = passes  # where the run stands in its shuffled passes (--batching epoch)
+             "torch_rng": torch.get_rng_state(), "options": json.dumps(dataclasses.asdict(opts)),
+             "passes": passes}  # where the run stands in its shuffled passes (--batching epoch)
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     write_atomically(path, lambda tmp: torch.save(state, tmp))
@@ -507,13 +489,12 @@ def read_checkpoint(path, opts):
     return state
 
 
-def restore_checkpoint(state, params, optimizer, generator, passes=None):
+def restore_checkpoint(state, params, optimizer, generator, passes):
     for name, p in params.items():
         p.data.copy_(state["adapter"][name])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    if passes is not None and "passes" in state:
-        passes.update(state["passes"])
+    passes.update(state["passes"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -542,7 +523,7 @@ def main(argv=None):
     checkpoint_path, loss_path = run_dir / "checkpoint.pt", run_dir / "loss.csv"
     resume_state = check_run_dir(run_dir, opts)
     device = torch.device(opts.device)
-    rank, world_size, device = join_ranks(device)  # (0, 1, device) without torchrun
+    rank, world_size, device = sdxl.init_distributed(device)  # (0, 1, device) without torchrun
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
     if opts.model != "tiny" and device.type == "cpu":
