@@ -16,13 +16,16 @@ Usage:  pipe = load_pipeline("tiny");  images = generate(pipe, ["a zjw dog"], se
 Not here: training (train_dreambooth.py), metrics (evaluate.py), the adapter itself (waveft.py).
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
+import io
 import inspect
 import logging
 import math
 import os
 import re
+import shutil
 import socket
 import textwrap
 import threading
@@ -340,6 +343,70 @@ def init_distributed(device, backend=None, timeout=None):
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files that are never half-written: every file of a run or an evaluation is made in memory, written to a temporary
+# file with plain os.write calls and renamed over its name. A full disk then fails inside os.write with an OSError
+# (never deep inside a serialiser's own writer, as torch.save's zip writer does with a RuntimeError), the previous
+# file stays whole, and the error is one line naming the file.
+
+class WriteError(RuntimeError):
+    """A file could not be written (full disk, no permission); the message is one line."""
+
+
+@contextlib.contextmanager
+def reported_write(path, advice="the files written before are intact: make room and run again (with --resume once "
+                                "a checkpoint exists)"):
+    """An OSError while writing `path` becomes a WriteError: one line naming the file, the error, the free space."""
+    try:
+        yield
+    except OSError as error:
+        folder = Path(path).parent
+        while not folder.exists() and folder != folder.parent:  # the free space of the disk it would have been on
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free / 2**20
+        raise WriteError(f"cannot write {path}: {error.strerror or error} ({free:,.0f} MiB free there); "
+                         f"{advice}") from None
+
+
+def _write_all(fd, data):
+    """os.write until every byte is written (one call may write fewer bytes, e.g. above 2 GB)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_file(path, data):
+    """Write `data` (bytes, or str as UTF-8, or a PIL image as PNG) to `path` through a temporary file in the same
+    folder and one rename: a crash or a full disk mid-write leaves the previous file intact and no temporary file
+    behind. The file gets the umask's permissions. Disk errors raise WriteError (one line)."""
+    if isinstance(data, Image.Image):
+        buffer = io.BytesIO()
+        data.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    elif isinstance(data, str):
+        data = data.encode()
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write the same file
+    with reported_write(path):
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def torch_bytes(obj):
+    """torch.save into memory (then written by write_file): the zip writer never meets the disk."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -397,20 +397,7 @@ RUN_FILES = ("config.json", "loss.csv", "loss.png", "checkpoint.pt", "adapter.sa
              "merged_unet")
 
 
-class WriteError(RuntimeError):
-    """A file of the run could not be written (full disk, no permission); the message is one line."""
-
-
-@contextlib.contextmanager
-def reported_write(path):
-    """An OSError while writing `path` becomes one line naming the file and the free space on its disk."""
-    try:
-        yield
-    except OSError as error:
-        free = shutil.disk_usage(Path(path).parent).free / 2**20
-        raise WriteError(f"cannot write {path}: {error.strerror or error} ({free:,.0f} MiB free there); the files "
-                         f"written before are intact: make room and run again (with --resume once a checkpoint "
-                         f"exists)") from None
+WriteError, reported_write = sdxl.WriteError, sdxl.reported_write  # one line per disk error (sdxl.write_file)
 
 
 def write_atomically(path, write):
