@@ -8,7 +8,8 @@ This file holds everything both scripts need to agree on, so that training and e
   weights built from configs (the offline CPU demo and test fixture: its images are noise);
 - the DreamBooth dataset: where it is (`find_data_dir`), subjects, classes, the 25 evaluation prompts, robust
   image loading;
-- `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it;
+- `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it (or, for training
+  only, as the authors' training code builds it);
 - `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5);
 - pictures with pillow only: `plot_loss` (every run's loss.png) and the `line_chart` it draws with.
 
@@ -64,7 +65,8 @@ def _check_data_dir(data_dir):
         raise FileNotFoundError(
             f"DreamBooth dataset not found: {data_dir} has no prompts_and_classes.txt. Fetch it with\n"
             f"    git clone https://github.com/google/dreambooth\n"
-            f"and pass --data-dir dreambooth/dataset")
+            f"and pass its folder: data_dir=\"dreambooth/dataset\" in Python (sdxl.find_data_dir() finds it where "
+            f"the scripts look), --data-dir dreambooth/dataset on the command line")
     return data_dir
 
 
@@ -86,7 +88,8 @@ def find_data_dir(data_dir=""):
     raise FileNotFoundError(
         f"DreamBooth dataset not found; looked in {looked} (none has prompts_and_classes.txt). Fetch it with\n"
         f"    git clone https://github.com/google/dreambooth\n"
-        f"and pass --data-dir dreambooth/dataset (or set $DREAMBOOTH_DIR)")
+        f"and pass its folder (sdxl.find_data_dir(data_dir) in Python, --data-dir on the command line) or set "
+        f"$DREAMBOOTH_DIR")
 
 
 def read_classes(data_dir):
@@ -420,12 +423,41 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+WHAT_A_VALUE_MUST_BE = {int: "not an integer", float: "not a number", bool: "not true or false"}
+
+
+def value_of(type_, flag):
+    """argparse's type= for one option: the text converted to `type_`, or an error that names the option and the
+    value the way every other bad value is named (`--k abc: not an integer`)."""
+    def convert(text):
+        try:
+            return parse_bool(text) if type_ is bool else type_(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            what = WHAT_A_VALUE_MUST_BE.get(type_, f"not a {type_.__name__}")
+            raise argparse.ArgumentTypeError(f"{flag} {text}: {what}") from None
+    return convert
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, except that a bad command line gets one line (`error: --k abc: not an integer; see --help`, exit
+    code 2) instead of the usage, which for these scripts is 26 lines that bury the message."""
+
+    def error(self, message):
+        # argparse words it "argument --output-dir/--out-dir: <what>"; value_of's <what> names the flag itself
+        match = re.match(r"argument (-[^/:\s]+)\S*: (.*)", message, re.S)
+        if match:
+            flag, what = match.groups()
+            message = what if what.startswith(flag + " ") else f"{flag}: {what}"
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def options_parser(options_class, description, aliases=None):
     """argparse from a dataclass: --some-field VALUE for every field, help = the comment after the field plus its
     [default]. A field without default is required; a bool takes "--flag", "--flag true" or "--flag false"; a list
-    takes one or more values. `aliases` maps a field name to more flags (old names that must keep working)."""
+    takes one or more values. `aliases` maps a field name to more flags (old names that must keep working).
+    Errors are one line naming the option and the value (OneLineErrors); so are the scripts' own parser.error()s."""
     comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(options_class), re.M))
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = OneLineErrors(description=description, allow_abbrev=False)
     for field in dataclasses.fields(options_class):
         flags = ["--" + field.name.replace("_", "-"), *(aliases or {}).get(field.name, ())]
         help_text = comments.get(field.name, "").replace("%", "%%")  # argparse %-formats help texts
@@ -433,13 +465,14 @@ def options_parser(options_class, description, aliases=None):
             help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"
         kwargs = dict(dest=field.name, help=help_text)
         if field.default is dataclasses.MISSING:
-            kwargs.update(type=field.type, required=True)
+            kwargs.update(type=value_of(field.type, flags[0]), required=True)
         elif field.type is bool:
-            kwargs.update(type=parse_bool, nargs="?", const=True, default=field.default, metavar="true|false")
+            kwargs.update(type=value_of(bool, flags[0]), nargs="?", const=True, default=field.default,
+                          metavar="true|false")
         elif field.type is list:
             kwargs.update(nargs="+", default=field.default)
         else:
-            kwargs.update(type=field.type, default=field.default)
+            kwargs.update(type=value_of(field.type, flags[0]), default=field.default)
         parser.add_argument(*flags, **kwargs)
     return parser
 
@@ -447,18 +480,30 @@ def options_parser(options_class, description, aliases=None):
 # ----------------------------------------------------------------------------------------------------------------
 # SDXL text conditioning
 
+TEXT_CONDITIONINGS = ("pipeline", "authors")
+
+
 @torch.no_grad()
-def encode_prompt(pipe, prompts):
-    """Exactly what StableDiffusionXLPipeline.encode_prompt computes (clip_skip=None):
-    prompt_embeds = concat(penultimate hidden states of text_encoder, of text_encoder_2)   (B, 77, d1 + d2)
-    pooled        = text_encoder_2's projected pooled output ("text_embeds")              (B, d_proj)"""
+def encode_prompt(pipe, prompts, conditioning="pipeline"):
+    """conditioning="pipeline" (the default): exactly what StableDiffusionXLPipeline.encode_prompt computes
+    (clip_skip=None), i.e. what every image is sampled with:
+        prompt_embeds = concat(penultimate hidden states of text_encoder, of text_encoder_2)   (B, 77, d1 + d2)
+        pooled        = text_encoder_2's projected pooled output ("text_embeds")              (B, d_proj)
+    conditioning="authors": what the authors' training code feeds the UNet (train_dreambooth --text-conditioning
+    authors): text_encoder's *last* hidden state, after its final layer norm, in place of its penultimate one;
+    text_encoder_2's part and the pooled output are the same."""
+    if conditioning not in TEXT_CONDITIONINGS:
+        raise ValueError(f"conditioning {conditioning!r}: must be one of {', '.join(TEXT_CONDITIONINGS)}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     hidden = []
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         out = encoder(ids.to(encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])  # penultimate layer: SDXL was trained on it, not on the last one
+        if conditioning == "authors" and encoder is pipe.text_encoder:
+            hidden.append(out.last_hidden_state)  # = final_layer_norm(hidden_states[-1])
+        else:
+            hidden.append(out.hidden_states[-2])  # penultimate layer: SDXL was trained on it, not on the last one
     pooled = out.text_embeds  # out is text_encoder_2's output here
     return torch.cat(hidden, dim=-1).to(pipe.text_encoder_2.dtype), pooled
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm import tqdm
 
@@ -63,6 +62,7 @@ class Options:
     use_idwt: bool = True  # false: train the sparse matrix directly in weight space (ablation baseline)
     position_seed: int = 777  # seed of the k random coefficient positions
     unique_token: str = "zjw"  # the prompt is "a <unique_token> <class>"
+    text_conditioning: str = "pipeline"  # training's text embedding: pipeline (as sampled) or authors (theirs)
     steps: int = 500  # optimizer steps
     grad_accum: int = 4  # micro-batches (of 1 image) per optimizer step
     batching: str = "epoch"  # epoch: shuffled passes, a step per grad_accum photos and at a pass's end; or uniform
@@ -131,7 +131,8 @@ def check_options(opts, ignored):
     def bad(name, rule):
         return ValueError(f"{flag_of(name)} {getattr(opts, name)}: {rule}")
     for name, allowed in (("method", ("waveft", "lora")), ("mixed_precision", ("auto", "bf16", "no")),
-                          ("wavelet", dwt.WAVELETS), ("batching", BATCHING)):
+                          ("wavelet", dwt.WAVELETS), ("batching", BATCHING),
+                          ("text_conditioning", sdxl.TEXT_CONDITIONINGS)):
         if name not in ignored and getattr(opts, name) not in allowed:
             raise bad(name, f"must be one of {', '.join(allowed)}")
     for name in ("k", "rank", "steps", "grad_accum", "checkpoint_every", "class_images", "sample_steps", "lr",
@@ -185,7 +186,8 @@ def run_name(opts):
 
 SHORT_NAMES = {"model": "", "wavelet": "", "mixed_precision": "", "position_seed": "pos", "unique_token": "token",
                "grad_accum": "ga", "resolution": "res", "weight_decay": "wd", "max_grad_norm": "clip",
-               "prior_preservation": "prior", "class_images": "cls", "prior_loss_weight": "pw"}
+               "prior_preservation": "prior", "class_images": "cls", "prior_loss_weight": "pw",
+               "text_conditioning": "cond"}
 
 
 def name_part(name, value):
@@ -498,11 +500,11 @@ def add_adapter(unet, opts):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_options(argv)
+    from diffusers import DDPMScheduler  # here, not at the top: a bad command line fails before its seconds of import
     # Everything that can be checked is checked before a multi-GB model loads, and nothing is written before
     # training starts: bad input fails in seconds, naming what is wrong, and a refused start changes no file.
     data_dir, source = sdxl.find_data_dir(opts.data_dir)
     opts.data_dir = str(data_dir.resolve())  # config.json records where the data really was
-    print(f"dataset: {opts.data_dir} ({source})")
     class_name = sdxl.read_classes(opts.data_dir).get(opts.subject)
     image_paths = sdxl.instance_images(opts.data_dir, opts.subject)
     images = [sdxl.load_image(path) for path in image_paths]  # a corrupt file fails here, by name
@@ -513,6 +515,7 @@ def main(argv=None):
     rank, world_size, device = sdxl.init_distributed(device)  # (0, 1, device) without torchrun
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+    print(f"dataset: {opts.data_dir} ({source})")
     if opts.model != "tiny" and device.type == "cpu":
         print(f"note: training {opts.model} on the CPU takes hours per run; --model tiny runs the whole loop in "
               f"a minute, a GPU the real thing", flush=True)
@@ -537,7 +540,7 @@ def main(argv=None):
 
     # Cache everything the frozen parts compute: latents of the (cropped) images and the text embeddings.
     instance = encode_images(pipe.vae, images, image_paths, opts.resolution, generator, device)
-    prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt])
+    prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt], opts.text_conditioning)
     if opts.prior_preservation:
         waveft.remove(unet)  # class images come from the base model
         if rank == 0:  # rank 0 generates the missing class images, the others wait for them
@@ -547,7 +550,8 @@ def main(argv=None):
         add_adapter(unet, opts)
         class_images = [sdxl.load_image(path) for path in class_paths]
         prior = encode_images(pipe.vae, class_images, class_paths, opts.resolution, generator, device)
-        prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt, f"a {class_name}"])
+        prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt, f"a {class_name}"],
+                                                   opts.text_conditioning)
     if not (torch.isfinite(prompt_embeds).all() and torch.isfinite(pooled).all()):
         raise ValueError(f"text embeddings of {instance_prompt!r} are not finite")
     latent_scale, latent_shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", 0) or 0

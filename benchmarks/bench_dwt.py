@@ -13,7 +13,6 @@ import os
 import sys
 
 import numpy as np
-import ptwt
 import pywt
 import torch
 
@@ -27,6 +26,7 @@ MODE = "symmetric"  # PyWavelets' default, and the mode WaveFT's inverse uses
 
 def contenders(x, wavelet, level):
     """name -> callable doing forward + inverse, each on its own library's native input."""
+    import ptwt  # here, not at the top: --help answers without its seconds of import
     x_numpy = x.numpy()
     return {
         "ours": lambda: dwt.waverec2(dwt.wavedec2(x, wavelet, MODE, level), wavelet, MODE),

@@ -19,6 +19,7 @@ Memory, two honest CPU measures (torch has no CPU allocator statistics):
              recorded with torch.autograd.graph.saved_tensors_hooks: what a deep network keeps per layer.
 Before timing, the script checks that our WaveFT and PEFT's give the same y and spectrum gradient.
 """
+import argparse
 import contextlib
 import copy
 import os
@@ -32,7 +33,6 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import peft  # noqa: E402
 import waveft  # noqa: E402
 from benchmarks.common import print_table  # noqa: E402
 
@@ -41,6 +41,7 @@ K, WARMUP = 2592, 3
 
 
 def variants(out_f, in_f):
+    import peft  # here, not at the top: --help answers without its seconds of import
     torch.manual_seed(0)
     base = nn.Linear(in_f, out_f).requires_grad_(False)
     made = {"frozen nn.Linear": nn.Sequential(copy.deepcopy(base))}
@@ -123,8 +124,10 @@ def check_against_peft(made, x, g):
 
 
 def main():
-    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
-    torch.set_num_threads(threads)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the project machines have 2 cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     rows = []
     for out_f, in_f, tokens, runs in CASES:

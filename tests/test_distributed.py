@@ -59,6 +59,7 @@ def test_two_ranks_resume_and_equal_one_process(dreambooth_dir, tmp_path, monkey
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("trainable parameters") == 1  # only rank 0 prints
+    assert result.stdout.count("dataset: ") == 1  # the first line too
     two = run_folder(tmp_path / "two", "adapter.safetensors")
 
     a, b = load_file(single / "adapter.safetensors"), load_file(two / "adapter.safetensors")

@@ -504,10 +504,27 @@ def test_adapter_for_a_different_architecture_fails_clearly(tiny_run_dir, tmp_pa
 
 
 def test_command_line_error_is_one_clear_line(tmp_path):
-    result = subprocess.run([sys.executable, str(evaluate.__file__), "--runs", str(tmp_path / "nope")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"evaluate.py: error: run folder {tmp_path / 'nope'} does not exist"
+    # A run folder that is not there (exit 1) and a value of the wrong type (argparse, exit 2), started together
+    runs = [subprocess.Popen([sys.executable, str(evaluate.__file__), "--runs", str(tmp_path / "nope"), *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for extra in ([], ["--steps",
+                                                                                                     "abc"])]
+    (out, err), (out_abc, err_abc) = (run.communicate(timeout=120) for run in runs)
+    assert runs[0].returncode == 1 and "Traceback" not in err
+    assert err.strip() == f"evaluate.py: error: run folder {tmp_path / 'nope'} does not exist"
+    assert runs[1].returncode == 2 and out_abc == ""
+    assert err_abc == "error: --steps abc: not an integer; see --help\n"  # not argparse's usage
+
+
+def test_a_bad_command_line_is_one_line_naming_the_option_and_value(capsys):
+    for argv, message in ((["--runs", "a", "--seed", "x1"], "--seed x1: not an integer"),
+                          (["--runs", "a", "--out-dir"], "--output-dir: expected one argument"),
+                          (["--runs", "a", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                          (["--metrics-only", "a"], "--metrics-only needs --subject (whose real photos the images "
+                                                    "are compared with)")):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.parse_args(argv)
+        assert exit_info.value.code == 2, argv
+        assert capsys.readouterr().err == f"error: {message}; see --help\n", argv
 
 
 def test_a_peft_adapter_folder_is_scored_like_our_run(evaluated, tmp_path, dreambooth_dir):

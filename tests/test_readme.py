@@ -1,8 +1,8 @@
 """README.md tells the truth: every ```python block runs as written, and the numbers and test names it states hold.
 
-Each block runs in a fresh namespace, from an empty folder in which `dreambooth/dataset` is the DreamBooth dataset
-(as after `git clone https://github.com/google/dreambooth`). A block that cannot run here (it needs a GPU or the
-hub) starts with the line `# test_readme: skip, <why>`; keep those few."""
+Each block runs in a fresh namespace, from an empty folder, with the DreamBooth dataset where the README's Tests
+section puts it ($DREAMBOOTH_DIR), as a newcomer runs it; it may write only under outputs/ (gitignored). A block that
+cannot run here (it needs a GPU or the hub) starts with the line `# test_readme: skip, <why>`; keep those few."""
 import re
 from pathlib import Path
 
@@ -28,11 +28,23 @@ BLOCKS = python_blocks(README)
 def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, dreambooth_dir):
     if code.startswith(SKIP):
         pytest.skip(code.splitlines()[0])
-    (tmp_path / "dreambooth").mkdir()
-    (tmp_path / "dreambooth" / "dataset").symlink_to(dreambooth_dir, target_is_directory=True)
+    monkeypatch.setenv("DREAMBOOTH_DIR", str(dreambooth_dir))
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left in ([], ["outputs"]), f"README.md:{line} leaves {left} in the current folder: write under outputs/"
+
+
+def test_the_largest_k_the_readme_states_for_the_tiny_model_is_the_true_one():
+    import sdxl
+    import waveft
+    largest = int(re.search(r"k=2592 on SDXL \(here at most ([\d,]+)", README).group(1).replace(",", ""))
+    unet = sdxl.build_tiny_pipeline().unet
+    waveft.inject(unet, k=largest)  # every adapted layer takes it
+    waveft.remove(unet)
+    with pytest.raises(ValueError, match=rf"k={largest + 1} is invalid for layer .*need 1 <= k <= {largest}"):
+        waveft.inject(unet, k=largest + 1)  # and one more is refused
 
 
 def test_readme_blocks_are_found_and_skips_are_few_and_explained():

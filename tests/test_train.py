@@ -132,12 +132,34 @@ def test_adapter_loads_into_fresh_tiny_unet_and_changes_it(tiny_run_dir):
 
 
 def test_cli_reports_bad_input_in_one_line(dreambooth_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog6", "--k", "0",
-                             "--data-dir", str(dreambooth_dir), "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 1
-    assert result.stderr == "error: --k 0: must be positive\n"  # the option and its value; no usage, no traceback
+    # A bad value (exit 1) and a value of the wrong type (argparse, exit 2), as a user starts them (at the same time)
+    script = [sys.executable, str(REPO / "train_dreambooth.py"), "--data-dir", str(dreambooth_dir), "--output-dir",
+              str(tmp_path), "--subject", "dog6"]
+    runs = [subprocess.Popen(script + ["--k", value], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}) for value in ("0", "abc")]
+    (out_0, err_0), (out_abc, err_abc) = (run.communicate(timeout=120) for run in runs)
+    assert runs[0].returncode == 1 and out_0 == ""
+    assert err_0 == "error: --k 0: must be positive\n"  # the option and its value; no usage, no traceback
+    assert runs[1].returncode == 2 and out_abc == ""
+    assert err_abc == "error: --k abc: not an integer; see --help\n"  # not argparse's 26 lines of usage
     assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_command_line_is_one_line_naming_the_option_and_value(capsys):
+    """argparse's own errors (a value of the wrong type, a missing or unknown option): one line, exit code 2."""
+    for argv, message in (
+            (["--subject", "dog6", "--k", "abc"], "--k abc: not an integer"),
+            (["--subject", "dog6", "--lr=fast"], "--lr fast: not a number"),
+            (["--subject", "dog6", "--use-idwt", "maybe"], "--use-idwt maybe: not true or false"),
+            (["--subject", "dog6", "--k"], "--k: expected one argument"),
+            (["--k", "5"], "the following arguments are required: --subject"),
+            (["--subject", "dog6", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_dreambooth.parse_options(argv)
+        assert exit_info.value.code == 2, argv
+        assert capsys.readouterr().err == f"error: {message}; see --help\n", argv
+    assert train_dreambooth.parse_options(["--subject", "dog6", "--use-idwt", "no", "--lr", "2e-4", "--k", "7"]) \
+        == train_dreambooth.parse_options(["--subject", "dog6", "--use-idwt=false", "--lr=0.0002", "--k=7"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,11 +288,6 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
                          (["--resume", "--overwrite"], "give one of them")):
         with pytest.raises(ValueError, match=re.escape(message)):
             run(*bad)
-    for bad in (["--no-such-flag", "1"], ["--use-idwt", "maybe"]):  # argparse's own errors keep their usage line
-        with pytest.raises(SystemExit) as exit_info:
-            run(*bad)
-        assert exit_info.value.code == 2
-    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["corrupt"]  # nothing above wrote anything
 
     # An option that cannot matter is not checked, and given explicitly it draws a one-line warning
@@ -580,6 +597,56 @@ def test_tiny_pipeline_is_deterministic_and_loads_from_disk(tiny_model_dir):
     assert type(fresh.scheduler).__name__ == "DDPMScheduler"  # generate() swaps its sampler only temporarily
 
 
+def test_the_authors_text_conditioning_is_encoder_1s_last_state_after_its_final_layer_norm():
+    """conditioning="authors" (--text-conditioning authors) is what the authors' training feeds the UNet, computed
+    here by hand from the tiny encoders: encoder 1's last hidden state after its final layer norm, then encoder 2's
+    penultimate state; the pooled embedding is encoder 2's text_embeds either way."""
+    pipe = sdxl.build_tiny_pipeline()
+    prompts = ["a zjw dog", "a dog"]
+    ids_1, ids_2 = (tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids for tokenizer in (pipe.tokenizer, pipe.tokenizer_2))
+    with torch.no_grad():
+        states_1 = pipe.text_encoder(ids_1, output_hidden_states=True).hidden_states
+        out_2 = pipe.text_encoder_2(ids_2, output_hidden_states=True)
+        final_norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm  # (transformers 4
+        last_1 = final_norm(states_1[-1])  # after the last layer, its final layer norm             nests text_model)
+    embeds, pooled = sdxl.encode_prompt(pipe, prompts, conditioning="authors")
+    assert embeds.shape == (2, 77, 64) and pooled.shape == (2, 32)
+    torch.testing.assert_close(embeds, torch.cat([last_1, out_2.hidden_states[-2]], dim=-1))
+    torch.testing.assert_close(pooled, out_2.text_embeds)
+    pipeline_embeds, pipeline_pooled = sdxl.encode_prompt(pipe, prompts)  # the default: the pipeline's, as sampled
+    torch.testing.assert_close(pipeline_embeds, torch.cat([states_1[-2], out_2.hidden_states[-2]], dim=-1))
+    assert torch.equal(pipeline_embeds[..., 32:], embeds[..., 32:]) and torch.equal(pipeline_pooled, pooled)
+    assert (pipeline_embeds[..., :32] - embeds[..., :32]).abs().mean() > 0.1  # encoder 1's part differs
+    with pytest.raises(ValueError, match="conditioning 'last': must be one of pipeline, authors"):
+        sdxl.encode_prompt(pipe, prompts, conditioning="last")
+
+
+def test_text_conditioning_authors_trains_on_it_and_is_recorded_and_kept_on_resume(dreambooth_dir, tmp_path,
+                                                                                     monkeypatch):
+    used, encode_prompt = [], sdxl.encode_prompt
+
+    def recording(pipe, prompts, conditioning="pipeline"):
+        used.append(conditioning)
+        return encode_prompt(pipe, prompts, conditioning)
+    monkeypatch.setattr(sdxl, "encode_prompt", recording)
+    argv = tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--validation-prompts", "0")
+    run_dir = train_dreambooth.main(argv + ["--text-conditioning", "authors"])
+    assert used == ["authors"]  # training's conditioning (sampling keeps StableDiffusionXLPipeline's own)
+    assert "-cond-authors-" in run_dir.name  # it changes the result, so it names the run
+    assert json.loads((run_dir / "config.json").read_text())["text_conditioning"] == "authors"
+    assert waveft.read_metadata(run_dir / "adapter.safetensors")["training"]["text_conditioning"] == "authors"
+    before = snapshot(run_dir)
+    for other in ([], ["--text-conditioning", "pipeline"]):  # the default (pipeline) is another run
+        with pytest.raises(ValueError, match=re.escape("trained with other options: text_conditioning (authors -> "
+                                                       "pipeline)")):
+            train_dreambooth.main(argv + other + ["--run-name", run_dir.name, "--resume", "--steps", "2"])
+    assert snapshot(run_dir) == before
+    with pytest.raises(ValueError, match=re.escape("--text-conditioning last: must be one of pipeline, authors")):
+        train_dreambooth.parse_options(["--subject", "dog6", "--text-conditioning", "last"])
+    assert train_dreambooth.run_name(train_dreambooth.parse_options(["--subject", "dog6"])) == "dog6-waveft-k2592"
+
+
 def test_each_of_the_30_subjects_gets_the_prompt_list_of_its_kind(dreambooth_dir):
     live = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}  # the dataset's 9 live subjects
     classes = sdxl.read_classes(dreambooth_dir)
@@ -604,6 +671,11 @@ def test_the_dataset_is_found_where_a_newcomer_puts_it(dreambooth_dir, tmp_path,
         sdxl.find_data_dir()
     assert "looked in dataset, dreambooth/dataset, ../shared/dreambooth" in str(error.value)
     assert "git clone https://github.com/google/dreambooth" in str(error.value)
+    assert "sdxl.find_data_dir(data_dir)" in str(error.value) and "--data-dir" in str(error.value)  # both callers
+    with pytest.raises(FileNotFoundError) as error:
+        sdxl.read_classes("dreambooth/dataset")  # the Python API speaks to a Python caller too
+    assert 'data_dir="dreambooth/dataset"' in str(error.value) and "--data-dir dreambooth/dataset on the " \
+        "command line" in str(error.value)
     (tmp_path / "dreambooth").mkdir()
     (tmp_path / "dreambooth" / "dataset").symlink_to(dreambooth_dir)  # where `git clone` puts it
     assert sdxl.find_data_dir() == (Path("dreambooth/dataset"), "./dreambooth/dataset")

@@ -1,0 +1,28 @@
+"""Every benchmark script answers --help with its usage, at once, without starting to measure anything."""
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+
+SCRIPTS = sorted((REPO / "benchmarks").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[path.name for path in SCRIPTS])
+def test_help_prints_usage_and_runs_nothing(script, monkeypatch, capsys):
+    def started(*_, **__):
+        raise AssertionError(f"{script.name} --help started the benchmark")
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # What each benchmark does first: set torch's threads, read the load average, start a clock.
+    for owner, name in ((torch, "set_num_threads"), (os, "getloadavg"), (time, "perf_counter")):
+        monkeypatch.setattr(owner, name, started)
+    monkeypatch.setattr("sys.argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")
