@@ -65,8 +65,8 @@ def _check_data_dir(data_dir):
         raise FileNotFoundError(
             f"DreamBooth dataset not found: {data_dir} has no prompts_and_classes.txt. Fetch it with\n"
             f"    git clone https://github.com/google/dreambooth\n"
-            f"and pass its folder: data_dir=\"dreambooth/dataset\" in Python (sdxl.find_data_dir() finds it where "
-            f"the scripts look), --data-dir dreambooth/dataset on the command line")
+            f"and pass its folder: data_dir=\"dreambooth/dataset\" in Python, --data-dir dreambooth/dataset on the "
+            f"command line")
     return data_dir
 
 
@@ -491,7 +491,8 @@ def encode_prompt(pipe, prompts, conditioning="pipeline"):
         pooled        = text_encoder_2's projected pooled output ("text_embeds")              (B, d_proj)
     conditioning="authors": what the authors' training code feeds the UNet (train_dreambooth --text-conditioning
     authors): text_encoder's *last* hidden state, after its final layer norm, in place of its penultimate one;
-    text_encoder_2's part and the pooled output are the same."""
+    text_encoder_2's part and the pooled output are the same. Sampling (`generate`: the validation grid,
+    evaluate.py) always conditions as the pipeline does, as the authors' sampling does too."""
     if conditioning not in TEXT_CONDITIONINGS:
         raise ValueError(f"conditioning {conditioning!r}: must be one of {', '.join(TEXT_CONDITIONINGS)}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
