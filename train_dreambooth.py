@@ -62,7 +62,7 @@ class Options:
     use_idwt: bool = True  # false: train the sparse matrix directly in weight space (ablation baseline)
     position_seed: int = 777  # seed of the k random coefficient positions
     unique_token: str = "zjw"  # the prompt is "a <unique_token> <class>"
-    text_conditioning: str = "pipeline"  # training's text embedding: pipeline (as sampled) or authors (theirs)
+    text_conditioning: str = "pipeline"  # pipeline (as sampled) or authors (encoder 1's last state, as they trained)
     steps: int = 500  # optimizer steps
     grad_accum: int = 4  # micro-batches (of 1 image) per optimizer step
     batching: str = "epoch"  # epoch: shuffled passes, a step per grad_accum photos and at a pass's end; or uniform
