@@ -647,8 +647,15 @@ def main(argv=None):
     return all_metrics
 
 
-if __name__ == "__main__":
+def run_command(argv=None):
+    """What `python evaluate.py ...` does: main(), with bad input as one line on stderr. Returns the exit status."""
     try:
-        main()
+        main(argv)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"evaluate.py: error: {error}")
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command())
