@@ -379,7 +379,8 @@ def read_runs(opts):
     if opts.metrics_only:
         folder = Path(opts.metrics_only)
         data_dir = str(sdxl.find_data_dir(opts.data_dir or "")[0])  # where training looks, in the same order
-        run = Run(folder.name, opts.subject, opts.unique_token, data_dir, {}, images_dir=folder, setting="external")
+        run = Run(folder.name, opts.subject, opts.unique_token, data_dir, {}, images_dir=folder)
+        run.setting = setting_of(run)
         check_subject(run, "--metrics-only")
         read_image_folder(folder)  # fail now, not after loading the models
         return [run]

@@ -211,6 +211,7 @@ def test_metrics_only_scores_a_folder_laid_out_by_prompt(tmp_path, dreambooth_di
     assert len(rows) == 4 and ",a zjw dog on the beach," in rows[1] and ",a red zjw dog," in rows[3]
     assert metrics["n_images"] == 3 and metrics["n_prompts"] == 2 and metrics["n_real"] == 5
     assert metrics["meaningless_tiny_models"] and (out / "other_tool" / "grid.png").is_file()
+    assert (metrics["setting"], metrics["prompt_set"]) == ("external", "from the image folders")
     with pytest.raises(FileNotFoundError, match="no images found"):
         evaluate.main(["--metrics-only", str(tmp_path / "eval"), "--subject", "dog6", "--data-dir",
                        str(dreambooth_dir)] + TINY)
