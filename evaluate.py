@@ -26,9 +26,12 @@ merged. Metric scores are means over a run's images; the comparison table gives 
 
 Layout: <output-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder
 and images/generation.json (settings + adapter hash: a rerun skips existing images only if they match), then
-scores.csv (one row per image), metrics.json, grid.png; <output-dir>/comparison.{md,csv} over all runs.
-Under torchrun every rank generates its share of the (run, prompt) folders, then rank 0 alone scores; the images and
-numbers are those of one process. One pipeline per base model serves all its runs (the adapter is swapped).
+scores.csv (one row per image), metrics.json, grid.png; <output-dir>/comparison.{md,csv} over all runs, one row per
+setting (the run's options without its subject) and prompt set. Every file goes through sdxl.write_file (a
+temporary file, then a rename): a full disk or Ctrl-C leaves whole files only, and the same command continues,
+writing the bytes an uninterrupted evaluation writes. Under torchrun every rank generates its share of the
+(run, prompt) folders, then rank 0 alone scores; the images and numbers are those of one process. One pipeline per
+base model serves all its runs (the adapter is swapped, the weights restored bit for bit).
 `--metrics-only DIR` reads one folder per prompt from DIR, in either layout: ours (`<number>_<anything>/` holding the
 images, any names, and optionally prompt.txt, else the prompt is the folder name after the number, "_" -> " ") or
 the authors' (`prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png` with the prompt in prompt_<i>_info.txt's "Prompt:"
@@ -37,8 +40,8 @@ line; DIR is their `<method>/<subject>` folder).
 import csv
 import datetime
 import hashlib
+import io
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -312,14 +315,26 @@ def write_grid(path, real_images, entries, images, thumb=256):
     blank = Image.new("RGB", (thumb, thumb), "white")
     cells = [(label, ImageOps.fit(image, (thumb, thumb))) for row in rows  # centre-cropped squares
              for label, image in row + [("", blank)] * (cols - len(row))]
-    sdxl.image_grid([image for _, image in cells], cols, [label for label, _ in cells]).save(path)
+    save(path, sdxl.image_grid([image for _, image in cells], cols, [label for label, _ in cells]))
 
 
 def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))  # all keys
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))  # all keys
+    writer.writeheader()
+    writer.writerows(rows)
+    save(path, text.getvalue())
+
+
+# Every file of an evaluation is written by sdxl.write_file: made in memory, written to a temporary file, renamed.
+# A full disk then fails in one line naming the file (sdxl.WriteError), and the file it would have replaced (an
+# image, a table) stays as it was; an interrupted evaluation leaves no half-written image to be taken as finished.
+AFTER_A_WRITE_ERROR = "the files written before are intact: make room and run the same command again (it continues)"
+
+
+def save(path, data):
+    """sdxl.write_file(path, data): str, bytes or a PIL image (as PNG)."""
+    return sdxl.write_file(path, data, advice=AFTER_A_WRITE_ERROR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,13 +349,38 @@ class Run:
     config: dict  # the run's config.json ({} for --metrics-only)
     adapter: Path = None  # adapter.safetensors or a PEFT adapter folder (None for --metrics-only)
     images_dir: Path = None  # --metrics-only: the folder of images to score
+    setting: str = ""  # the run's settings without its subject (setting_of): its row of the comparison
+
+
+def setting_of(run):
+    """What one row of the comparison holds fixed: every option of the run that changes its result except the
+    subject, as a name. train_dreambooth.py records it in config.json ("setting", derived from the options even when
+    --run-name chose the folder's name); an older run's folder name without "<subject>-" (the name it was given
+    then: method, budget and every option that differs from its default); a PEFT folder records no training
+    options: its method and budget; --metrics-only images: "external"."""
+    if "setting" in run.config:
+        return run.config["setting"]
+    if run.config.get("peft_folder"):
+        return "peft " + " ".join(method_and_budget(run.config))
+    if run.adapter is None:
+        return "external"
+    return run.name.removeprefix(f"{run.subject}-")
+
+
+def prompt_set(opts):
+    """The prompts the images were made from, the other half of a row's key (and shown in its table line)."""
+    if opts.metrics_only:
+        return "from the image folders"
+    return "dreambooth" if opts.max_prompts >= 25 else f"dreambooth (first {opts.max_prompts})"
 
 
 def read_runs(opts):
     """--runs: every run folder among them (checked); --metrics-only: the one folder of images."""
     if opts.metrics_only:
         folder = Path(opts.metrics_only)
-        run = Run(folder.name, opts.subject, opts.unique_token, opts.data_dir or "dataset", {}, images_dir=folder)
+        data_dir = str(sdxl.find_data_dir(opts.data_dir or "")[0])  # where training looks, in the same order
+        run = Run(folder.name, opts.subject, opts.unique_token, data_dir, {}, images_dir=folder)
+        run.setting = setting_of(run)
         check_subject(run, "--metrics-only")
         read_image_folder(folder)  # fail now, not after loading the models
         return [run]
@@ -357,6 +397,14 @@ def read_runs(opts):
             else read_run(folder, opts.data_dir, opts.model) for folder in folders]
     if len({run.name for run in runs}) < len(runs):
         raise ValueError("two run folders have the same name; their results would overwrite each other")
+    first = {}  # (setting, subject) -> its run: a row of the comparison averages over distinct subjects
+    for run in runs:
+        run.setting = setting_of(run)
+        other = first.setdefault((run.setting, run.subject), run)
+        if other is not run:
+            raise ValueError(f"runs {other.name} and {run.name} are both {run.subject} with setting {run.setting}: "
+                             f"a row of the comparison holds one run per subject; evaluate one of them, or each "
+                             f"with its own --output-dir")
     return runs
 
 
@@ -453,37 +501,59 @@ def adapter_hash(adapter):
     return digest.hexdigest()
 
 
+def keep_original(before, after):
+    """What puts a merged layer's weight back to `before` bit for bit, on the CPU: the smaller of its sparse diff,
+    (int64 index, value) of every entry the merge changed, and a dense copy of `before` in its own dtype, as
+    (None, copy). WaveFT changes k footprints per layer: its diff is small (~70 MB over SDXL's 560 layers at
+    k = 2592). LoRA changes every entry: its diff would be 3x the weight in float32 (12 bytes an entry; 11.5 GB for
+    SDXL), the dense copy is 1x. So what is kept over all layers is at most one copy of the adapted weights in their
+    dtype (SDXL: 955 M entries, 3.8 GB in float32), whatever the method."""
+    changed = (after != before) | (torch.signbit(after) != torch.signbit(before))  # -0.0 vs 0.0 counts too
+    where = changed.view(-1).nonzero().squeeze(1)
+    if where.numel() * (where.element_size() + before.element_size()) < before.numel() * before.element_size():
+        return where.cpu(), before.view(-1)[where].cpu()
+    return None, before.cpu()
+
+
+def put_back(weight, kept):
+    """Undo a merge exactly from keep_original's record."""
+    where, values = kept
+    if where is None:
+        weight.copy_(values)
+    else:
+        weight.view(-1).index_copy_(0, where.to(weight.device), values.to(weight.device))
+
+
 @torch.no_grad()
 def adapted_pipeline(pipelines, model, adapter, device):
     """The pipeline of `model` with `adapter` loaded and merged (the update folded into W: sampling costs what the
     base model costs). `pipelines` ({model: (pipeline, originals)}) keeps one pipeline for the next run of the same
     model: its adapter is taken out (waveft.remove) and every weight entry the merge changed is put back bit for
     bit, because merge + unmerge is exact only up to rounding, and an image must not depend on which run came
-    before it (resuming, torchrun). WaveFT changes few entries (k footprints per layer): a small CPU copy."""
+    before it (resuming, torchrun). The CPU copy this takes is at most the adapted weights once (keep_original)."""
     if model not in pipelines:
         pipelines.clear()  # one model in memory at a time
         pipelines[model] = (sdxl.load_pipeline(model).to(device), {})  # float32; generate() autocasts on CUDA
     pipe, originals = pipelines[model]
     if waveft.adapted_layers(pipe.unet):
         waveft.remove(pipe.unet)
-        for name, (where, values) in originals.items():
-            pipe.unet.get_submodule(name).weight.view(-1).index_copy_(0, where.to(device), values.to(device))
+        for name, kept in originals.items():
+            put_back(pipe.unet.get_submodule(name).weight, kept)
     try:
         waveft.load(pipe.unet, adapter)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
     originals.clear()
-    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's copy at most
+    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's extra copy at most
         before = layer.base.weight.clone()
         waveft.merge(layer)
-        where = (layer.base.weight != before).view(-1).nonzero().squeeze(1)
-        originals[name] = (where.cpu(), before.view(-1)[where].cpu())
+        originals[name] = keep_original(before, layer.base.weight)
     return pipe
 
 
 def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None, pipelines=None):
-    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes; under
-    torchrun only those of the prompts `mine` (indices; default all), this rank's share. Returns
+    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes, byte for
+    byte; under torchrun only those of the prompts `mine` (indices; default all), this rank's share. Returns
     [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
     depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
     settings or another adapter (by its hash) are an error, never silently reused."""
@@ -501,39 +571,56 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None
     entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
     missing = {i: [seed for seed in seeds if not (folders[i] / f"seed{seed}.png").is_file()]
                for i in (range(len(prompts)) if mine is None else mine)}
-    missing = {i: todo for i, todo in missing.items() if todo}  # a whole prompt's seeds stay one batch, as in 1 process
+    missing = {i: todo for i, todo in missing.items() if todo}
     if not missing:
         return entries, settings, 0  # nothing to do: not even the pipeline is loaded
-    images_dir.mkdir(parents=True, exist_ok=True)
-    tmp = images_dir / f"generation.{os.getpid()}.tmp"  # every rank writes the same text: each its own temporary
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, record)
+    # the adapter first: one that does not fit the model is refused before any file is written
     pipe = adapted_pipeline({} if pipelines is None else pipelines, run.config["model"], run.adapter, device)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    save(record, json.dumps(settings, indent=2) + "\n")  # every rank writes the same text
+    # A seed's image can differ in the last bits between batches of other seeds (batched kernels sum in another
+    # order), so a missing image is made in the batch an uninterrupted run makes it in: the prompt's seeds in
+    # batches of gen_cfg.batch_size, and only the batches with a missing seed. A resumed evaluation (or a torchrun
+    # rank) then writes exactly the bytes one uninterrupted process writes.
+    batches = [seeds[start:start + gen_cfg.batch_size] for start in range(0, len(seeds), gen_cfg.batch_size)]
     with tqdm(total=sum(map(len, missing.values())), desc=f"{run.name}: generating", unit="image") as bar:
         for i, todo in missing.items():
             folders[i].mkdir(parents=True, exist_ok=True)
-            (folders[i] / "prompt.txt").write_text(prompts[i] + "\n")
-            for seed, image in zip(todo, sdxl.generate(pipe, [prompts[i]], todo, gen_cfg)):
-                tmp = folders[i] / f"seed{seed}.tmp.png"  # saved, then renamed: a killed run leaves no half image
-                image.save(tmp)
-                os.replace(tmp, folders[i] / f"seed{seed}.png")
-                bar.update(1)
+            save(folders[i] / "prompt.txt", prompts[i] + "\n")
+            for batch in [batch for batch in batches if set(batch) & set(todo)]:
+                for seed, image in zip(batch, sdxl.generate(pipe, [prompts[i]], batch, gen_cfg)):
+                    if seed in todo:  # the batch's other images are on disk already, the same bytes
+                        save(folders[i] / f"seed{seed}.png", image)
+                        bar.update(1)
     return entries, settings, sum(map(len, missing.values()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The comparison table: one line per (method, budget), mean +- std over subjects
+# The comparison table: one line per configuration (setting and prompt set), mean +- std over its subjects
 
 def write_comparison(all_metrics, out_dir):
-    """Writes comparison.md (returned) and comparison.csv; a metric no run has gets no column."""
+    """Writes comparison.md (returned) and comparison.csv; a metric no run has gets no column.
+
+    A row is one configuration: the runs' setting (every option that changes the result except the subject, e.g.
+    waveft-k2592 or waveft-k2592-steps1000: see setting_of) and the prompt set. Runs that differ in anything but
+    their subject are never averaged together; a subject twice in one row is an error."""
     names = [name for name in METRICS if any(name in m for m in all_metrics)]
-    md = ["| method | k or rank | trainable params | subjects | " + " | ".join(METRICS[n] for n in names) + " |",
-          "|---" * (4 + len(names)) + "|"]
+    md = ["| setting | prompts | method | k or rank | trainable params | subjects | " +
+          " | ".join(METRICS[n] for n in names) + " |", "|---" * (6 + len(names)) + "|"]
     rows = []
-    for (method, budget), runs in group_by(all_metrics, key=lambda m: (m["method"], m["budget"])).items():
-        params = list(dict.fromkeys(m["trainable_params"] for m in runs))  # one value, unless the runs differ
-        row = dict(method=method, budget=budget, trainable_params="/".join(map(str, params)), subjects=len(runs))
-        cells = [method, budget, "/".join(f"{p:,}" if p else "-" for p in params), str(len(runs))]
+    for (setting, prompts), runs in group_by(all_metrics, key=lambda m: (m["setting"], m["prompt_set"])).items():
+        subjects = [m["subject"] for m in runs]
+        twice = next((subject for subject in subjects if subjects.count(subject) > 1), None)
+        if twice:
+            raise ValueError(f"row {setting} (prompts: {prompts}) of the comparison has subject {twice} twice: "
+                             f"runs {', '.join(m.get('run', '?') for m in runs if m['subject'] == twice)}")
+
+        def one(key):  # one value per row, unless the runs differ: then all of them, "/"-separated
+            return list(dict.fromkeys(m[key] for m in runs))
+        method, budget, params = "/".join(one("method")), "/".join(one("budget")), one("trainable_params")
+        row = dict(setting=setting, prompt_set=prompts, method=method, budget=budget,
+                   trainable_params="/".join(map(str, params)), subjects=len(runs))
+        cells = [setting, prompts, method, budget, "/".join(f"{p:,}" if p else "-" for p in params), str(len(runs))]
         for name in names:
             values = [m[name] for m in runs if name in m]
             if not values:  # a metric that some methods have (the diversity kind) and these runs lack
@@ -546,7 +633,7 @@ def write_comparison(all_metrics, out_dir):
             cells.append(f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}") + count)
         rows.append(row)
         md.append("| " + " | ".join(cells) + " |")
-    (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
+    save(out_dir / "comparison.md", "\n".join(md) + "\n")
     write_csv(out_dir / "comparison.csv", rows)
     return "\n".join(md)
 
@@ -604,7 +691,8 @@ def main(argv=None):
     seeds = [opts.seed + i for i in range(opts.images_per_prompt)]
 
     # 1. Generation. The n-th (run, prompt) folder over all runs belongs to rank n % world_size: a fixed rule that
-    # needs no communication, and a prompt's seeds stay one batch, so every image is the one 1 process makes.
+    # needs no communication, and a prompt's seeds are made in their usual batches, so every image is the one 1
+    # process makes.
     pipelines, plans, generated, n = {}, [], 0, 0
     for run in runs:
         if run.adapter is None:  # --metrics-only
@@ -633,13 +721,14 @@ def main(argv=None):
         real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
         rows, metrics, images = score(entries, real_images, models, run.unique_token, lpips_model)
         method, budget = method_and_budget(run.config)
-        metrics = dict(run=run.name, subject=run.subject, method=method, budget=budget,
+        metrics = dict(run=run.name, subject=run.subject, setting=run.setting, prompt_set=prompt_set(opts),
+                       method=method, budget=budget,
                        trainable_params=count_trainable(run.adapter) if run.adapter else None,
                        n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
                        **metrics, metric_models=models.names, meaningless_tiny_models=tiny,
                        generation=dict(settings, seeds=seeds) if run.adapter else None)
         write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows])
-        (run_out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        save(run_out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_grid(run_out / "grid.png", real_images, entries, images)
         all_metrics.append(metrics)
     table = write_comparison(all_metrics, out_dir)
@@ -647,8 +736,21 @@ def main(argv=None):
     return all_metrics
 
 
-if __name__ == "__main__":
+def run_command(argv=None):
+    """What `python evaluate.py ...` does: main(), with bad input or a full disk as one line on stderr (status 1),
+    and Ctrl-C as one line saying what is kept and how to go on (status 130, as for any SIGINT). Every file is
+    written whole or not at all (save), so the same command again continues: finished images are not made again."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"evaluate.py: error: {error}")
+        main(argv)
+    except (ValueError, FileNotFoundError, sdxl.WriteError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"evaluate.py: interrupted; the finished images are kept in {parse_args(argv).output_dir}: run the "
+              f"same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command())

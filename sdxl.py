@@ -380,10 +380,11 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def write_file(path, data):
+def write_file(path, data, advice=None):
     """Write `data` (bytes, or str as UTF-8, or a PIL image as PNG) to `path` through a temporary file in the same
     folder and one rename: a crash or a full disk mid-write leaves the previous file intact and no temporary file
-    behind. The file gets the umask's permissions. Disk errors raise WriteError (one line)."""
+    behind. The file gets the umask's permissions. Disk errors raise WriteError (one line; `advice` ends it, default
+    reported_write's)."""
     if isinstance(data, Image.Image):
         buffer = io.BytesIO()
         data.save(buffer, format="PNG")
@@ -392,7 +393,7 @@ def write_file(path, data):
         data = data.encode()
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write the same file
-    with reported_write(path):
+    with reported_write(path) if advice is None else reported_write(path, advice):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:

@@ -568,8 +568,10 @@ def main(argv=None):
     start = restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
     broadcast_from_rank0(params, world_size)
 
+    # "setting": the options that shape the result, without the subject, whatever --run-name called the folder:
+    # evaluate.py's comparison gives each setting its own row (the runs of one row differ only in their subject)
     config = {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
-              "run_name": run_dir.name, "argv": argv}
+              "run_name": run_dir.name, "setting": run_name(opts).removeprefix(f"{opts.subject}-"), "argv": argv}
     # Training really starts: files from here on (rank 0's alone under torchrun).
     log = start_files(run_dir, config, start, opts.overwrite) if rank == 0 else None
 

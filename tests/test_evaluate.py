@@ -2,12 +2,16 @@
 an end-to-end run on the tiny SDXL with a tiny adapter (resumable), and clear errors for bad input."""
 import csv
 import dataclasses
+import errno
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,11 +211,26 @@ def test_metrics_only_scores_a_folder_laid_out_by_prompt(tmp_path, dreambooth_di
     assert len(rows) == 4 and ",a zjw dog on the beach," in rows[1] and ",a red zjw dog," in rows[3]
     assert metrics["n_images"] == 3 and metrics["n_prompts"] == 2 and metrics["n_real"] == 5
     assert metrics["meaningless_tiny_models"] and (out / "other_tool" / "grid.png").is_file()
+    assert (metrics["setting"], metrics["prompt_set"]) == ("external", "from the image folders")
     with pytest.raises(FileNotFoundError, match="no images found"):
         evaluate.main(["--metrics-only", str(tmp_path / "eval"), "--subject", "dog6", "--data-dir",
                        str(dreambooth_dir)] + TINY)
     with pytest.raises(SystemExit):  # --subject is required
         evaluate.parse_args(["--metrics-only", str(images)])
+
+
+def test_metrics_only_finds_the_dataset_as_training_does(tmp_path, dreambooth_dir, monkeypatch):
+    """Without --data-dir, --metrics-only looks where train_dreambooth.py looks (sdxl.find_data_dir): here
+    $DREAMBOOTH_DIR; with no dataset anywhere, the error lists the places looked at."""
+    (tmp_path / "images" / "0_a_zjw_dog").mkdir(parents=True)
+    shutil.copy(dreambooth_dir / "dog6" / "00.jpg", tmp_path / "images" / "0_a_zjw_dog")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DREAMBOOTH_DIR", str(dreambooth_dir))
+    [run] = evaluate.read_runs(evaluate.parse_args(["--metrics-only", "images", "--subject", "dog6"]))
+    assert Path(run.data_dir) == dreambooth_dir
+    monkeypatch.delenv("DREAMBOOTH_DIR")
+    with pytest.raises(FileNotFoundError, match=r"DreamBooth dataset not found; looked in dataset, "):
+        evaluate.read_runs(evaluate.parse_args(["--metrics-only", "images", "--subject", "dog6"]))
 
 
 def test_metrics_only_reads_the_authors_layout(tmp_path, dreambooth_dir):
@@ -284,17 +303,31 @@ def test_evaluate_command_line_comes_from_its_options_dataclass(capsys):
 
 
 def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
-    runs = [dict(method="waveft", budget="k=2592", trainable_params=1000, dino=d, cmmd=c)
-            for d, c in ((0.4, 1.0), (0.6, 2.0), (0.8, 3.0))] + \
-           [dict(method="lora", budget="r=1", trainable_params=120, dino=0.5, cmmd=1.5, dino_diversity=0.25)]
+    """One row per setting (the run's options without its subject) and prompt set: mean +- std over its subjects.
+    A run of the same method and budget with another option (here steps) is a row of its own."""
+    common = dict(method="waveft", budget="k=2592", trainable_params=1000, setting="waveft-k2592",
+                  prompt_set="dreambooth")
+    runs = [dict(common, subject=s, dino=d, cmmd=c) for s, d, c in (("dog", 0.4, 1.0), ("cat", 0.6, 2.0),
+                                                                     ("can", 0.8, 3.0))] + \
+           [dict(method="lora", budget="r=1", trainable_params=120, setting="lora-r1", prompt_set="dreambooth",
+                 subject="dog", dino=0.5, cmmd=1.5, dino_diversity=0.25),
+            dict(common, setting="waveft-k2592-steps4", subject="dog", dino=0.1, cmmd=9.0)]
     table = evaluate.write_comparison(runs, tmp_path)
     assert "| lora | r=1 | 120 | 1 | 0.500 (n=1) | 1.500 (n=1) | 0.250 (n=1) |" in table  # no std of one value
     assert "| waveft | k=2592 | 1,000 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 | - |" in table  # no diversity there
-    assert table.startswith("| method | k or rank | trainable params | subjects | DINO ↑ | CMMD ↓ | DINO diversity ↑ |")
+    assert "| lora-r1 | dreambooth | lora | r=1 | 120 | 1 |" in table
+    assert "| waveft-k2592 | dreambooth | waveft | k=2592 | 1,000 | 3 | 0.600 ± 0.200 |" in table
+    assert "| waveft-k2592-steps4 | dreambooth | waveft | k=2592 | 1,000 | 1 | 0.100 (n=1) |" in table
+    assert table.startswith("| setting | prompts | method | k or rank | trainable params | subjects | DINO ↑ | CMMD ↓ "
+                            "| DINO diversity ↑ |")
     csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
-    assert csv_rows[0] == ("method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,cmmd_std,"
-                           "dino_diversity_mean,dino_diversity_std")
-    assert csv_rows[1:] == ["waveft,k=2592,1000,3,0.6,0.2,2.0,1.0,,", "lora,r=1,120,1,0.5,,1.5,,0.25,"]
+    assert csv_rows[0] == ("setting,prompt_set,method,budget,trainable_params,subjects,dino_mean,dino_std,cmmd_mean,"
+                           "cmmd_std,dino_diversity_mean,dino_diversity_std")
+    assert csv_rows[1:] == ["waveft-k2592,dreambooth,waveft,k=2592,1000,3,0.6,0.2,2.0,1.0,,",
+                            "lora-r1,dreambooth,lora,r=1,120,1,0.5,,1.5,,0.25,",
+                            "waveft-k2592-steps4,dreambooth,waveft,k=2592,1000,1,0.1,,9.0,,,"]
+    with pytest.raises(ValueError, match="row waveft-k2592 .*dreambooth.* has subject dog twice"):
+        evaluate.write_comparison(runs + [dict(common, subject="dog", dino=0.3, cmmd=1.0)], tmp_path)
     assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
     assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
     assert evaluate.method_and_budget(dict(method="waveft", k=9, wavelet="db1", scaling=25.0)) == ("waveft", "k=9")
@@ -350,7 +383,43 @@ def test_end_to_end_writes_grid_scores_metrics_and_table(evaluated):
     assert (grid[2 * cell_h - 64:2 * cell_h, 128:] == 255).all()  # prompt rows have 2 images: the rest is blank
     table = (out / "comparison.md").read_text()
     assert f"| {config['method']} | k={config['k']} | {saved['trainable_params']:,} | 1 |" in table
-    assert (out / "comparison.csv").read_text().startswith("method,budget,trainable_params,subjects,dino_mean")
+    assert f"| {config['setting']} | dreambooth (first 2) | {config['method']} |" in table
+    assert (saved["setting"], saved["prompt_set"]) == (config["setting"], "dreambooth (first 2)")
+    assert (out / "comparison.csv").read_text().startswith("setting,prompt_set,method,budget,trainable_params,"
+                                                           "subjects,dino_mean")
+
+
+def test_runs_that_differ_in_any_option_are_separate_rows_of_the_comparison(evaluated, tmp_path):
+    """`--runs outputs/*` once pooled a 500-step and a 4-step run of dog6 as two subjects of one line. A row is one
+    setting: config.json's "setting" (train_dreambooth.py records it even when --run-name chose the folder), for
+    older runs the folder name without "<subject>-"; a subject twice in one row is refused before anything runs."""
+    run, _, _ = evaluated
+    config = json.loads((run / "config.json").read_text())
+    assert config["setting"] == "waveft-k2000-tiny-steps4-ga2" == run.name.removeprefix("dog6-")
+    runs = tmp_path / "runs"
+    short = copy_run(run, runs / run.name)
+    named = copy_run(run, runs / "my-cat-run", subject="cat")  # --run-name: the recorded setting counts
+    older = copy_run(run, runs / "dog6-waveft-k2000-tiny-ga2", steps=500)  # 500 steps, an older run: no "setting"
+    older_config = json.loads((older / "config.json").read_text())
+    del older_config["setting"]
+    (older / "config.json").write_text(json.dumps(older_config))
+    out = tmp_path / "eval"
+    metrics = evaluate.main(["--runs", str(short), str(named), str(older), "--output-dir", str(out)] + SMOKE +
+                            ["--max-prompts", "1", "--images-per-prompt", "1"])
+    assert [(m["subject"], m["setting"], m["prompt_set"]) for m in metrics] == [
+        ("dog6", "waveft-k2000-tiny-steps4-ga2", "dreambooth (first 1)"),
+        ("cat", "waveft-k2000-tiny-steps4-ga2", "dreambooth (first 1)"),
+        ("dog6", "waveft-k2000-tiny-ga2", "dreambooth (first 1)")]
+    table = (out / "comparison.md").read_text().splitlines()
+    assert len(table) == 4  # header, rule, two rows
+    assert table[2].startswith("| waveft-k2000-tiny-steps4-ga2 | dreambooth (first 1) | waveft | k=2000 |")
+    assert table[2].split(" | ")[5] == "2" and table[3].split(" | ")[5] == "1"  # subjects
+    assert table[3].startswith("| waveft-k2000-tiny-ga2 | dreambooth (first 1) | waveft | k=2000 |")
+    again = copy_run(run, runs / "dog6-copy")  # the same setting and subject as `short`: which one is the row's?
+    with pytest.raises(ValueError, match=r"runs .*dog6-waveft-k2000-tiny-steps4-ga2 and .*dog6-copy are both dog6 "
+                                         r"with setting waveft-k2000-tiny-steps4-ga2"):
+        evaluate.main(["--runs", str(short), str(again), "--output-dir", str(tmp_path / "eval2")] + SMOKE)
+    assert not (tmp_path / "eval2").exists()
 
 
 def test_images_are_the_merged_adapter_at_each_seed(evaluated):
@@ -384,11 +453,16 @@ def test_second_run_skips_existing_images_and_regenerates_only_missing_ones(eval
     [again] = evaluate.main(["--runs", str(run), str(not_a_run), "--out-dir", str(out)] + SMOKE)
     assert calls == [] and [p.stat().st_mtime_ns for p in images] == mtimes
     assert again == metrics
+    uninterrupted = images[1].read_bytes()
     images[1].unlink()  # 00_.../seed43.png: as if the previous evaluation was killed while writing it
     evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE)
-    assert calls == [(["a zjw dog in the jungle"], [43])] and images[1].is_file()
-    with pytest.raises(ValueError, match="holds images made with other steps"):  # never reuse stale images
-        evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE + ["--steps", "3"])
+    # resumed byte for byte: seed 43 is made again in its usual batch (with 42, whose file is left alone), since a
+    # seed generated alone can differ in the last bits from the same seed generated in a batch
+    assert images[1].read_bytes() == uninterrupted and [p.stat().st_mtime_ns for p in images[:1]] == mtimes[:1]
+    assert calls == [(["a zjw dog in the jungle"], [42, 43])]
+    for option, value in (("steps", "3"), ("resolution", "128")):  # never reuse stale images
+        with pytest.raises(ValueError, match=f"holds images made with other {option}"):
+            evaluate.main(["--runs", str(run), "--out-dir", str(out)] + SMOKE + [f"--{option}", value])
 
 
 def retrained(adapter, dest):
@@ -415,7 +489,7 @@ def test_one_pipeline_serves_runs_of_the_same_model_exactly(evaluated, tmp_path,
     original weights restored exactly), yet every image equals the one a fresh pipeline makes with that adapter."""
     run, out, _ = evaluated
     first = copy_run(run, tmp_path / "runs" / "first")
-    second = copy_run(run, tmp_path / "runs" / "second")
+    second = copy_run(run, tmp_path / "runs" / "second", seed=43, setting=run.name.removeprefix("dog6-") + "-seed43")
     retrained(run / "adapter.safetensors", second / "adapter.safetensors")
     loads, merged = [], []
     real_load_pipeline, real_generate = sdxl.load_pipeline, sdxl.generate
@@ -437,15 +511,143 @@ def test_one_pipeline_serves_runs_of_the_same_model_exactly(evaluated, tmp_path,
             assert np.array_equal(np.asarray(made), np.asarray(reference)), (name, seed)
 
 
+def random_adapter(path, **inject):
+    """An adapter file for the tiny SDXL with random trained values (LoRA's B or WaveFT's spectrum != 0)."""
+    unet = sdxl.load_pipeline("tiny").unet
+    waveft.inject(unet, init_seed=0, **inject)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in waveft.adapted_layers(unet):
+            trained = getattr(layer, layer.adapter_names[-1])  # lora_B, waveft_spectrum
+            trained.copy_(0.01 * torch.randn(trained.shape, generator=generator))
+    waveft.save(unet, path, extra_metadata=dict(model="tiny"))
+    return path
+
+
+def kept_bytes(kept):
+    """Bytes of what evaluate keeps to restore one layer (tensors, alone or in a tuple)."""
+    return sum(t.numel() * t.element_size() for t in (kept if isinstance(kept, tuple) else (kept,))
+               if torch.is_tensor(t))
+
+
+def test_weight_restore_keeps_the_smaller_copy_and_puts_every_weight_back_bit_exactly(tiny_run_dir, tmp_path):
+    """One pipeline serves run after run: before the next adapter is merged, every weight entry the last merge
+    changed is put back bit for bit. What is kept per layer is the smaller of the sparse diff (8-byte index + value
+    per changed entry) and a dense copy of the weight in its own dtype: LoRA changes every entry, so its diff would
+    be 3x the weight. Each pipeline state is compared with a fresh pipeline given the same adapter: every tensor
+    equal; what is kept, with the changed entries counted here."""
+    lora = random_adapter(tmp_path / "lora.safetensors", method="lora")
+    sparse = random_adapter(tmp_path / "sparse.safetensors", k=8, use_idwt=False)  # 8 entries change per layer
+    pipelines, base = {}, sdxl.load_pipeline("tiny").unet.state_dict()
+    for adapter in (lora, sparse, tiny_run_dir / "adapter.safetensors", lora):  # restores: dense, sparse, either
+        pipe = evaluate.adapted_pipeline(pipelines, "tiny", adapter, "cpu")
+        fresh = sdxl.load_pipeline("tiny")
+        waveft.load(fresh.unet, adapter)
+        waveft.merge(fresh.unet)
+        expected = fresh.unet.state_dict()
+        for name, value in pipe.unet.state_dict().items():
+            assert torch.equal(value, expected[name]), (adapter.name, name)
+        kept, sizes = pipelines["tiny"][1], []
+        assert kept.keys() == dict(waveft.adapted_layers(pipe.unet)).keys()
+        for name in kept:
+            before, after = base[f"{name}.weight"], expected[f"{name}.base.weight"]
+            changed = int(((before != after) | (torch.signbit(before) != torch.signbit(after))).sum())
+            dense = before.numel() * before.element_size()
+            assert kept_bytes(kept[name]) == min(changed * (8 + before.element_size()), dense), (adapter.name, name)
+            sizes.append((kept_bytes(kept[name]), dense))
+        if adapter in (lora, sparse):  # every layer dense (the README's bound: the weights once), or every sparse
+            assert all(size == dense if adapter == lora else size == 8 * 12 for size, dense in sizes)
+
+
+def test_generate_makes_every_seed_in_batches_of_batch_size():
+    """More seeds than one batch: every seed gets its image, and each batch is made as it would be alone (the image
+    of the last seed, in a batch of its own, equals that seed generated alone)."""
+    pipe = sdxl.load_pipeline("tiny")
+    cfg = sdxl.GenerationConfig(num_inference_steps=2, resolution=64, batch_size=2)
+    images = sdxl.generate(pipe, ["a zjw dog"], [42, 43, 44], cfg)
+    alone = sdxl.generate(pipe, ["a zjw dog"], [44], cfg)
+    assert len(images) == 3 and np.array_equal(np.asarray(images[2]), np.asarray(alone[0]))
+    assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))
+
+
+def files_of(folder):
+    """{relative path: bytes} of every file below `folder`; scores.csv names its images by path: made relative."""
+    return {path.relative_to(folder): path.read_bytes().replace(str(folder).encode(), b"<out>")
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_ctrl_c_stops_in_one_line_with_130_and_a_rerun_finishes_the_same_files(evaluated, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Ctrl-C while the second prompt is generated: one line on stderr saying what is kept and how to continue,
+    exit status 130, the first prompt's images kept; the same command again gives the files of an uninterrupted
+    evaluation, byte for byte."""
+    run, out, _ = evaluated
+    again, cut = copy_run(run, tmp_path / "runs" / run.name), tmp_path / "eval"
+    real_generate, calls = sdxl.generate, []
+
+    def interrupted_generate(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args)
+    monkeypatch.setattr(sdxl, "generate", interrupted_generate)
+    monkeypatch.setattr(evaluate, "tqdm", functools.partial(evaluate.tqdm, disable=True))  # stderr without the bars
+    argv = ["--runs", str(again), "--output-dir", str(cut)] + SMOKE
+    capsys.readouterr()
+    assert evaluate.run_command(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == (f"evaluate.py: interrupted; the finished images are kept in {cut}: run the same command again to "
+                   f"continue\n")
+    assert len(list(cut.rglob("*.png"))) == 2 and not list(cut.rglob("*.tmp"))
+    monkeypatch.setattr(sdxl, "generate", real_generate)
+    assert evaluate.run_command(argv) == 0
+    assert files_of(cut) == files_of(out)
+
+
+@pytest.mark.parametrize("target", ["seed43.png", "scores.csv", "comparison.md"])
+def test_a_full_disk_fails_in_one_line_and_keeps_the_earlier_files(evaluated, tmp_path, monkeypatch, capsys, target):
+    """The disk fills up part-way through a file (os.write writes half, then ENOSPC): one line naming the file, exit
+    status 1, the file as it was before (an image not there at all), no temporary file left behind."""
+    run, out, _ = evaluated
+    again, full = copy_run(run, tmp_path / "runs" / run.name), tmp_path / "eval"
+    shutil.copytree(out, full)
+    before = files_of(full)
+    if target.endswith(".png"):  # an image to make: the one of the last evaluation that did not finish
+        (full / run.name / "images" / "00_a_zjw_dog_in_the_jungle" / target).unlink()
+    real_write, written = os.write, []
+
+    def full_disk(fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").rpartition("/")[2].startswith(target + "."):
+            return real_write(fd, data)
+        if not written:  # the first half fits
+            written.append(real_write(fd, bytes(data[:len(data) // 2])))
+            return written[0]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(evaluate, "tqdm", functools.partial(evaluate.tqdm, disable=True))  # stderr without the bars
+    capsys.readouterr()
+    assert evaluate.run_command(["--runs", str(again), "--output-dir", str(full)] + SMOKE) == 1
+    err = capsys.readouterr().err
+    assert written and err.count("\n") == 1 and "Traceback" not in err, err
+    where = re.escape(str(full)) + r"/\S*" + re.escape(target)
+    assert re.fullmatch(rf"evaluate.py: error: cannot write {where}: No space left on device \([\d,]+ MiB free "
+                        rf"there\); .*run the same command again.*\n", err), err
+    assert not list(full.rglob("*.tmp"))
+    after = files_of(full)
+    if target.endswith(".png"):
+        assert after == {path: data for path, data in before.items() if path.name != target or "jungle" not in
+                         str(path)}
+    else:
+        assert after[next(path for path in after if path.name == target)] == \
+            before[next(path for path in before if path.name == target)]
+
+
 def test_torchrun_two_ranks_make_the_same_images_and_metrics_as_one_process(evaluated, tmp_path):
     """`torchrun --nproc-per-node 2 evaluate.py` (2 gloo ranks on the CPU): each rank generates its share of the
     images, rank 0 scores: the image files (bytes) and metrics.json equal the single-process evaluation's."""
-    run, _, _ = evaluated
+    run, out, _ = evaluated  # the reference: the 1-process evaluation (resumed or not, the same bytes)
     sharded = copy_run(run, tmp_path / "runs" / run.name)
-    # the reference: a fresh 1-process evaluation (not `evaluated`'s folder, where another test regenerated one seed
-    # alone: a batch of 1 differs from a batch of 2 in the last bits)
-    out = tmp_path / "one"
-    evaluate.main(["--runs", str(sharded), "--output-dir", str(out)] + SMOKE)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             evaluate.__file__, "--runs", str(sharded), "--output-dir", str(tmp_path / "eval")] + SMOKE
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -501,6 +703,7 @@ def test_adapter_for_a_different_architecture_fails_clearly(tiny_run_dir, tmp_pa
     waveft.save(model, run / "adapter.safetensors", extra_metadata=dict(model="tiny"))
     with pytest.raises(ValueError, match=r"adapter .*run/adapter.safetensors does not fit model 'tiny'"):
         evaluate.main(["--runs", str(run), "--out-dir", str(tmp_path / "eval")] + SMOKE)
+    assert not (tmp_path / "eval").exists()  # a refused evaluation writes nothing (no stray generation.json)
 
 
 def test_command_line_error_is_one_clear_line(tmp_path):
