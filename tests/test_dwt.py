@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import dwt
-
-pywt = pytest.importorskip("pywt")
+from conftest import need  # PyWavelets is the reference: tests that use it take the `pywt` fixture (conftest.need)
 
 SHAPES_2D = [(7, 5), (31, 31), (64, 40)]
 # Symlets and coiflets share every code path with db (only the filters differ), so to keep the suite quick they
@@ -50,6 +49,7 @@ def assert_matches(ours, reference, dtype, what):
 
 
 def max_level(length, wavelet):
+    pywt = need("pywt")
     return pywt.dwt_max_level(length, pywt.Wavelet(wavelet).dec_len)
 
 
@@ -59,7 +59,7 @@ TABLE_TOLERANCE = {"sym3": 5e-12, "sym5": 2e-12, "sym6": 2e-12, "sym7": 2e-12}
 
 
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_filters_match_pywavelets(wavelet):
+def test_filters_match_pywavelets(wavelet, pywt):
     ours = dwt.wavelet_filters(wavelet)
     for name, f, ref in zip(("dec_lo", "dec_hi", "rec_lo", "rec_hi"), ours, pywt.Wavelet(wavelet).filter_bank):
         assert f.dtype == torch.float64 and f.shape == (len(ref),), name
@@ -86,7 +86,7 @@ def test_filters_are_exact(wavelet):
     assert design_errors(dwt.wavelet_filters(wavelet)[2], wavelet) < 3e-14  # db10, sym10: 1e-14 (root finding)
 
 
-def test_pywavelets_symlet_tables_are_less_exact():
+def test_pywavelets_symlet_tables_are_less_exact(pywt):
     """Why TABLE_TOLERANCE exists: the table misses its own defining conditions by more than we differ from it."""
     assert design_errors(pywt.Wavelet("sym3").rec_lo, "sym3") > 3e-12
 
@@ -100,7 +100,7 @@ def test_filters_are_cached_per_dtype_and_device():
 
 @pytest.mark.parametrize("mode", dwt.MODES)
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_2d_matches_pywavelets(wavelet, mode):
+def test_2d_matches_pywavelets(wavelet, mode, pywt):
     """dwt2/idwt2 on every shape, and wavedec2/waverec2 for every level 1..max, in float64 and float32 (fewer for
     NEW_WAVELETS)."""
     generator = torch.Generator().manual_seed(0)
@@ -128,7 +128,7 @@ def test_2d_matches_pywavelets(wavelet, mode):
 
 @pytest.mark.parametrize("mode", dwt.MODES)
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_1d_matches_pywavelets(wavelet, mode):
+def test_1d_matches_pywavelets(wavelet, mode, pywt):
     """wavedec/waverec of a length-2048 signal for every level, and dwt/idwt along a middle dimension."""
     generator = torch.Generator().manual_seed(1)
     x64 = torch.randn(LENGTH_1D, generator=generator, dtype=torch.float64)
@@ -212,7 +212,7 @@ def test_half_precision_inputs(dtype, tol):
 
 
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet):
+def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet, pywt):
     """The WaveFT use: four equal (n, m) quarters -> (2n - L + 2, 2m - L + 2), as pywt.waverec2 'symmetric'."""
     n, m, L = 24, 40, pywt.Wavelet(wavelet).dec_len
     spectrum = torch.zeros(2 * n, 2 * m, dtype=torch.float64)
@@ -224,7 +224,7 @@ def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet):
     assert_matches(ours, reference, torch.float64, f"idwt2 quarters {wavelet}")
 
 
-def test_level_above_maximum_warns_and_computes_like_pywavelets():
+def test_level_above_maximum_warns_and_computes_like_pywavelets(pywt):
     """PyWavelets warns ("all coefficients will experience boundary effects") and computes; so do we."""
     x = torch.randn(2, 20, dtype=torch.float64)  # db2: maximum level 2
     image = torch.randn(20, 17, dtype=torch.float64)  # db2: maximum level 2
@@ -242,7 +242,7 @@ def test_level_above_maximum_warns_and_computes_like_pywavelets():
     assert_matches(dwt.waverec2(coeffs2, "db2"), pywt.waverec2(reference2, "db2"), torch.float64, "waverec2 level 4")
 
 
-def test_numpy_integer_levels():
+def test_numpy_integer_levels(pywt):
     x = torch.randn(3, 64, 40, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # within the maximum: no warning
@@ -253,7 +253,7 @@ def test_numpy_integer_levels():
                            pywt.wavedec(x.numpy(), "sym3", level=level, axis=1), torch.float64, "wavedec")
 
 
-def test_empty_batch_dimensions_like_pywavelets():
+def test_empty_batch_dimensions_like_pywavelets(pywt):
     """Leading (batch) dimensions of size 0 give empty coefficients of PyWavelets' shapes; the transformed ones
     must still be >= 1 (see BAD_INPUTS)."""
     x = torch.empty(0, 3, 16, 10, dtype=torch.float64)

@@ -9,9 +9,8 @@ from safetensors.torch import save_file
 
 import sdxl
 import waveft
+from conftest import need  # tests that use peft take the `peft` fixture (conftest.need)
 from test_waveft import run, tiny_unet, unet_inputs  # noqa: F401  (unet_inputs is a fixture)
-
-peft = pytest.importorskip("peft")
 
 # (method, wavelet, use_idwt): db1 and a longer wavelet, with and without the IDWT, and LoRA
 CASES = [("waveft", "db1", True), ("waveft", "db3", True), ("waveft", "db1", False), ("waveft", "db3", False),
@@ -39,6 +38,7 @@ def ours(method, wavelet, use_idwt):
 
 
 def peft_config(method, wavelet, use_idwt):
+    peft = need("peft")
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     if method == "waveft":
         return peft.WaveFTConfig(n_frequency=40, scaling=25.0, wavelet_family=wavelet, use_idwt=use_idwt,
@@ -47,7 +47,7 @@ def peft_config(method, wavelet, use_idwt):
 
 
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
-def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, method, wavelet, use_idwt):
+def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
     model = ours(method, wavelet, use_idwt)
     waveft.save_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(tiny_unet(), tmp_path)
@@ -61,7 +61,7 @@ def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, metho
 
 
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
-def test_peft_folder_loads_with_waveft_load(tmp_path, unet_inputs, method, wavelet, use_idwt):
+def test_peft_folder_loads_with_waveft_load(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
     trained = peft.get_peft_model(tiny_unet(), peft_config(method, wavelet, use_idwt))
     randomize(trained, 0.02 if method == "waveft" else 0.2, seed=1)  # stands in for training with PEFT
     trained.save_pretrained(tmp_path)

@@ -7,16 +7,15 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 
 import waveft
-
-peft = pytest.importorskip("peft")
+from conftest import need  # peft is the reference: tests that use it take the `peft` fixture (conftest.need)
 
 
 def tiny_unet():
     """A 2-level SDXL-architecture UNet (text_time conditioning), random weights, no download.
     Its 32 attention projections are 64 x 64 and, for cross-attention to_k/to_v, 64 x 32."""
+    from diffusers import UNet2DConditionModel  # here: tests without a UNet do not wait seconds for diffusers
     torch.manual_seed(0)
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -48,6 +47,7 @@ def randomize(model, std=0.01, seed=0):
 
 
 def peft_layer(out_f, in_f, k, wavelet, use_idwt=True, dtype=torch.float64):
+    peft = need("peft")
     model = nn.Sequential(nn.Linear(in_f, out_f).to(dtype))
     cfg = peft.WaveFTConfig(n_frequency=k, wavelet_family=wavelet, use_idwt=use_idwt, target_modules=["0"],
                             init_weights=False)
@@ -306,7 +306,7 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.parametrize("wavelet", ["db1"])  # other wavelets: dW equality with PEFT above
-def test_spectrum_interchange_with_peft(unet_inputs, wavelet):
+def test_spectrum_interchange_with_peft(unet_inputs, wavelet, peft):
     """A spectrum trained here, copied into a PEFT WaveFTConfig model, gives the same outputs, and back."""
     ours, theirs = tiny_unet(), tiny_unet()
     waveft.inject(ours, k=120, wavelet=wavelet)

@@ -9,11 +9,10 @@ import torch.nn as nn
 
 import dwt
 import waveft
+from conftest import need  # every test here compares with peft (the `peft` fixture, conftest.need)
 
-peft = pytest.importorskip("peft")
 
-
-def test_peft_reductions_are_filter_length_minus_two():
+def test_peft_reductions_are_filter_length_minus_two(peft):
     from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
     shared = [w for w in dwt.WAVELETS if w in WAVELET_REDUCTIONS]
     assert {w for w in dwt.WAVELETS if w.startswith(("sym", "coif"))} <= set(shared)
@@ -24,6 +23,7 @@ def test_peft_reductions_are_filter_length_minus_two():
 
 def delta_weights(wavelet, shape):
     """(ours, PEFT's) dW for one layer after waveft.inject and PEFT's WaveFTConfig, with PEFT's random spectrum."""
+    peft = need("peft")
     k = min(20, shape[0] * shape[1])
     torch.manual_seed(0)
     ours = nn.Sequential(nn.Linear(shape[1], shape[0]).double())
@@ -55,7 +55,7 @@ def test_delta_weight_equals_peft_other_wavelets(wavelet):
     assert_equal_to_peft(wavelet, (7, 9))
 
 
-def test_peft_coif4_coif5_tables_are_not_coiflets():
+def test_peft_coif4_coif5_tables_are_not_coiflets(peft):
     """Why coif4 and coif5 are missing above: PEFT's built-in tables for them (peft 0.21) are not orthonormal
     (coif5 even has 48 taps instead of 30), so its dW differs from the true coiflet's, which we compute (equal to
     PyWavelets, test_dwt.py). If this test fails, PEFT fixed them: add coif4 and coif5 to the test above."""
