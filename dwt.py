@@ -321,8 +321,9 @@ def _check_tensors(fn, coeffs):
         bands = zip((" (cH)", " (cV)", " (cD)"), c) if fn == "waverec2" and i > 0 else [("", c)]  # 2-D details: 3
         for band, value in bands:
             if not isinstance(value, torch.Tensor):
-                zeros = "; for a band of zeros (what PyWavelets reads None as) pass torch.zeros_like(...)" if value is None else ""
-                raise ValueError(f"{fn}: coefficient {i}{band} must be a torch.Tensor, got {_describe(value)}{zeros}")
+                zeros = "; for a band of zeros (what PyWavelets reads None as) pass torch.zeros_like(...)"
+                raise ValueError(f"{fn}: coefficient {i}{band} must be a torch.Tensor, got {_describe(value)}"
+                                 + (zeros if value is None else ""))
 
 
 def _work_dtype(dtype):

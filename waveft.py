@@ -5,9 +5,10 @@ trains k scalars `spectrum` at k fixed random `positions` of an otherwise-zero c
 
     dW = scaling * crop(IDWT2(C)),        y = x (W + dW)^T + b
 
-C is (out+R) x (in+R) with R = filter length - 2, each side rounded up to even; the k values sit at
-positions + R//2 (centred), C's quarters are (cA | cH) over (cV | cD), one level of dwt.idwt2 inverts it
-and the centred out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
+C has out + L - 2 rows and in + L - 2 columns (L: filter length), each rounded up to even (an even side is padded
+by L - 2, an odd one by L - 1); the k values sit at positions + (L - 2)/2 (centred), C's quarters are (cA | cH) over
+(cV | cD), one level of dwt.idwt2 inverts it (out or, for an odd out, out + 1 rows; columns alike) and its first
+out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
 -> (idx // in, idx % in), so spectra are interchangeable with PEFT.
 
 The file has two halves.

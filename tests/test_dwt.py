@@ -343,7 +343,7 @@ def test_reflect_on_a_length_1_axis_is_a_value_error_like_pywavelets(ours, their
         warnings.simplefilter("ignore")  # level 1 on 1 sample is above the maximum level: both warn first
         with pytest.raises(ValueError, match="greater than 1 for \\[anti\\]reflect mode"):
             theirs(pywt)
-        with pytest.raises(ValueError, match=r"mode 'reflect' needs at least 2 samples .*got shape \((1,|\d+, 1|1, \d+)\)"):
+        with pytest.raises(ValueError, match=r"mode 'reflect' needs at least 2 samples .*shape \((1,|\d+, 1|1, \d+)\)"):
             ours()
 
 
@@ -374,7 +374,8 @@ NOT_AN_ARRAY = [
     ("waverec", [{}, A1], AttributeError),  # PyWavelets 1.9 reads .shape of the approximation: ours says more
     ("waverec", [A1, {}], ValueError), ("waverec", [A1, A1, {}], ValueError),
     ("waverec2", [{}, (A2, A2, A2)], ValueError), ("waverec2", [A2, ({}, A2, A2)], ValueError),
-    ("waverec2", [A2, (A2, A2, {})], ValueError), ("waverec2", [A2, {}], ValueError), ("waverec2", [A2, None], ValueError),
+    ("waverec2", [A2, (A2, A2, {})], ValueError), ("waverec2", [A2, {}], ValueError),
+    ("waverec2", [A2, None], ValueError),
     # PyWavelets reads None as a band of zeros; ours refuses it and says to pass zeros (checked to give its result)
     ("waverec", [None, A1], "zeros"), ("waverec", [A1, None], "zeros"), ("waverec2", [None, (A2, A2, A2)], "zeros"),
     ("waverec2", [A2, (None, A2, A2)], "zeros"), ("waverec2", [A2, (A2, None, None)], "zeros"),
@@ -389,7 +390,7 @@ def shape_of(coeffs):
     return "a" if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__.replace("NoneType", "None")
 
 
-@pytest.mark.parametrize("fn, coeffs, pywavelets", NOT_AN_ARRAY, ids=[f"{fn}{shape_of(c)}" for fn, c, _ in NOT_AN_ARRAY])
+@pytest.mark.parametrize("fn, coeffs, pywavelets", NOT_AN_ARRAY, ids=[fn + shape_of(c) for fn, c, _ in NOT_AN_ARRAY])
 def test_waverec_refuses_a_dict_or_none_for_a_coefficient_array(fn, coeffs, pywavelets, pywt):
     with pytest.raises(ValueError, match=rf"^{fn}: coefficient \d( \(c[HVD]\))? must be a (torch.Tensor|\(cH, cV, cD\) "
                                          r"tuple), got (dict|NoneType)") as error:

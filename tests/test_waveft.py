@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dwt
 import waveft
 from conftest import need  # peft is the reference: tests that use it take the `peft` fixture (conftest.need)
 
@@ -75,6 +76,24 @@ def test_weight_domain_baseline_equals_peft():
     with torch.no_grad():
         ours.waveft_spectrum.copy_(layer.waveft_spectrum["default"])
         torch.testing.assert_close(ours.delta_weight(), layer.get_delta_weight("default"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db2", "db4"])
+def test_padding_and_centring_as_the_readme_states(wavelet):
+    """README "Padding and centring": C pads an even side by L - 2 and an odd one by L - 1, the positions move by
+    (L - 2) / 2, and of the IDWT (n rows for an even n, n + 1 for an odd one) the first n rows (columns) are kept."""
+    L = len(dwt.wavelet_filters(wavelet)[0])
+    for out_f, in_f in [(8, 9), (9, 8)]:
+        layer = waveft.WaveFTLinear(nn.Linear(in_f, out_f).double(), 6, 1.0, wavelet, 3, True)
+        with torch.no_grad():
+            layer.waveft_spectrum.normal_()
+        rows, cols = (n + L - 2 + n % 2 for n in (out_f, in_f))
+        C = torch.zeros(rows, cols, dtype=torch.float64)
+        C[tuple(layer.waveft_positions + (L - 2) // 2)] = layer.waveft_spectrum.detach()
+        h, w = rows // 2, cols // 2
+        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), wavelet)
+        assert full.shape == (out_f + out_f % 2, in_f + in_f % 2)
+        assert torch.equal(layer.delta_weight().detach(), full[:out_f, :in_f])
 
 
 def reference(layer, x):

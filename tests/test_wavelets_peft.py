@@ -1,8 +1,9 @@
 """Symlets and coiflets in WaveFT equal PEFT's WaveFT (issue 10 D): waveft.inject(wavelet="sym4"/"coif2") gives the
 delta_weight of PEFT's get_delta_weight with the same spectrum, on even, odd and rectangular layers.
 
-waveft pads each side of dW by R = filter length - 2 before the inverse transform; PEFT's WAVELET_REDUCTIONS is
-(2N - 2, 2N - 2) for symN and (6N - 2, 6N - 2) for coifN, the same R (checked below for every wavelet we share)."""
+waveft pads dW by R = filter length - 2 rows and columns before the inverse transform (one more on an odd side, see
+waveft._padded); PEFT's WAVELET_REDUCTIONS is (2N - 2, 2N - 2) for symN and (6N - 2, 6N - 2) for coifN, the same R
+(checked below for every wavelet we share)."""
 import pytest
 import torch
 import torch.nn as nn
