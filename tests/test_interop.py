@@ -58,6 +58,8 @@ def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, metho
     torch.testing.assert_close(run(loaded, unet_inputs), expected, rtol=1e-4, atol=1e-5)
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         assert all(key.startswith("base_model.model.") for key in f.keys())
+        shapes = {name: [m.base.out_features, m.base.in_features] for name, m in waveft.adapted_layers(model)}
+        assert json.loads(f.metadata()["waveft_layers"]) == shapes  # PEFT ignores it: test_load_refuses_a_save_peft_...
 
 
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
@@ -90,6 +92,38 @@ def test_load_peft_into_injected_model_replaces_our_positions(tmp_path, unet_inp
     torch.testing.assert_close(run(other, unet_inputs), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"settings .*layer '.*' of this model"):
         waveft.load(ours("waveft", "db3", True), tmp_path)
+
+
+def test_load_refuses_a_save_peft_folder_for_layers_of_other_shapes(tmp_path):
+    """save_peft records each layer's (out, in) in the safetensors metadata, which PEFT ignores: load refuses layers
+    of other shapes, naming them (their positions would be redrawn for the new shapes, silently), and changes
+    nothing. A folder without the record, as PEFT writes it, has nothing to check the shapes against and loads."""
+    def two_linears(width):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, width))
+
+    model = two_linears(5)
+    waveft.inject(model, k=6, target_modules=["0", "1"])
+    randomize(model, 1.0)
+    waveft.save_peft(model, tmp_path)
+    other = two_linears(7)
+    before = {key: value.clone() for key, value in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"(?s)safetensors does not fit.*\['1: file \(5, 8\), model \(7, 8\)'\]"):
+        waveft.load(other, tmp_path)
+    assert not waveft.adapted_layers(other) and all(p.requires_grad for p in other.parameters())
+    assert all(torch.equal(value, before[key]) for key, value in other.state_dict().items())
+    same = two_linears(5)
+    waveft.load(same, tmp_path)
+    assert torch.equal(same[1].delta_weight(), model[1].delta_weight())
+    weights = tmp_path / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    save_file(tensors, str(weights), metadata={"format": "pt", "waveft_layers": "[5, 8]"})
+    with pytest.raises(ValueError, match=r"metadata waveft_layers is not a JSON \{layer: \[out, in\]\}"):
+        waveft.load(other, tmp_path)
+    save_file(tensors, str(weights), metadata={"format": "pt"})  # as PEFT writes it
+    waveft.load(other, tmp_path)
+    assert waveft.adapted_layers(other)[1][1].base.out_features == 7
 
 
 def test_save_peft_refuses_positions_peft_cannot_rebuild(tmp_path):

@@ -239,6 +239,59 @@ def test_save_load_round_trip(tmp_path, unet_inputs, method):
     assert waveft.count_parameters(fresh) == waveft.count_parameters(unet)
 
 
+def three_linears():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(5, 7))
+
+
+def rewritten(path, out, change):
+    """A copy of the adapter file at `out` with change(tensors) applied (its metadata kept)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    change(tensors)
+    safetensors.torch.save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_refused_load_changes_nothing(tmp_path):
+    """Every check comes before the first copy: a load refused at the last layer leaves all layers bit-identical,
+    and one refused while loading into a model without adapters leaves it without adapters (and unfrozen)."""
+    source = three_linears()
+    waveft.inject(source, k=6, target_modules=["0", "1", "2"])
+    randomize(source, std=1.0, seed=1)
+    good = tmp_path / "good.safetensors"
+    waveft.save(source, good)
+
+    def bad_positions(t):
+        t["2.waveft_positions"][0, 0] = 7  # layer 2 has 7 rows: 0..6
+
+    def bad_shape(t):
+        t["2.waveft_spectrum"] = torch.zeros(5)
+
+    bad = [rewritten(good, tmp_path / "positions.safetensors", bad_positions),
+           rewritten(good, tmp_path / "shape.safetensors", bad_shape)]
+    target = three_linears()
+    waveft.inject(target, k=6, target_modules=["0", "1", "2"])
+    randomize(target, std=1.0, seed=2)
+    merged_target = copy.deepcopy(target)
+    waveft.merge(merged_target[2])  # only the last layer
+    refusals = [(target, bad[0], r"positions of layer '2' fall outside its \(7, 5\) weight"),
+                (target, bad[1], r"'2.waveft_spectrum' has shape \(5,\), the model expects \(6,\)"),
+                (merged_target, good, r"layer '2' is merged"),
+                (three_linears(), bad[0], "positions of layer '2'"), (three_linears(), bad[1], "2.waveft_spectrum")]
+    for model, path, message in refusals:
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        trainable = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(ValueError, match=message):
+            waveft.load(model, path)
+        after = model.state_dict()
+        assert list(after) == list(before) and all(torch.equal(after[key], before[key]) for key in before), message
+        assert [p.requires_grad for p in model.parameters()] == trainable and hasattr(model, "_waveft_config") == \
+            bool(waveft.adapted_layers(model))
+    waveft.load(target, good)  # and the good file loads
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+
+
 def test_load_uses_saved_positions(tmp_path):
     model = nn.Sequential(nn.Linear(10, 12))
     waveft.inject(model, k=7, target_modules=["0"])
