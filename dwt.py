@@ -53,7 +53,9 @@ dtypes: output dtype and device follow the input, so float16 stays float16 (PyWa
 for float16 input); float16/bfloat16 are computed in float32 (CPU half convolutions are slow or missing,
 and fp32 accumulation is more accurate) and cast back.
 Edge cases as PyWavelets: a level above the maximum warns and is computed; numpy integer levels work;
-leading (batch) dimensions may have size 0; a dim that does not exist is a ValueError.
+leading (batch) dimensions may have size 0; a dim that does not exist is a ValueError; so is mode 'reflect' on a
+transformed axis of length 1 (dwt, dwt2, wavedec, wavedec2), and a dict where waverec/waverec2 expect a coefficient
+array. One difference: PyWavelets reads None there as a band of zeros, we refuse it (pass torch.zeros_like).
 """
 import functools
 import itertools
@@ -288,6 +290,14 @@ def _check(fn, tensors, ndim, mode, dim=None):
             raise ValueError(f"{fn} needs coefficients of equal shape, got {[tuple(t.shape) for t in tensors]}")
 
 
+def _check_reflect(fn, x, mode, dims):
+    """PyWavelets' rule: 'reflect' mirrors about the edge sample without repeating it, so an axis needs a second
+    sample to mirror. On a length-1 axis the extension index would quietly repeat the sample ('constant')."""
+    if mode == "reflect" and any(x.shape[d] == 1 for d in dims):
+        raise ValueError(f"{fn}: mode 'reflect' needs at least 2 samples along each transformed dimension (as in "
+                         f"PyWavelets), got shape {tuple(x.shape)}; 'symmetric' or 'constant' extend a single sample")
+
+
 def _describe(obj):
     if isinstance(obj, (list, tuple)):
         return f"{type(obj).__name__} of ({', '.join(type(o).__name__ for o in obj)})"
@@ -301,6 +311,19 @@ def _check_sequence(fn, coeffs, expected):
         raise ValueError(f"{fn} expects coefficients as a list or tuple {expected}, got {_describe(coeffs)}")
     if not coeffs:
         raise ValueError(f"{fn} got [] as coefficients; it needs at least the approximation cA_n: {expected}")
+
+
+def _check_tensors(fn, coeffs):
+    """Each coefficient of waverec/waverec2 must be a tensor (a (cH, cV, cD) tuple of them for a waverec2 detail).
+    PyWavelets also refuses a dict there (ValueError) but reads None as a band of zeros; here None is refused too,
+    saying how to pass zeros, rather than failing later on None.shape."""
+    for i, c in enumerate(coeffs):
+        bands = zip((" (cH)", " (cV)", " (cD)"), c) if fn == "waverec2" and i > 0 else [("", c)]  # 2-D details: 3
+        for band, value in bands:
+            if not isinstance(value, torch.Tensor):
+                zeros = "; for a band of zeros (what PyWavelets reads None as) pass torch.zeros_like(...)"
+                raise ValueError(f"{fn}: coefficient {i}{band} must be a torch.Tensor, got {_describe(value)}"
+                                 + (zeros if value is None else ""))
 
 
 def _work_dtype(dtype):
@@ -323,6 +346,7 @@ def _prepare_synthesis(coeffs, filter_len, mode, dims, fn):
 def dwt(x, wavelet, mode="symmetric", dim=-1):
     """One analysis level along `dim`: returns (cA, cD), like pywt.dwt(x, wavelet, mode, axis=dim)."""
     _check("dwt", [x], 1, mode, dim)
+    _check_reflect("dwt", x, mode, [dim])
     analysis = _kernels(wavelet, _work_dtype(x.dtype), x.device)[0]
     xt = x.movedim(dim, -1)
     batch, n = xt.shape[:-1], xt.shape[-1]
@@ -347,6 +371,7 @@ def idwt(cA, cD, wavelet, mode="symmetric", dim=-1):
 def dwt2(x, wavelet, mode="symmetric"):
     """One 2-D analysis level over the last two dims: (cA, (cH, cV, cD)), like pywt.dwt2."""
     _check("dwt2", [x], 2, mode)
+    _check_reflect("dwt2", x, mode, [-2, -1])
     analysis = _kernels(wavelet, _work_dtype(x.dtype), x.device)[2]
     filter_len = analysis.shape[-1]
     batch, (height, width) = x.shape[:-2], x.shape[-2:]
@@ -421,6 +446,7 @@ def wavedec(x, wavelet, mode="symmetric", level=None, dim=-1):
 def waverec(coeffs, wavelet, mode="symmetric", dim=-1):
     """Inverse of wavedec, like pywt.waverec(..., axis=dim)."""
     _check_sequence("waverec", coeffs, "[cA_n, cD_n, ..., cD_1]")
+    _check_tensors("waverec", coeffs)
     _check("waverec", [coeffs[0]], 1, mode, dim)
     a = coeffs[0]
     for d in coeffs[1:]:
@@ -445,6 +471,7 @@ def waverec2(coeffs, wavelet, mode="symmetric"):
     for i, bands in enumerate(coeffs[1:], 1):
         if not (isinstance(bands, (list, tuple)) and len(bands) == 3):
             raise ValueError(f"waverec2: coefficient {i} must be a (cH, cV, cD) tuple, got {_describe(bands)}")
+    _check_tensors("waverec2", coeffs)
     a = coeffs[0]
     for bands in coeffs[1:]:
         a = idwt2((_trim_to(a, bands[0], [-2, -1]), bands), wavelet, mode)

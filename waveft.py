@@ -5,9 +5,10 @@ trains k scalars `spectrum` at k fixed random `positions` of an otherwise-zero c
 
     dW = scaling * crop(IDWT2(C)),        y = x (W + dW)^T + b
 
-C is (out+R) x (in+R) with R = filter length - 2, each side rounded up to even; the k values sit at
-positions + R//2 (centred), C's quarters are (cA | cH) over (cV | cD), one level of dwt.idwt2 inverts it
-and the centred out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
+C has out + L - 2 rows and in + L - 2 columns (L: filter length), each rounded up to even (an even side is padded
+by L - 2, an odd one by L - 1); the k values sit at positions + (L - 2)/2 (centred), C's quarters are (cA | cH) over
+(cV | cD), one level of dwt.idwt2 inverts it (out or, for an odd out, out + 1 rows; columns alike) and its first
+out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
 -> (idx // in, idx % in), so spectra are interchangeable with PEFT.
 
 The file has two halves.
@@ -23,6 +24,7 @@ The file has two halves.
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
 At the end, one more section: PEFT's on-disk format both ways (save_peft; load takes a PEFT adapter folder).
 """
+import contextlib
 import json
 import os
 import re
@@ -352,11 +354,35 @@ def read_metadata(path):
 def load(model, path, fast=True):
     """Load an adapter file into the model, injecting the adapters first if it has none. Returns the metadata.
 
-    Saved positions are trusted (they define the adapter); index plans are cached by the positions' values,
-    so layers loaded with equal positions still share one. fast: as in inject, when load injects. A folder is read
-    as a PEFT adapter folder (see "Interoperability: PEFT's on-disk format" at the end)."""
+    All or nothing: every check (names, shapes, config, merged layers, each tensor's shape, positions in range) comes
+    before the first value is copied, and a refused load into a model without adapters takes out the adapters it
+    injected, so a refused load leaves the model as it was. Saved positions are trusted (they define the adapter);
+    index plans are cached by the positions' values, so layers loaded with equal positions still share one. fast: as
+    in inject, when load injects. A folder is read as a PEFT adapter folder (see "Interoperability: PEFT's on-disk
+    format" at the end)."""
     if os.path.isdir(path):
         return load_peft(model, path)
+    with _undone_if_refused(model):
+        return _load_file(model, path, fast)
+
+
+@contextlib.contextmanager
+def _undone_if_refused(model):
+    """A load that injects adapters into a model without any and is then refused takes them out again: remove() puts
+    the original nn.Linear objects back, and the requires_grad flags that inject cleared are restored."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    injected_here = not adapted_layers(model)
+    try:
+        yield
+    except BaseException:
+        if injected_here and adapted_layers(model):
+            remove(model)
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable[name])
+        raise
+
+
+def _load_file(model, path, fast):
     meta = read_metadata(path)
     want = {name: tuple(shape) for name, shape in meta["layers"].items()}
     if not adapted_layers(model):
@@ -375,20 +401,25 @@ def load(model, path, fast=True):
               if meta[key] != model._waveft_config[key]]
     if differ:
         raise ValueError(f"{path} was saved with another adapter config than this model's: {'; '.join(differ)}")
+    values, saved_positions = {}, {}  # all checks first, then the copies: a refused file changes nothing
     with safe_open(str(path), framework="pt") as f:
         for name, m in layers.items():
             if m.merged:
                 raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
             for attr in m.adapter_names:
-                value = _get(f, path, f"{name}.{attr}", getattr(m, attr).shape)
-                getattr(m, attr).copy_(value)
+                values[name, attr] = _get(f, path, f"{name}.{attr}", getattr(m, attr).shape)
             if isinstance(m, WaveFTLinear) and f"{name}.waveft_positions" in f.keys():
                 positions = _get(f, path, f"{name}.waveft_positions", m.waveft_positions.shape).long()
                 rows_ok = positions[0].lt(m.base.out_features).all() and positions[1].lt(m.base.in_features).all()
                 if not (rows_ok and positions.ge(0).all()):
                     raise ValueError(f"{path}: positions of layer {name!r} fall outside its {tuple(want[name])} weight")
-                if not torch.equal(positions, m.waveft_positions.cpu()):
-                    m.waveft_positions = positions.to(m.waveft_positions.device)
+                saved_positions[name] = positions
+    for (name, attr), value in values.items():
+        getattr(layers[name], attr).copy_(value)
+    for name, positions in saved_positions.items():
+        m = layers[name]
+        if not torch.equal(positions, m.waveft_positions.cpu()):
+            m.waveft_positions = positions.to(m.waveft_positions.device)
     return meta
 
 
@@ -662,10 +693,15 @@ def _sparse(inside, index, tap, size, dtype):
 #     base_model.model.<layer>.lora_A.weight      (r, in)     LoRA, and <layer>.lora_B.weight (out, r)
 # "base_model.model." is the path of the wrapped model inside a PeftModel; the adapter's name ("default") is not in
 # the file. Positions are not saved: PEFT redraws them from random_loc_seed exactly as draw_positions does, so only
-# layers whose positions are those can be written in this format. WaveFT's `scaling` is PEFT's `scaling`; LoRA's is
-# lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Nothing here imports peft: it stays a test dependency.
+# layers whose positions are those can be written in this format. Nor are layer shapes: a WaveFT spectrum of k values
+# fits any layer with at least k weights, and positions redrawn for another shape make another adapter. So save_peft
+# records each layer's (out, in) in the safetensors metadata ("waveft_layers", a field PEFT never reads) and load
+# refuses a folder whose record differs from the model; a folder written by PEFT has no record to check against.
+# WaveFT's `scaling` is PEFT's `scaling`; LoRA's is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Nothing
+# here imports peft: it stays a test dependency.
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+PEFT_SHAPES = "waveft_layers"  # save_peft's record of {layer: [out, in]} in the safetensors metadata
 _PEFT_DEFAULTS = {"WAVEFT": dict(n_frequency=2592, scaling=25.0, wavelet_family="db1", use_idwt=True,
                                  random_loc_seed=777),  # PEFT's dataclass defaults, for hand-written configs
                   "LORA": dict(r=8, lora_alpha=8, use_rslora=False)}
@@ -742,8 +778,10 @@ def save_peft(model, folder):
         tensors = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}") for name, m in layers
                    for ab in "AB"}
     os.makedirs(folder, exist_ok=True)
+    shapes = {name: [m.base.out_features, m.base.in_features] for name, m in layers}  # for load's check, see above
+    metadata = {"format": "pt", PEFT_SHAPES: json.dumps(shapes)}  # "format": what PeftModel.save_pretrained writes
     _write_safetensors(os.path.join(folder, PEFT_WEIGHTS),
-                       {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, {"format": "pt"})
+                       {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, metadata)
     with open(os.path.join(folder, PEFT_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -786,7 +824,13 @@ def read_peft_config(folder):
 def load_peft(model, folder):
     """Load a PEFT adapter folder (WaveFT or LoRA, trained with PEFT or saved by save_peft): inject the layers its
     config selects (PEFT's matching rule) if the model has no adapters, rebuild the positions from random_loc_seed
-    as PEFT does, load the spectra (or A, B). waveft.load(model, folder) comes here. Returns the metadata."""
+    as PEFT does, load the spectra (or A, B). waveft.load(model, folder) comes here. Returns the metadata.
+    All or nothing, as load; layer shapes are checked where save_peft recorded them (PEFT records none)."""
+    with _undone_if_refused(model):
+        return _load_peft_folder(model, folder)
+
+
+def _load_peft_folder(model, folder):
     config = read_peft_config(folder)
     weights = os.path.join(folder, PEFT_WEIGHTS)
     if not os.path.isfile(weights):
@@ -814,6 +858,14 @@ def load_peft(model, folder):
             raise ValueError(f"{weights} does not fit the adapted layers of this model (the layers its config selects,"
                              f" or those already injected):\n  missing ({len(missing)}): {missing[:5]}\n"
                              f"  unexpected ({len(unexpected)}): {unexpected[:5]}")
+        recorded = (f.metadata() or {}).get(PEFT_SHAPES)
+        if recorded is not None:  # written by save_peft: the shapes of the layers it was saved from
+            try:
+                saved_from = {name: tuple(shape) for name, shape in json.loads(recorded).items()}
+            except (ValueError, TypeError, AttributeError):
+                raise ValueError(f"{weights}: metadata {PEFT_SHAPES} is not a JSON {{layer: [out, in]}}") from None
+            _check_same_layers(weights, saved_from,
+                               {name: (m.base.out_features, m.base.in_features) for name, m in layers.items()})
         want = _peft_tuple(**settings)
         for name, m in layers.items():  # all checks first: a refused file changes nothing
             if _peft_settings(m) != want:

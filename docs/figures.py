@@ -48,10 +48,11 @@ def one_layer(out_features, in_features, dtype=torch.float32, **inject_options):
 def basis_delta(wavelet, quarter, n=16):
     """dW (n x n) of a layer whose only coefficient is 1, at the centre of `quarter` of C, with scaling 1.
 
-    C is (n + R) x (n + R), R = filter length - 2 (rounded up to even), and a position p lands at p + R // 2 in C
-    (waveft.py's "centring"). The centre of a quarter is coefficient h // 2 of its half-length h; a coefficient i
-    of a band paints dW rows (and columns) 2i - R .. 2i + 1, so every quarter's centre paints near the middle of
-    dW (Daubechies filters are not symmetric: low-pass ones weigh their start, high-pass ones their end)."""
+    C is (n + R) x (n + R), R = filter length - 2 (n is even here: an odd n pads one more), and a position p lands
+    at p + R // 2 in C (waveft.py's "centring"). The centre of a quarter is coefficient h // 2 of its half-length
+    h; a coefficient i of a band paints dW rows (and columns) 2i - R .. 2i + 1, so every quarter's centre paints
+    near the middle of dW (Daubechies filters are not symmetric: low-pass ones weigh their start, high-pass ones
+    their end)."""
     R = len(dwt.wavelet_filters(wavelet)[2]) - 2
     R += R % 2
     h = (n + R) // 2  # half of C's side: each quarter is h x h

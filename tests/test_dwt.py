@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import dwt
-
-pywt = pytest.importorskip("pywt")
+from conftest import need  # PyWavelets is the reference: tests that use it take the `pywt` fixture (conftest.need)
 
 SHAPES_2D = [(7, 5), (31, 31), (64, 40)]
 # Symlets and coiflets share every code path with db (only the filters differ), so to keep the suite quick they
@@ -50,6 +49,7 @@ def assert_matches(ours, reference, dtype, what):
 
 
 def max_level(length, wavelet):
+    pywt = need("pywt")
     return pywt.dwt_max_level(length, pywt.Wavelet(wavelet).dec_len)
 
 
@@ -59,7 +59,7 @@ TABLE_TOLERANCE = {"sym3": 5e-12, "sym5": 2e-12, "sym6": 2e-12, "sym7": 2e-12}
 
 
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_filters_match_pywavelets(wavelet):
+def test_filters_match_pywavelets(wavelet, pywt):
     ours = dwt.wavelet_filters(wavelet)
     for name, f, ref in zip(("dec_lo", "dec_hi", "rec_lo", "rec_hi"), ours, pywt.Wavelet(wavelet).filter_bank):
         assert f.dtype == torch.float64 and f.shape == (len(ref),), name
@@ -86,7 +86,7 @@ def test_filters_are_exact(wavelet):
     assert design_errors(dwt.wavelet_filters(wavelet)[2], wavelet) < 3e-14  # db10, sym10: 1e-14 (root finding)
 
 
-def test_pywavelets_symlet_tables_are_less_exact():
+def test_pywavelets_symlet_tables_are_less_exact(pywt):
     """Why TABLE_TOLERANCE exists: the table misses its own defining conditions by more than we differ from it."""
     assert design_errors(pywt.Wavelet("sym3").rec_lo, "sym3") > 3e-12
 
@@ -100,7 +100,7 @@ def test_filters_are_cached_per_dtype_and_device():
 
 @pytest.mark.parametrize("mode", dwt.MODES)
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_2d_matches_pywavelets(wavelet, mode):
+def test_2d_matches_pywavelets(wavelet, mode, pywt):
     """dwt2/idwt2 on every shape, and wavedec2/waverec2 for every level 1..max, in float64 and float32 (fewer for
     NEW_WAVELETS)."""
     generator = torch.Generator().manual_seed(0)
@@ -128,7 +128,7 @@ def test_2d_matches_pywavelets(wavelet, mode):
 
 @pytest.mark.parametrize("mode", dwt.MODES)
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_1d_matches_pywavelets(wavelet, mode):
+def test_1d_matches_pywavelets(wavelet, mode, pywt):
     """wavedec/waverec of a length-2048 signal for every level, and dwt/idwt along a middle dimension."""
     generator = torch.Generator().manual_seed(1)
     x64 = torch.randn(LENGTH_1D, generator=generator, dtype=torch.float64)
@@ -212,7 +212,7 @@ def test_half_precision_inputs(dtype, tol):
 
 
 @pytest.mark.parametrize("wavelet", dwt.WAVELETS)
-def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet):
+def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet, pywt):
     """The WaveFT use: four equal (n, m) quarters -> (2n - L + 2, 2m - L + 2), as pywt.waverec2 'symmetric'."""
     n, m, L = 24, 40, pywt.Wavelet(wavelet).dec_len
     spectrum = torch.zeros(2 * n, 2 * m, dtype=torch.float64)
@@ -224,7 +224,7 @@ def test_idwt2_of_quarter_blocks_is_pywavelets_waverec2(wavelet):
     assert_matches(ours, reference, torch.float64, f"idwt2 quarters {wavelet}")
 
 
-def test_level_above_maximum_warns_and_computes_like_pywavelets():
+def test_level_above_maximum_warns_and_computes_like_pywavelets(pywt):
     """PyWavelets warns ("all coefficients will experience boundary effects") and computes; so do we."""
     x = torch.randn(2, 20, dtype=torch.float64)  # db2: maximum level 2
     image = torch.randn(20, 17, dtype=torch.float64)  # db2: maximum level 2
@@ -242,7 +242,7 @@ def test_level_above_maximum_warns_and_computes_like_pywavelets():
     assert_matches(dwt.waverec2(coeffs2, "db2"), pywt.waverec2(reference2, "db2"), torch.float64, "waverec2 level 4")
 
 
-def test_numpy_integer_levels():
+def test_numpy_integer_levels(pywt):
     x = torch.randn(3, 64, 40, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # within the maximum: no warning
@@ -253,7 +253,7 @@ def test_numpy_integer_levels():
                            pywt.wavedec(x.numpy(), "sym3", level=level, axis=1), torch.float64, "wavedec")
 
 
-def test_empty_batch_dimensions_like_pywavelets():
+def test_empty_batch_dimensions_like_pywavelets(pywt):
     """Leading (batch) dimensions of size 0 give empty coefficients of PyWavelets' shapes; the transformed ones
     must still be >= 1 (see BAD_INPUTS)."""
     x = torch.empty(0, 3, 16, 10, dtype=torch.float64)
@@ -315,3 +315,90 @@ def test_bad_input_raises_clear_value_error(call, bad, allowed):
     with pytest.raises(ValueError) as error:
         call()
     assert bad in str(error.value) and allowed in str(error.value), str(error.value)
+
+
+# Mode 'reflect' mirrors about the edge sample without repeating it, so a length-1 axis has nothing to mirror:
+# PyWavelets raises ValueError at every analysis entry point. (ours, PyWavelets') pairs, each given dwt or pywt.
+LENGTH_1 = torch.randn(1, dtype=torch.float64)
+REFLECT_ON_LENGTH_1 = [
+    (lambda: dwt.dwt(LENGTH_1, "db2", "reflect"), lambda p: p.dwt(LENGTH_1.numpy(), "db2", "reflect")),
+    (lambda: dwt.dwt(X2[:1].double(), "haar", "reflect", dim=0),
+     lambda p: p.dwt(X2[:1].double().numpy(), "haar", "reflect", axis=0)),
+    (lambda: dwt.dwt2(X2[:1].double(), "db2", "reflect"), lambda p: p.dwt2(X2[:1].double().numpy(), "db2", "reflect")),
+    (lambda: dwt.dwt2(X2[:, :1].double(), "haar", "reflect"),
+     lambda p: p.dwt2(X2[:, :1].double().numpy(), "haar", "reflect")),
+    (lambda: dwt.wavedec(LENGTH_1, "db2", "reflect", level=1),
+     lambda p: p.wavedec(LENGTH_1.numpy(), "db2", "reflect", level=1)),
+    (lambda: dwt.wavedec(X2[0, :2].double(), "haar", "reflect", level=2),  # level 2 gets 1 sample from level 1
+     lambda p: p.wavedec(X2[0, :2].double().numpy(), "haar", "reflect", level=2)),
+    (lambda: dwt.wavedec2(X2[:1].double(), "db2", "reflect", level=1),
+     lambda p: p.wavedec2(X2[:1].double().numpy(), "db2", "reflect", level=1)),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", REFLECT_ON_LENGTH_1, ids=["dwt", "dwt-dim0", "dwt2-1-row", "dwt2-1-column",
+                                                               "wavedec", "wavedec-level2", "wavedec2"])
+def test_reflect_on_a_length_1_axis_is_a_value_error_like_pywavelets(ours, theirs, pywt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # level 1 on 1 sample is above the maximum level: both warn first
+        with pytest.raises(ValueError, match="greater than 1 for \\[anti\\]reflect mode"):
+            theirs(pywt)
+        with pytest.raises(ValueError, match=r"mode 'reflect' needs at least 2 samples .*shape \((1,|\d+, 1|1, \d+)\)"):
+            ours()
+
+
+def test_reflect_on_a_length_1_axis_computes_where_pywavelets_does(pywt):
+    """No analysis, no extension: level 0 (the maximum for 1 sample) and the synthesis side compute as PyWavelets."""
+    assert_matches(dwt.wavedec(LENGTH_1, "db2", "reflect"), pywt.wavedec(LENGTH_1.numpy(), "db2", "reflect"),
+                   torch.float64, "wavedec level None")
+    assert_matches(dwt.idwt(LENGTH_1, 2 * LENGTH_1, "haar", "reflect"),
+                   pywt.idwt(LENGTH_1.numpy(), 2 * LENGTH_1.numpy(), "haar", "reflect"), torch.float64, "idwt")
+
+
+def numpy_coeffs(coeffs):
+    """The same nested coefficients for PyWavelets: tensors as numpy arrays, anything else (dict, None) as it is."""
+    if isinstance(coeffs, (list, tuple)):
+        return type(coeffs)(numpy_coeffs(c) for c in coeffs)
+    return coeffs.numpy() if isinstance(coeffs, torch.Tensor) else coeffs
+
+
+def zeros_for_none(coeffs, like):
+    if isinstance(coeffs, (list, tuple)):
+        return type(coeffs)(zeros_for_none(c, like) for c in coeffs)
+    return torch.zeros_like(like) if coeffs is None else coeffs
+
+
+A1, A2 = torch.randn(8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+# A dict or None where a coefficient array belongs, in each place: (function, coefficients, what PyWavelets does).
+NOT_AN_ARRAY = [
+    ("waverec", [{}, A1], AttributeError),  # PyWavelets 1.9 reads .shape of the approximation: ours says more
+    ("waverec", [A1, {}], ValueError), ("waverec", [A1, A1, {}], ValueError),
+    ("waverec2", [{}, (A2, A2, A2)], ValueError), ("waverec2", [A2, ({}, A2, A2)], ValueError),
+    ("waverec2", [A2, (A2, A2, {})], ValueError), ("waverec2", [A2, {}], ValueError),
+    ("waverec2", [A2, None], ValueError),
+    # PyWavelets reads None as a band of zeros; ours refuses it and says to pass zeros (checked to give its result)
+    ("waverec", [None, A1], "zeros"), ("waverec", [A1, None], "zeros"), ("waverec2", [None, (A2, A2, A2)], "zeros"),
+    ("waverec2", [A2, (None, A2, A2)], "zeros"), ("waverec2", [A2, (A2, None, None)], "zeros"),
+]
+
+
+def shape_of(coeffs):
+    """[a, (dict, a, a)] and the like: the test ids of NOT_AN_ARRAY."""
+    if isinstance(coeffs, (list, tuple)):
+        inner = ", ".join(map(shape_of, coeffs))
+        return f"[{inner}]" if isinstance(coeffs, list) else f"({inner})"
+    return "a" if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__.replace("NoneType", "None")
+
+
+@pytest.mark.parametrize("fn, coeffs, pywavelets", NOT_AN_ARRAY, ids=[fn + shape_of(c) for fn, c, _ in NOT_AN_ARRAY])
+def test_waverec_refuses_a_dict_or_none_for_a_coefficient_array(fn, coeffs, pywavelets, pywt):
+    with pytest.raises(ValueError, match=rf"^{fn}: coefficient \d( \(c[HVD]\))? must be a (torch.Tensor|\(cH, cV, cD\) "
+                                         r"tuple), got (dict|NoneType)") as error:
+        getattr(dwt, fn)(coeffs, "db2")
+    if pywavelets == "zeros":
+        assert "torch.zeros_like" in str(error.value)
+        assert_matches(getattr(dwt, fn)(zeros_for_none(coeffs, A2 if fn == "waverec2" else A1), "db2"),
+                       getattr(pywt, fn)(numpy_coeffs(coeffs), "db2"), torch.float64, f"{fn} with zeros for None")
+    else:
+        with pytest.raises(pywavelets):
+            getattr(pywt, fn)(numpy_coeffs(coeffs), "db2")

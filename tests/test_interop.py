@@ -9,9 +9,8 @@ from safetensors.torch import save_file
 
 import sdxl
 import waveft
+from conftest import need  # tests that use peft take the `peft` fixture (conftest.need)
 from test_waveft import run, tiny_unet, unet_inputs  # noqa: F401  (unet_inputs is a fixture)
-
-peft = pytest.importorskip("peft")
 
 # (method, wavelet, use_idwt): db1 and a longer wavelet, with and without the IDWT, and LoRA
 CASES = [("waveft", "db1", True), ("waveft", "db3", True), ("waveft", "db1", False), ("waveft", "db3", False),
@@ -39,6 +38,7 @@ def ours(method, wavelet, use_idwt):
 
 
 def peft_config(method, wavelet, use_idwt):
+    peft = need("peft")
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     if method == "waveft":
         return peft.WaveFTConfig(n_frequency=40, scaling=25.0, wavelet_family=wavelet, use_idwt=use_idwt,
@@ -47,7 +47,7 @@ def peft_config(method, wavelet, use_idwt):
 
 
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
-def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, method, wavelet, use_idwt):
+def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
     model = ours(method, wavelet, use_idwt)
     waveft.save_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(tiny_unet(), tmp_path)
@@ -58,10 +58,12 @@ def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, metho
     torch.testing.assert_close(run(loaded, unet_inputs), expected, rtol=1e-4, atol=1e-5)
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         assert all(key.startswith("base_model.model.") for key in f.keys())
+        shapes = {name: [m.base.out_features, m.base.in_features] for name, m in waveft.adapted_layers(model)}
+        assert json.loads(f.metadata()["waveft_layers"]) == shapes  # PEFT ignores it: test_load_refuses_a_save_peft_...
 
 
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
-def test_peft_folder_loads_with_waveft_load(tmp_path, unet_inputs, method, wavelet, use_idwt):
+def test_peft_folder_loads_with_waveft_load(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
     trained = peft.get_peft_model(tiny_unet(), peft_config(method, wavelet, use_idwt))
     randomize(trained, 0.02 if method == "waveft" else 0.2, seed=1)  # stands in for training with PEFT
     trained.save_pretrained(tmp_path)
@@ -90,6 +92,38 @@ def test_load_peft_into_injected_model_replaces_our_positions(tmp_path, unet_inp
     torch.testing.assert_close(run(other, unet_inputs), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"settings .*layer '.*' of this model"):
         waveft.load(ours("waveft", "db3", True), tmp_path)
+
+
+def test_load_refuses_a_save_peft_folder_for_layers_of_other_shapes(tmp_path):
+    """save_peft records each layer's (out, in) in the safetensors metadata, which PEFT ignores: load refuses layers
+    of other shapes, naming them (their positions would be redrawn for the new shapes, silently), and changes
+    nothing. A folder without the record, as PEFT writes it, has nothing to check the shapes against and loads."""
+    def two_linears(width):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, width))
+
+    model = two_linears(5)
+    waveft.inject(model, k=6, target_modules=["0", "1"])
+    randomize(model, 1.0)
+    waveft.save_peft(model, tmp_path)
+    other = two_linears(7)
+    before = {key: value.clone() for key, value in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"(?s)safetensors does not fit.*\['1: file \(5, 8\), model \(7, 8\)'\]"):
+        waveft.load(other, tmp_path)
+    assert not waveft.adapted_layers(other) and all(p.requires_grad for p in other.parameters())
+    assert all(torch.equal(value, before[key]) for key, value in other.state_dict().items())
+    same = two_linears(5)
+    waveft.load(same, tmp_path)
+    assert torch.equal(same[1].delta_weight(), model[1].delta_weight())
+    weights = tmp_path / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    save_file(tensors, str(weights), metadata={"format": "pt", "waveft_layers": "[5, 8]"})
+    with pytest.raises(ValueError, match=r"metadata waveft_layers is not a JSON \{layer: \[out, in\]\}"):
+        waveft.load(other, tmp_path)
+    save_file(tensors, str(weights), metadata={"format": "pt"})  # as PEFT writes it
+    waveft.load(other, tmp_path)
+    assert waveft.adapted_layers(other)[1][1].base.out_features == 7
 
 
 def test_save_peft_refuses_positions_peft_cannot_rebuild(tmp_path):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import need
+
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -28,6 +30,8 @@ BLOCKS = python_blocks(README)
 def test_readme_python_block_runs(line, code, tmp_path, monkeypatch, dreambooth_dir):
     if code.startswith(SKIP):
         pytest.skip(code.splitlines()[0])
+    if re.search(r"^\s*(from|import) peft\b", code, re.M):
+        need("peft")  # the PEFT side of an example: skipped without peft, as other tests that use it (conftest.need)
     monkeypatch.setenv("DREAMBOOTH_DIR", str(dreambooth_dir))
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ def test_waveft_and_lora_find_the_560_layers_on_meta():
     assert sum(p.numel() for p in params) == sum(c * (o + i) for (o, i), c in SDXL_SHAPES.items()) == 1_451_520
 
 
-def test_peft_waveft_selects_the_same_560_layers(monkeypatch):
+def test_peft_waveft_selects_the_same_560_layers(monkeypatch, peft):  # peft: skip without it (conftest)
     from peft import WaveFTConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
     ours = sdxl.build_sdxl_unet()

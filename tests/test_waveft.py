@@ -7,16 +7,16 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 
+import dwt
 import waveft
-
-peft = pytest.importorskip("peft")
+from conftest import need  # peft is the reference: tests that use it take the `peft` fixture (conftest.need)
 
 
 def tiny_unet():
     """A 2-level SDXL-architecture UNet (text_time conditioning), random weights, no download.
     Its 32 attention projections are 64 x 64 and, for cross-attention to_k/to_v, 64 x 32."""
+    from diffusers import UNet2DConditionModel  # here: tests without a UNet do not wait seconds for diffusers
     torch.manual_seed(0)
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -48,6 +48,7 @@ def randomize(model, std=0.01, seed=0):
 
 
 def peft_layer(out_f, in_f, k, wavelet, use_idwt=True, dtype=torch.float64):
+    peft = need("peft")
     model = nn.Sequential(nn.Linear(in_f, out_f).to(dtype))
     cfg = peft.WaveFTConfig(n_frequency=k, wavelet_family=wavelet, use_idwt=use_idwt, target_modules=["0"],
                             init_weights=False)
@@ -75,6 +76,24 @@ def test_weight_domain_baseline_equals_peft():
     with torch.no_grad():
         ours.waveft_spectrum.copy_(layer.waveft_spectrum["default"])
         torch.testing.assert_close(ours.delta_weight(), layer.get_delta_weight("default"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db2", "db4"])
+def test_padding_and_centring_as_the_readme_states(wavelet):
+    """README "Padding and centring": C pads an even side by L - 2 and an odd one by L - 1, the positions move by
+    (L - 2) / 2, and of the IDWT (n rows for an even n, n + 1 for an odd one) the first n rows (columns) are kept."""
+    L = len(dwt.wavelet_filters(wavelet)[0])
+    for out_f, in_f in [(8, 9), (9, 8)]:
+        layer = waveft.WaveFTLinear(nn.Linear(in_f, out_f).double(), 6, 1.0, wavelet, 3, True)
+        with torch.no_grad():
+            layer.waveft_spectrum.normal_()
+        rows, cols = (n + L - 2 + n % 2 for n in (out_f, in_f))
+        C = torch.zeros(rows, cols, dtype=torch.float64)
+        C[tuple(layer.waveft_positions + (L - 2) // 2)] = layer.waveft_spectrum.detach()
+        h, w = rows // 2, cols // 2
+        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), wavelet)
+        assert full.shape == (out_f + out_f % 2, in_f + in_f % 2)
+        assert torch.equal(layer.delta_weight().detach(), full[:out_f, :in_f])
 
 
 def reference(layer, x):
@@ -220,6 +239,59 @@ def test_save_load_round_trip(tmp_path, unet_inputs, method):
     assert waveft.count_parameters(fresh) == waveft.count_parameters(unet)
 
 
+def three_linears():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(5, 7))
+
+
+def rewritten(path, out, change):
+    """A copy of the adapter file at `out` with change(tensors) applied (its metadata kept)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    change(tensors)
+    safetensors.torch.save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_refused_load_changes_nothing(tmp_path):
+    """Every check comes before the first copy: a load refused at the last layer leaves all layers bit-identical,
+    and one refused while loading into a model without adapters leaves it without adapters (and unfrozen)."""
+    source = three_linears()
+    waveft.inject(source, k=6, target_modules=["0", "1", "2"])
+    randomize(source, std=1.0, seed=1)
+    good = tmp_path / "good.safetensors"
+    waveft.save(source, good)
+
+    def bad_positions(t):
+        t["2.waveft_positions"][0, 0] = 7  # layer 2 has 7 rows: 0..6
+
+    def bad_shape(t):
+        t["2.waveft_spectrum"] = torch.zeros(5)
+
+    bad = [rewritten(good, tmp_path / "positions.safetensors", bad_positions),
+           rewritten(good, tmp_path / "shape.safetensors", bad_shape)]
+    target = three_linears()
+    waveft.inject(target, k=6, target_modules=["0", "1", "2"])
+    randomize(target, std=1.0, seed=2)
+    merged_target = copy.deepcopy(target)
+    waveft.merge(merged_target[2])  # only the last layer
+    refusals = [(target, bad[0], r"positions of layer '2' fall outside its \(7, 5\) weight"),
+                (target, bad[1], r"'2.waveft_spectrum' has shape \(5,\), the model expects \(6,\)"),
+                (merged_target, good, r"layer '2' is merged"),
+                (three_linears(), bad[0], "positions of layer '2'"), (three_linears(), bad[1], "2.waveft_spectrum")]
+    for model, path, message in refusals:
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        trainable = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(ValueError, match=message):
+            waveft.load(model, path)
+        after = model.state_dict()
+        assert list(after) == list(before) and all(torch.equal(after[key], before[key]) for key in before), message
+        assert [p.requires_grad for p in model.parameters()] == trainable and hasattr(model, "_waveft_config") == \
+            bool(waveft.adapted_layers(model))
+    waveft.load(target, good)  # and the good file loads
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+
+
 def test_load_uses_saved_positions(tmp_path):
     model = nn.Sequential(nn.Linear(10, 12))
     waveft.inject(model, k=7, target_modules=["0"])
@@ -306,7 +378,7 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.parametrize("wavelet", ["db1"])  # other wavelets: dW equality with PEFT above
-def test_spectrum_interchange_with_peft(unet_inputs, wavelet):
+def test_spectrum_interchange_with_peft(unet_inputs, wavelet, peft):
     """A spectrum trained here, copied into a PEFT WaveFTConfig model, gives the same outputs, and back."""
     ours, theirs = tiny_unet(), tiny_unet()
     waveft.inject(ours, k=120, wavelet=wavelet)

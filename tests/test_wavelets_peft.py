@@ -1,19 +1,19 @@
 """Symlets and coiflets in WaveFT equal PEFT's WaveFT (issue 10 D): waveft.inject(wavelet="sym4"/"coif2") gives the
 delta_weight of PEFT's get_delta_weight with the same spectrum, on even, odd and rectangular layers.
 
-waveft pads each side of dW by R = filter length - 2 before the inverse transform; PEFT's WAVELET_REDUCTIONS is
-(2N - 2, 2N - 2) for symN and (6N - 2, 6N - 2) for coifN, the same R (checked below for every wavelet we share)."""
+waveft pads dW by R = filter length - 2 rows and columns before the inverse transform (one more on an odd side, see
+waveft._padded); PEFT's WAVELET_REDUCTIONS is (2N - 2, 2N - 2) for symN and (6N - 2, 6N - 2) for coifN, the same R
+(checked below for every wavelet we share)."""
 import pytest
 import torch
 import torch.nn as nn
 
 import dwt
 import waveft
+from conftest import need  # every test here compares with peft (the `peft` fixture, conftest.need)
 
-peft = pytest.importorskip("peft")
 
-
-def test_peft_reductions_are_filter_length_minus_two():
+def test_peft_reductions_are_filter_length_minus_two(peft):
     from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
     shared = [w for w in dwt.WAVELETS if w in WAVELET_REDUCTIONS]
     assert {w for w in dwt.WAVELETS if w.startswith(("sym", "coif"))} <= set(shared)
@@ -24,6 +24,7 @@ def test_peft_reductions_are_filter_length_minus_two():
 
 def delta_weights(wavelet, shape):
     """(ours, PEFT's) dW for one layer after waveft.inject and PEFT's WaveFTConfig, with PEFT's random spectrum."""
+    peft = need("peft")
     k = min(20, shape[0] * shape[1])
     torch.manual_seed(0)
     ours = nn.Sequential(nn.Linear(shape[1], shape[0]).double())
@@ -55,7 +56,7 @@ def test_delta_weight_equals_peft_other_wavelets(wavelet):
     assert_equal_to_peft(wavelet, (7, 9))
 
 
-def test_peft_coif4_coif5_tables_are_not_coiflets():
+def test_peft_coif4_coif5_tables_are_not_coiflets(peft):
     """Why coif4 and coif5 are missing above: PEFT's built-in tables for them (peft 0.21) are not orthonormal
     (coif5 even has 48 taps instead of 30), so its dW differs from the true coiflet's, which we compute (equal to
     PyWavelets, test_dwt.py). If this test fails, PEFT fixed them: add coif4 and coif5 to the test above."""
