@@ -972,13 +972,13 @@ def test_save_merged_after_a_bf16_run_folds_the_adapter_into_the_float32_base(dr
                                                                                                            **kwargs))
     run_dir = train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--mixed-precision", "bf16",
                                               "--save-merged", "--validation-prompts", "0"))
-    assert merged_from == [(torch.float32, "cpu")] and len(pipelines) == 1  # the training pipeline only
     merged = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
     sdxl.export_merged(run_dir, overwrite=True)
     exported = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
     assert merged.keys() == exported.keys()
     for key, value in exported.items():
-        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=lambda text: f"{key}: {text}")
+    assert merged_from[0] == (torch.float32, "cpu") and len(pipelines) == 1  # the training pipeline only
 
 
 def test_fast_false_trains_through_the_definition_to_the_same_adapter(tmp_path, dreambooth_dir):
