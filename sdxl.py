@@ -316,6 +316,16 @@ def from_pretrained(cls, name, what, flag, tiny_use, **kwargs):
     return cls.from_pretrained(name, **kwargs)
 
 
+def load_unet(model, dtype=torch.float32):
+    """The model's UNet alone, on the CPU, in `dtype` (float32: as load_pipeline loads it): `tiny`, a local
+    diffusers folder or a hub id, like load_pipeline, without loading the text encoders and the VAE."""
+    if model == "tiny":  # built whole (it is small), so seeded exactly as load_pipeline's; torch's own .to: see
+        return torch.nn.Module.to(build_tiny_pipeline().unet, dtype)  # build_sdxl_unet (diffusers' warns)
+    from diffusers import UNet2DConditionModel
+    return from_pretrained(UNet2DConditionModel, model, "model", "--model", "the offline CPU demo", subfolder="unet",
+                           dtype=dtype)
+
+
 def load_pipeline(model, dtype=torch.float32):
     """`tiny` -> build_tiny_pipeline(); a local diffusers folder or a hub id -> diffusers' from_pretrained.
     A hub id is taken from the local cache if it is there; otherwise the hub must answer within seconds."""
@@ -587,44 +597,128 @@ def image_grid(images, cols, labels=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A merged UNet anyone can load: λ·ΔW folded into W, written by diffusers' save_pretrained as a plain UNet, so that
+# A merged UNet anyone can load: λ·ΔW folded into W, written in diffusers' own layout as a plain UNet, so that
 # UNet2DConditionModel.from_pretrained(folder) needs neither waveft nor peft.
 
+MERGED_SHARD_BYTES = 2 * 2**30  # merged_unet/ is written in safetensors shards of at most this many bytes
+MERGED_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' names: one file, or shards + an index
+MERGED_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
 @torch.no_grad()
-def save_merged_unet(unet, folder, dtype=None):
+def save_merged_unet(unet, folder, dtype=None, shard_bytes=None):
     """Write `unet` with every adapter folded into its weights (W + λ·ΔW, summed in float32 and rounded once) as a
-    plain diffusers model in `folder` (config.json + safetensors; an existing one is replaced, as save_pretrained
-    does). dtype: default the frozen weights' dtype. The model in memory is untouched: adapters live, W unmerged."""
+    plain diffusers model in `folder`, loadable by UNet2DConditionModel.from_pretrained. dtype: default the frozen
+    weights' dtype. The model in memory is untouched: adapters live, W unmerged.
+
+    The layout is diffusers' own: config.json plus one diffusion_pytorch_model.safetensors, or, above
+    `shard_bytes` (default MERGED_SHARD_BYTES, 2 GiB: SDXL's float32 UNet, 10.3 GB, takes 5 or 6), numbered
+    shards and an index ({"metadata": {"total_size"}, "weight_map": {key: shard}}). Shards are merged, serialised
+    and written one at a time, so besides the model only one shard (and its bytes) is in memory at a time. The
+    folder is written under a temporary name and then takes the place of an existing one (write_folder): never
+    half a folder."""
+    import json
     import waveft
+    from safetensors.torch import save as safetensors_bytes  # looked up at each call: tests count the shards
     layers = dict(waveft.adapted_layers(unet))
     if not layers:
         raise ValueError("the UNet has no waveft adapters to merge (call waveft.inject or waveft.load first)")
     dtype = next(iter(layers.values())).base.weight.dtype if dtype is None else dtype
-    state = {}
+    shard_bytes = shard_bytes or MERGED_SHARD_BYTES
+    with torch.device("meta"):  # the plain model's skeleton costs no memory: its keys, shapes and config
+        plain = type(unet).from_config(unet.config)
+    # Which tensor of `unet` each key of the plain model comes from: an adapted layer's frozen base.* tensors under
+    # the plain nn.Linear's names (and, for its weight, the layer, whose ΔW is added); the adapter's own tensors
+    # (spectrum, positions, lora_A/B) are left out.
+    sources = {}
     for key, value in unet.state_dict().items():
         parts = key.split(".")
         layer = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in layers), None)
-        if layer is not None:  # an adapted layer: keep its frozen base's tensors under the plain nn.Linear names
-            rest = key[len(layer) + 1:]
-            if not rest.startswith("base."):
-                continue  # the adapter's own tensors (spectrum, positions, lora_A/B)
-            key, adapted = f"{layer}.{rest[len('base.'):]}", layers[layer]
-            if rest == "base.weight" and not adapted.merged:
-                delta = adapted.delta_weight()
-                value = value.to(torch.promote_types(value.dtype, delta.dtype)) + delta
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"merging layer {layer!r} gives NaN/inf weights; the adapter is broken")
-        state[key] = value.to(dtype) if value.is_floating_point() else value
-    with torch.device("meta"):  # the plain model's skeleton costs no memory; it takes `state`'s tensors as they are
-        plain = type(unet).from_config(unet.config)
-    plain.load_state_dict(state, assign=True)  # strict: every weight of the plain model is in `state`
-    plain.save_pretrained(folder, safe_serialization=True)
-    return Path(folder)
+        if layer is None:
+            sources[key] = (value, None)
+        elif key.startswith(f"{layer}.base."):
+            rest = key[len(f"{layer}.base."):]
+            sources[f"{layer}.{rest}"] = (value, layers[layer] if rest == "weight" else None)
+    expected = plain.state_dict()
+    if sources.keys() != expected.keys() or any(sources[k][0].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"the adapted UNet does not map onto a plain {type(unet).__name__}: its keys or shapes "
+                         f"differ")
+
+    def merged(key):
+        value, layer = sources[key]
+        if layer is not None and not layer.merged:  # a merged layer's W already holds ΔW: written as it is
+            delta = layer.delta_weight()
+            value = value.to(torch.promote_types(value.dtype, delta.dtype)) + delta
+            if not torch.isfinite(value).all():
+                layer_name = key[:-len(".weight")]
+                raise ValueError(f"merging layer {layer_name!r} gives NaN/inf weights; the adapter is broken")
+        return (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
+
+    # Shards: the keys in the model's order, a new shard where the next tensor would take this one past shard_bytes
+    shards, size = [[]], 0
+    for key, value in expected.items():
+        nbytes = value.numel() * (dtype.itemsize if value.is_floating_point() else value.element_size())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = [MERGED_WEIGHTS] if len(shards) == 1 else [
+        MERGED_WEIGHTS.replace(".safetensors", f"-{i:05d}-of-{len(shards):05d}.safetensors")
+        for i in range(1, len(shards) + 1)]
+
+    def files():  # (name, bytes), made one at a time as write_folder asks for them
+        total = 0
+        for name, keys in zip(names, shards):
+            tensors = {key: merged(key) for key in keys}
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            yield name, safetensors_bytes(tensors, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {key: name for name, keys in zip(names, shards) for key in keys}}
+            yield MERGED_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n"
+        yield "config.json", plain.to_json_string()  # what diffusers' save_config writes
+    return write_folder(folder, files())
 
 
-def export_merged(run_dir, model=None, overwrite=False, dtype=None):
-    """`<run_dir>/merged_unet/` for a finished train_dreambooth.py run: its base model (config.json's "model", or
-    `model`, e.g. a local copy of it) with its adapter.safetensors merged in, by save_merged_unet."""
+def write_folder(folder, files):
+    """Write a folder whole or not at all: `files` yields (name, bytes or str) one at a time, each written with
+    plain os.write into <folder>.<pid>.tmp/, which then takes the place of `folder`. An existing folder is first
+    renamed to <folder>.<pid>.old (and back if the second rename fails), removed once the new one is in place: at
+    every moment the old folder or the new one is complete on disk, and a crash between the two renames leaves the
+    old one whole under its .old name. Disk errors raise WriteError naming `folder`; nothing temporary is left."""
+    folder = Path(folder)
+    tmp, old = (folder.with_name(f"{folder.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
+    with reported_write(folder):
+        try:
+            for leftover in (tmp, old):  # from a crash of this process id
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, data in files:
+                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    _write_all(fd, data.encode() if isinstance(data, str) else data)
+                finally:
+                    os.close(fd)
+            if folder.exists():
+                os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if old.exists():
+                    os.replace(old, folder)
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def export_merged(run_dir, model=None, overwrite=False, dtype=None, shard_bytes=None):
+    """`<run_dir>/merged_unet/` for a finished train_dreambooth.py run: its base model's UNet (config.json's
+    "model", or `model`, e.g. a local copy of it), loaded alone, in float32, on the CPU (never the training
+    device: a float32 SDXL UNet is 10 GB), with its adapter.safetensors merged in, by save_merged_unet. An existing
+    folder is replaced (overwrite=True) only once the new one is complete."""
     import json
     import waveft
     run_dir = Path(run_dir)
@@ -638,9 +732,9 @@ def export_merged(run_dir, model=None, overwrite=False, dtype=None):
             raise ValueError(f"cannot read {run_dir / 'config.json'}: {error}; is {run_dir} a training run?") from None
         if not model:
             raise ValueError(f'{run_dir / "config.json"} has no "model": pass model= (the base model of the run)')
-    pipe = load_pipeline(model)
-    waveft.load(pipe.unet, run_dir / "adapter.safetensors")
-    return save_merged_unet(pipe.unet, folder, dtype=dtype)
+    unet = load_unet(model)
+    waveft.load(unet, run_dir / "adapter.safetensors")
+    return save_merged_unet(unet, folder, dtype=dtype, shard_bytes=shard_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------------

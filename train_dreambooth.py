@@ -27,6 +27,8 @@ Deliberately not here: accelerate, EMA, aspect-ratio bucketing, text-encoder tra
 import contextlib
 import csv
 import dataclasses
+import datetime
+import io
 import json
 import math
 import os
@@ -242,13 +244,21 @@ def encode_images(vae, images, paths, resolution, generator, device):
 
 def ensure_class_images(pipe, opts, class_name, gen_cfg):
     """Prior preservation needs images of the class from the *base* model; generate the missing ones (seeded by
-    index, so an interrupted generation continues) while no adapter is in the UNet."""
+    index, so an interrupted generation continues) while no adapter is in the UNet. Each is written whole
+    (sdxl.write_file); one that does not decode (cut short by an older version's crash) is generated again."""
     class_dir = Path(opts.class_dir or Path(opts.output_dir) / "class-images" / Path(opts.model).name / class_name)
-    class_dir.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(opts.class_images), desc=f"class images in {class_dir}"):
-        if not (class_dir / f"{i:04d}.png").exists():
-            sdxl.generate(pipe, [f"a {class_name}"], seeds=[i], cfg=gen_cfg)[0].save(class_dir / f"{i:04d}.png")
-    return [class_dir / f"{i:04d}.png" for i in range(opts.class_images)]
+    with reported_write(class_dir):
+        class_dir.mkdir(parents=True, exist_ok=True)
+    paths = [class_dir / f"{i:04d}.png" for i in range(opts.class_images)]
+    for i, path in enumerate(tqdm(paths, desc=f"class images in {class_dir}")):
+        if path.exists():
+            try:
+                sdxl.load_image(path)
+                continue
+            except ValueError as error:  # "cannot read image <path>: ..."
+                tqdm.write(f"note: {error}; generating it again")
+        sdxl.write_file(path, sdxl.generate(pipe, [f"a {class_name}"], seeds=[i], cfg=gen_cfg)[0])
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,44 +410,45 @@ RUN_FILES = ("config.json", "loss.csv", "loss.png", "checkpoint.pt", "adapter.sa
 
 
 WriteError, reported_write = sdxl.WriteError, sdxl.reported_write  # one line per disk error (sdxl.write_file)
+CLASS_IMAGES_WAIT = datetime.timedelta(days=7)  # torchrun: the ranks wait this long for rank 0's class images
 
 
-def write_atomically(path, write):
-    """write(tmp) fills <path>.tmp, which then replaces `path` in one rename: a crash or a full disk mid-write leaves
-    the previous file intact, and no temporary file behind."""
-    tmp = Path(f"{path}.tmp")
-    with reported_write(path):
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def write_rows(path, rows):
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+def csv_text(rows):
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
 
 
 def start_files(run_dir, config, start, overwrite):
     """Training starts: (with --overwrite, the earlier run's files go) config.json, and loss.csv with the rows up to
-    the checkpoint (a resumed run drops those after it). Returns loss.csv open for appending one row per step."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    the checkpoint (a resumed run drops those after it). Returns loss.csv's file descriptor, open for appending one
+    row per step (append_loss)."""
+    with reported_write(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES if overwrite else ():
         if (run_dir / name).is_dir():  # merged_unet
             shutil.rmtree(run_dir / name)
         else:
             (run_dir / name).unlink(missing_ok=True)
-    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    sdxl.write_file(run_dir / "config.json", json.dumps(config, indent=2))
     loss_path = run_dir / "loss.csv"
     kept = list(csv.reader(loss_path.read_text().splitlines()))[1:start + 1] if start and loss_path.exists() else []
-    write_atomically(loss_path, lambda tmp: write_rows(tmp, [["step", "loss", "prior_loss"]] + kept))
-    return open(loss_path, "a", newline="")
+    sdxl.write_file(loss_path, csv_text([["step", "loss", "prior_loss"]] + kept))
+    with reported_write(loss_path):
+        return os.open(loss_path, os.O_WRONLY | os.O_APPEND)
+
+
+def append_loss(log, loss_path, step, loss, prior_loss):
+    """One row of loss.csv, appended with plain os.write (a full disk: WriteError; the rows before stay whole)."""
+    with reported_write(loss_path):
+        sdxl._write_all(log, csv_text([[step, f"{loss:.6f}", f"{prior_loss:.6f}"]]).encode())
 
 
 def plot_losses(run_dir):
     """loss.png from loss.csv: the loss of every step and its moving average (sdxl.plot_loss)."""
-    write_atomically(run_dir / "loss.png", lambda tmp: sdxl.plot_loss(run_dir / "loss.csv", tmp))
+    png = io.BytesIO()
+    sdxl.plot_loss(run_dir / "loss.csv", png)
+    sdxl.write_file(run_dir / "loss.png", png.getvalue())
 
 
 def check_run_dir(run_dir, opts):
@@ -461,7 +472,9 @@ def save_checkpoint(path, step, params, optimizer, generator, opts, passes):
              "passes": passes}  # where the run stands in its shuffled passes (--batching epoch)
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    # Serialised in memory, written with plain os.write: a full disk fails there as an OSError (one line), not
+    # inside torch.save's zip writer (a RuntimeError "unexpected pos")
+    sdxl.write_file(path, sdxl.torch_bytes(state))
 
 
 def read_checkpoint(path, opts):
@@ -469,12 +482,20 @@ def read_checkpoint(path, opts):
     if not path.exists():  # the folder's name follows the options, so other options point to another folder
         raise FileNotFoundError(f"--resume: no checkpoint at {path}" + ("" if opts.run_name else
                                 " (resume with the run's own options, or name its folder with --run-name)"))
-    state = torch.load(path, weights_only=True)  # weights_only: tensors and plain types only, never arbitrary pickle
+    # weights_only: tensors and plain types only, never arbitrary pickle. map_location cpu: a checkpoint written on a
+    # GPU (its optimizer state is tagged cuda:0) loads on a CPU-only machine too, and under torchrun no rank puts
+    # its copy on cuda:0; restore_checkpoint then puts everything on each rank's own device (the adapter by copy_,
+    # the optimizer state by load_state_dict, which moves it to the parameters'), and the RNG states must be CPU
+    # ByteTensors anyway.
+    state = torch.load(path, map_location="cpu", weights_only=True)
     saved, ignored = json.loads(state["options"]), ignored_options(opts)
     changed = [f"{key} ({saved.get(key)} -> {value})" for key, value in dataclasses.asdict(opts).items()
                if key not in RESUMABLE | ignored.keys() and saved.get(key) != value]
     if changed:
         raise ValueError(f"--resume: {path} was trained with other options: {', '.join(changed)}")
+    if state["step"] > opts.steps:  # no step would run, and the checkpoint would be relabelled an earlier step
+        raise ValueError(f"--resume: {path} is at step {state['step']}, past --steps {opts.steps}: give --steps "
+                         f"{state['step']} (to finish the run) or more (to extend it)")
     return state
 
 
@@ -512,7 +533,11 @@ def main(argv=None):
     checkpoint_path, loss_path = run_dir / "checkpoint.pt", run_dir / "loss.csv"
     resume_state = check_run_dir(run_dir, opts)
     device = torch.device(opts.device)
-    rank, world_size, device = sdxl.init_distributed(device)  # (0, 1, device) without torchrun
+    # (0, 1, device) without torchrun. With --prior-preservation the other ranks wait at a barrier while rank 0
+    # makes the class images (up to 100, an hour on a slow GPU): the long timeout evaluate.py uses, not torch's
+    # default (10 minutes with NCCL), which otherwise keeps catching a hung rank.
+    rank, world_size, device = sdxl.init_distributed(device, timeout=CLASS_IMAGES_WAIT if opts.prior_preservation
+                                                     else None)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
     print(f"dataset: {opts.data_dir} ({source})")
@@ -567,6 +592,9 @@ def main(argv=None):
     passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
     start = restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
     broadcast_from_rank0(params, world_size)
+    if resume_state and start == opts.steps:  # e.g. the disk filled up after the last checkpoint
+        print(f"{checkpoint_path} is at step {start} = --steps: nothing to train; the run's final files are "
+              f"written (again)")
 
     # "setting": the options that shape the result, without the subject, whatever --run-name called the folder:
     # evaluate.py's comparison gives each setting its own row (the runs of one row differ only in their subject)
@@ -619,10 +647,8 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(params.values(), opts.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if log:
-                with reported_write(loss_path):  # the log before the checkpoint: it may run ahead of it, never behind
-                    csv.writer(log).writerow([step + 1, f"{step_loss:.6f}", f"{step_prior:.6f}"])
-                    log.flush()
+            if log is not None:  # the log before the checkpoint: it may run ahead of it, never behind
+                append_loss(log, loss_path, step + 1, step_loss, step_prior)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             progress.update()  # before a Ctrl-C exit: the bar shows the step that is saved
             stop = any_rank(stop_requested, world_size)  # all ranks stop after the same step
@@ -636,9 +662,9 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
-        if log:  # rank 0's; a failed append was reported already, and the file keeps its rows
+        if log is not None:  # rank 0's; a failed append was reported already, and the file keeps its rows
             with contextlib.suppress(OSError):
-                log.close()
+                os.close(log)
     leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
     if rank != 0:
         return run_dir
@@ -652,9 +678,6 @@ def main(argv=None):
         waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={
             "model": opts.model, "subject": opts.subject, "class_name": class_name, "unique_token": opts.unique_token,
             "instance_prompt": instance_prompt, "resolution": opts.resolution, "training": training})
-    if opts.save_merged:  # W + dW in float32, as load_pipeline loads the base: UNet2DConditionModel.from_pretrained
-        with reported_write(run_dir / "merged_unet"):
-            sdxl.save_merged_unet(unet, run_dir / "merged_unet", dtype=torch.float32)
 
     # Validation grid: the instance prompt and the first evaluation prompts, two seeds each, made by the same
     # function (and settings) evaluate.py uses; the adapter is live in the UNet, exactly as trained.
@@ -665,8 +688,15 @@ def main(argv=None):
         prompts, seeds = prompts[:opts.validation_prompts], gen_cfg.seeds[:2]
         images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
         grid = sdxl.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
-        write_atomically(run_dir / "validation.png", lambda tmp: grid.save(tmp, format="PNG"))
-    print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}")
+        sdxl.write_file(run_dir / "validation.png", grid)
+    if opts.save_merged:
+        # W + dW in float32, as load_pipeline loads the base: made exactly as sdxl.export_merged makes it, from the
+        # base UNet loaded again in float32 on the CPU (the training UNet's W may be bf16-rounded, and a float32
+        # SDXL UNet, 10 GB, has no place on the training GPU) and the adapter just saved; shard by shard into a
+        # temporary folder that then replaces merged_unet/.
+        sdxl.export_merged(run_dir, model=opts.model, overwrite=True)
+    print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}"
+          f"{' and merged_unet/' if opts.save_merged else ''}")
     return run_dir
 
 

@@ -325,13 +325,18 @@ def save(model, path, extra_metadata=None):
 
 
 def _write_safetensors(path, tensors, metadata):
-    """Write through <path>.tmp and one rename: an interrupted save never leaves a half-written file, a failed one
-    (full disk) no temporary file; open() gives the file the umask's mode (safetensors' save_file makes it 0600)."""
-    data = save_bytes(tensors, metadata=metadata)
-    tmp = f"{path}.tmp"
+    """Write through <path>.<pid>.tmp and one rename: an interrupted save never leaves a half-written file, a failed
+    one (full disk) no temporary file. Plain os.open/os.write: a full disk fails as an OSError there (which a caller
+    can report in one line), and the file gets the umask's mode (safetensors' save_file makes it 0600)."""
+    view = memoryview(save_bytes(tensors, metadata=metadata))
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            while view:  # one os.write may write fewer bytes than asked (above 2 GB, or a disk that is filling up)
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

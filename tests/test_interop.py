@@ -279,3 +279,36 @@ def test_export_merged_from_a_run_folder(tmp_path):
     with pytest.raises(ValueError, match="no \"model\""):
         sdxl.export_merged(run_dir, overwrite=True)
     assert sdxl.export_merged(run_dir, model="tiny", overwrite=True) == folder
+
+
+def test_merged_unet_is_written_shard_by_shard_in_diffusers_sharded_layout(tmp_path, monkeypatch):
+    """A 10 GB UNet never in memory twice: each shard is merged, serialised and written before the next is made;
+    the folder is diffusers' sharded layout (shards + index), which from_pretrained loads as the one-file one."""
+    from diffusers import UNet2DConditionModel
+    import safetensors.torch
+    unet = sdxl.build_tiny_pipeline().unet
+    waveft.inject(unet, k=50)
+    randomize(unet, 0.05)
+    sdxl.save_merged_unet(unet, tmp_path / "whole")  # the default shard size: the tiny UNet in one file
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["config.json",
+                                                                      "diffusion_pytorch_model.safetensors"]
+    serialise, shards = safetensors.torch.save, []
+
+    def record(tensors, *args, **kwargs):
+        shards.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return serialise(tensors, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save", record)
+    sdxl.save_merged_unet(unet, tmp_path / "sharded", shard_bytes=2**20)
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    n = len(shards)
+    assert n >= 6 and max(shards) <= 2**20, shards  # 5.5 MB of float32 weights, at most 1 MiB at a time
+    shard_names = [f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert names == ["config.json", *shard_names, "diffusion_pytorch_model.safetensors.index.json"]
+    index = json.loads((tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(shards) and set(index["weight_map"].values()) == set(names[1:-1])
+    whole = safetensors.torch.load_file(tmp_path / "whole" / "diffusion_pytorch_model.safetensors")
+    sharded = UNet2DConditionModel.from_pretrained(tmp_path / "sharded").state_dict()  # what diffusers reads
+    assert whole.keys() == sharded.keys() == index["weight_map"].keys()
+    assert all(torch.equal(whole[key], sharded[key]) for key in whole)
+    assert (tmp_path / "sharded" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()

@@ -7,6 +7,7 @@ a python + diffusers import per case.
 import contextlib
 import csv
 import dataclasses
+import datetime
 import errno
 import json
 import logging
@@ -74,6 +75,39 @@ def unet_output(unet, seed=0):
     cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
         return unet(x, torch.tensor([500]), encoder_hidden_states=text, added_cond_kwargs=cond).sample
+
+
+def fill_disk_at(monkeypatch, folder, name, nth=1):
+    """A disk that fills up while the nth file whose name starts with `name` (a temporary name counts, as in
+    checkpoint.pt.123.tmp) is written under `folder`: where it really happens, in the lowest write call, os.write,
+    which writes half of that file's first chunk and then fails with ENOSPC, as does every later write there."""
+    write, files, folder = os.write, [], str(Path(folder).resolve())
+
+    def write_to_disk(fd, data):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not path.startswith(folder + os.sep):
+            return write(fd, data)
+        if len(files) >= nth:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        inode = os.fstat(fd).st_ino
+        if Path(path).name.startswith(name) and inode not in files:
+            files.append(inode)
+            if len(files) == nth:
+                return write(fd, memoryview(data)[:max(1, len(data) // 2)])
+        return write(fd, data)
+    monkeypatch.setattr(os, "write", write_to_disk)
+
+
+def one_line_disk_error(error, path):
+    """The one-line report of a full disk: the file (or folder), the error, the free space, what to do."""
+    return "\n" not in str(error) and re.fullmatch(
+        rf"cannot write {re.escape(str(path))}: No space left on device \([\d,]+ MiB free there\); the files written "
+        r"before are intact: make room and run again \(with --resume once a checkpoint exists\)", str(error))
+
+
+def files_under(folder):
+    """{relative path: bytes} of every file under `folder`, subfolders included."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +244,106 @@ def _loaded(run_dir):
     return unet
 
 
+def fixture_argv(dreambooth_dir, out, *extra):
+    """The command line of the `tiny_run_dir` fixture's run (4 steps), with its folder under `out`."""
+    return ["--subject", "dog6", "--k", "2000", "--model", "tiny", "--data-dir", str(dreambooth_dir), "--output-dir",
+            str(out), "--resolution", "64", "--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2",
+            "--sample-steps", "2", "--save-merged", "--run-name", "dog6-waveft-k2000-tiny-steps4-ga2", *extra]
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_and_writes_nothing(tiny_run_dir, dreambooth_dir, tmp_path):
+    run_dir = tmp_path / tiny_run_dir.name  # a copy: a wrongly accepted resume must not touch the shared run
+    shutil.copytree(tiny_run_dir, run_dir)
+    before = files_under(run_dir)
+    with pytest.raises(ValueError) as error:
+        train_dreambooth.main(fixture_argv(dreambooth_dir, tmp_path, "--steps", "2", "--resume"))
+    assert str(error.value) == (f"--resume: {run_dir / 'checkpoint.pt'} is at step 4, past --steps 2: give --steps 4 "
+                                f"(to finish the run) or more (to extend it)")
+    assert files_under(run_dir) == before
+
+
+def retag_storages(path, location):
+    """Rewrite a torch.save file as if its tensors had been saved from `location` (e.g. cuda:0, as optimizer states
+    saved on a GPU are): data.pkl is re-pickled with the location in every storage's persistent id changed, the
+    tensors' bytes and every other record are copied as they are."""
+    import io
+    import pickle
+    import zipfile
+
+    class Rebuild:  # a tensor-rebuilding call of the pickle, kept as a call (not run) and pickled back as one
+        def __init__(self, function, args):
+            self.function, self.args = function, args
+
+        def __reduce__(self):
+            return self.function, self.args
+
+    class Storage:
+        def __init__(self, pid):
+            self.pid = pid
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):
+            found = super().find_class(module, name)
+            if module == "torch._utils" and name.startswith("_rebuild"):
+                return lambda *args: Rebuild(found, args)
+            return found
+
+        def persistent_load(self, pid):
+            return Storage(pid)
+
+    class Writer(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                kind, storage_type, key, _, numel = obj.pid
+                return kind, storage_type, key, location, numel
+            return None
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records:
+            if name.endswith("/data.pkl"):
+                buffer = io.BytesIO()
+                Writer(buffer, protocol=2).dump(Reader(io.BytesIO(data)).load())
+                data = buffer.getvalue()
+            archive.writestr(name, data)
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_here(tiny_run_dir, dreambooth_dir, tmp_path):
+    run_dir = tmp_path / tiny_run_dir.name
+    shutil.copytree(tiny_run_dir, run_dir)
+    retag_storages(run_dir / "checkpoint.pt", "cuda:0")
+    if not torch.cuda.is_available():  # the file really says cuda:0: a plain load fails on a machine without one
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    train_dreambooth.main(fixture_argv(dreambooth_dir, tmp_path, "--steps", "5", "--resume", "--save-merged", "false",
+                                       "--validation-prompts", "0"))
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 5 and len(read_losses(run_dir)) == 5
+    assert all(t.device.type == "cpu" for t in state["adapter"].values())
+
+
+def test_ranks_wait_for_the_class_images_with_a_long_timeout(dreambooth_dir, tmp_path, monkeypatch):
+    # Under torchrun with --prior-preservation the other ranks wait at a barrier while rank 0 makes up to 100 class
+    # images: longer than the process group's default timeout (10 minutes with NCCL) on a slow GPU.
+    timeouts = []
+
+    class Joined(Exception):
+        pass
+
+    def init_process_group(backend, timeout=None, **kwargs):
+        timeouts.append(timeout)
+        raise Joined  # the call is what is checked; stop before the model loads
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra in (["--prior-preservation"], []):
+        with pytest.raises(Joined):
+            train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", *extra))
+    assert timeouts[0] is not None and timeouts[0] >= datetime.timedelta(days=1), timeouts
+    assert timeouts[1] is None  # without class images to wait for, torch's default still catches a hung rank
+    assert not any(tmp_path.iterdir())
+
+
 def test_fixed_noise_training_lowers_the_loss(dreambooth_dir, tmp_path):
     # With the image, noise and timestep fixed, the loss is one deterministic function of the adapter: 30 optimizer
     # steps of WaveFT at the paper's learning rate must lower it clearly (about 30 % here).
@@ -248,6 +382,29 @@ def test_prior_preservation_from_a_local_model_folder(dreambooth_dir, tiny_model
     assert Image.open(class_images[0]).size == (64, 64)
     rows = list(csv.DictReader(open(run_dir / "loss.csv")))
     assert len(rows) == 2 and all(float(row["loss"]) > 0 and float(row["prior_loss"]) > 0 for row in rows)
+
+
+def test_class_images_are_written_whole_and_one_that_does_not_decode_is_made_again(tmp_path, monkeypatch, capsys):
+    pipe = sdxl.build_tiny_pipeline()
+    opts = train_dreambooth.Options(subject="dog6", model="tiny", class_images=2, class_dir=str(tmp_path / "dog"))
+    cfg = sdxl.GenerationConfig(resolution=64, num_inference_steps=1)
+    fill_disk_at(monkeypatch, tmp_path, "0000.png")
+    with pytest.raises(train_dreambooth.WriteError) as error:
+        train_dreambooth.ensure_class_images(pipe, opts, "dog", cfg)
+    monkeypatch.undo()
+    assert one_line_disk_error(error.value, tmp_path / "dog" / "0000.png"), str(error.value)
+    assert not any((tmp_path / "dog").iterdir())  # no half-written image that would count as made
+
+    # A truncated image (from a crash of an older version, or a disk that filled up) is made again, with a note
+    paths = train_dreambooth.ensure_class_images(pipe, opts, "dog", cfg)
+    images = {path.name: path.read_bytes() for path in paths}
+    paths[0].write_bytes(images["0000.png"][:len(images["0000.png"]) // 2])
+    capsys.readouterr()
+    assert train_dreambooth.ensure_class_images(pipe, opts, "dog", cfg) == paths
+    out = capsys.readouterr().out
+    assert re.search(rf"note: cannot read image {re.escape(str(paths[0]))}: .*; generating it again", out), out
+    assert "0001.png" not in out
+    assert {path.name: path.read_bytes() for path in paths} == images  # the same image again, the other untouched
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,21 +515,23 @@ def test_an_existing_run_is_never_replaced_and_a_refused_start_writes_nothing(dr
     assert not refused.exists()
 
 
-def test_a_full_disk_at_a_checkpoint_loses_nothing(dreambooth_dir, tmp_path, monkeypatch):
+def full_disk_argv(dreambooth_dir, out, *extra):
+    return tiny_argv(dreambooth_dir, out, "--steps", "3", "--checkpoint-every", "1", "--validation-prompts", "0",
+                     *extra)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, dreambooth_dir, single_thread):
+    """The run the full-disk tests cut and resume, trained without interruption."""
+    return train_dreambooth.main(full_disk_argv(dreambooth_dir, tmp_path_factory.mktemp("uninterrupted")))
+
+
+def test_a_full_disk_at_a_checkpoint_loses_nothing(dreambooth_dir, tmp_path, monkeypatch, uninterrupted_run):
     def argv(out, *extra):
-        return tiny_argv(dreambooth_dir, tmp_path / out, "--steps", "3", "--checkpoint-every", "1",
-                         "--validation-prompts", "0", *extra)
-    full_dir = train_dreambooth.main(argv("full"))
+        return full_disk_argv(dreambooth_dir, tmp_path / out, *extra)
+    full_dir = uninterrupted_run
 
-    save, calls = torch.save, []
-
-    def disk_fills_at_second_checkpoint(obj, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
-            Path(path).write_bytes(b"the first bytes of a checkpoint")  # a partial file, then the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(torch, "save", disk_fills_at_second_checkpoint)
+    fill_disk_at(monkeypatch, tmp_path / "cut", "checkpoint.pt", nth=2)  # part-way through the second checkpoint
     with pytest.raises(train_dreambooth.WriteError) as error:
         train_dreambooth.main(argv("cut"))
     monkeypatch.undo()
@@ -386,6 +545,138 @@ def test_a_full_disk_at_a_checkpoint_loses_nothing(dreambooth_dir, tmp_path, mon
     train_dreambooth.main(argv("cut", "--resume"))
     assert read_losses(cut_dir) == read_losses(full_dir)
     assert tensors_equal(adapter_tensors(cut_dir), adapter_tensors(full_dir))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """(folder, resize): a real tmpfs mounted at tmp_path/disk, 64 KiB until resize(bytes); unmounted afterwards.
+    Needs Linux and root (mount); skipped where mounting is not allowed."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+
+    def mount(size, *more):
+        command = ["mount", "-t", "tmpfs", "-o", ",".join([*more, f"size={size}"]), "tmpfs", str(folder)]
+        return subprocess.run(command, capture_output=True, text=True)
+    mounted = mount(64 * 1024)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def resize(size):
+        result = mount(size, "remount")
+        assert result.returncode == 0, result.stderr
+    try:
+        yield folder, resize
+    finally:  # lazily if a file there is still open (say, held by a failed test's traceback): never left mounted
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_real_full_disk_fails_in_one_line_and_resume_finishes_the_run(dreambooth_dir, small_disk,
+                                                                          uninterrupted_run):
+    # A real small filesystem: room for the first checkpoint (and the small files) but not for the second next to
+    # it. torch.save writing there itself fails inside its zip writer with a RuntimeError ("unexpected pos").
+    disk, resize = small_disk
+    pages = [-(-(uninterrupted_run / name).stat().st_size // 4096) * 4096 for name in ("checkpoint.pt", "loss.png")]
+    resize(sum(pages) + 64 * 1024)
+    argv = full_disk_argv(dreambooth_dir, disk)
+    with pytest.raises(train_dreambooth.WriteError) as error:
+        train_dreambooth.main(argv)
+    run_dir = run_dir_of(argv)
+    assert one_line_disk_error(error.value, run_dir / "checkpoint.pt"), str(error.value)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "loss.csv", "loss.png"]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert read_losses(run_dir) == read_losses(uninterrupted_run)[:2]
+    resize(64 * 2**20)  # room made
+    train_dreambooth.main(argv + ["--resume"])
+    assert read_losses(run_dir) == read_losses(uninterrupted_run)
+    assert tensors_equal(adapter_tensors(run_dir), adapter_tensors(uninterrupted_run))
+
+
+def test_a_full_disk_at_each_final_file_loses_nothing_and_resume_finishes_the_run(dreambooth_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # The files written after the last step, each in turn on a disk that fills up while it is written; each time
+    # --resume (with the same --steps: the checkpoint is at the last step, nothing is left to train) goes on.
+    # (validation.png is written as loss.png is, by sdxl.write_file: not run again here)
+    argv = tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--save-merged", "--validation-prompts", "0")
+    run_dir = run_dir_of(argv)
+    written = ["checkpoint.pt", "config.json", "loss.csv", "loss.png"]
+    for fault, name in (("adapter.safetensors", "adapter.safetensors"), ("diffusion_pytorch_model", "merged_unet")):
+        fill_disk_at(monkeypatch, tmp_path, fault)
+        with pytest.raises(train_dreambooth.WriteError) as error:
+            train_dreambooth.main(argv + (["--resume"] if name != "adapter.safetensors" else []))
+        monkeypatch.undo()
+        assert one_line_disk_error(error.value, run_dir / name), str(error.value)
+        assert sorted(p.name for p in run_dir.iterdir()) == sorted(written)  # no temporary file or folder
+        written.append(name)
+    assert "nothing to train" in capsys.readouterr().out
+    train_dreambooth.main(argv + ["--resume"])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(set(train_dreambooth.RUN_FILES) - {"validation.png"})
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 1 and len(read_losses(run_dir)) == 1
+    adapter = adapter_tensors(run_dir)
+    assert all(torch.equal(adapter[name], value) for name, value in state["adapter"].items())  # the trained one
+
+
+def test_each_small_file_of_a_run_keeps_its_previous_version_on_a_full_disk(tiny_run_dir, tmp_path, monkeypatch):
+    # config.json and loss.csv (when training starts), a loss.csv row (every step), loss.png (at checkpoints)
+    run_dir = tmp_path / tiny_run_dir.name
+    shutil.copytree(tiny_run_dir, run_dir)
+    before = files_under(run_dir)
+    config = json.loads(before["config.json"])
+    for name, write in (("config.json", lambda: train_dreambooth.start_files(run_dir, config, 4, False)),
+                        ("loss.csv", lambda: train_dreambooth.start_files(run_dir, config, 4, False)),
+                        ("loss.png", lambda: train_dreambooth.plot_losses(run_dir))):
+        fill_disk_at(monkeypatch, run_dir, name)
+        with pytest.raises(train_dreambooth.WriteError) as error:
+            write()
+        monkeypatch.undo()
+        assert one_line_disk_error(error.value, run_dir / name), str(error.value)
+        assert files_under(run_dir) == before  # the previous version, whole; no temporary file
+    log = train_dreambooth.start_files(run_dir, config, 4, False)
+    try:
+        fill_disk_at(monkeypatch, run_dir, "loss.csv")
+        with pytest.raises(train_dreambooth.WriteError) as error:
+            train_dreambooth.append_loss(log, run_dir / "loss.csv", 5, 0.5, 0.0)
+        monkeypatch.undo()
+    finally:
+        os.close(log)
+    assert one_line_disk_error(error.value, run_dir / "loss.csv"), str(error.value)
+    assert (run_dir / "loss.csv").read_bytes().startswith(before["loss.csv"])  # the rows before it are intact
+
+
+def test_replacing_merged_unet_leaves_the_old_or_the_new_one_whole(tiny_run_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / tiny_run_dir.name
+    shutil.copytree(tiny_run_dir, run_dir)
+    before = files_under(run_dir / "merged_unet")
+    monkeypatch.setattr(sdxl, "MERGED_SHARD_BYTES", 2**20)  # the tiny UNet (5.5 MB) in 6 shards
+    fill_disk_at(monkeypatch, run_dir, "diffusion_pytorch_model", nth=2)  # part-way through the second shard
+    with pytest.raises(sdxl.WriteError) as error:
+        sdxl.export_merged(run_dir, overwrite=True)
+    assert one_line_disk_error(error.value, run_dir / "merged_unet"), str(error.value)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)  # nothing left over
+    assert files_under(run_dir / "merged_unet") == before
+
+    # A crash between the two renames (the old folder moved aside, the new one not yet in its place): the old one
+    # is moved back
+    replace, calls = os.replace, []
+
+    def crash_at_the_second_rename(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return replace(source, target)
+    monkeypatch.setattr(os, "replace", crash_at_the_second_rename)
+    with pytest.raises(sdxl.WriteError, match=r"merged_unet: Input/output error"):
+        sdxl.write_folder(run_dir / "merged_unet", [("config.json", "{}")])
+    monkeypatch.undo()
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)
+    assert files_under(run_dir / "merged_unet") == before
+    sdxl.write_folder(run_dir / "merged_unet", [("config.json", "{}")])  # and without a crash, replaced
+    assert files_under(run_dir / "merged_unet") == {"config.json": b"{}"}
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)
 
 
 def test_two_lora_runs_with_the_same_options_are_equal(dreambooth_dir, tmp_path):
@@ -736,6 +1027,30 @@ def test_save_merged_writes_the_unet_with_the_adapter_folded_in(tiny_run_dir):
     assert merged.keys() == expected.keys() and all(v.dtype == torch.float32 for v in merged.values())
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_save_merged_after_a_bf16_run_folds_the_adapter_into_the_float32_base(dreambooth_dir, tmp_path, monkeypatch):
+    """Training casts the frozen UNet to bf16; merged_unet/ must still be W + dW of the float32 base (W not rounded
+    to bf16), exactly what sdxl.export_merged makes from the run's adapter, built on the CPU from the UNet alone."""
+    save, merged_from, pipelines = sdxl.save_merged_unet, [], []
+    load_pipeline = sdxl.load_pipeline
+
+    def record(unet, *args, **kwargs):
+        layer = waveft.adapted_layers(unet)[0][1]
+        merged_from.append((layer.base.weight.dtype, layer.base.weight.device.type))
+        return save(unet, *args, **kwargs)
+    monkeypatch.setattr(sdxl, "save_merged_unet", record)
+    monkeypatch.setattr(sdxl, "load_pipeline", lambda *args, **kwargs: pipelines.append(1) or load_pipeline(*args,
+                                                                                                           **kwargs))
+    run_dir = train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--mixed-precision", "bf16",
+                                              "--save-merged", "--validation-prompts", "0"))
+    merged = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
+    sdxl.export_merged(run_dir, overwrite=True)
+    exported = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
+    assert merged.keys() == exported.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=lambda text: f"{key}: {text}")
+    assert merged_from[0] == (torch.float32, "cpu") and len(pipelines) == 1  # the training pipeline only
 
 
 def test_fast_false_trains_through_the_definition_to_the_same_adapter(tmp_path, dreambooth_dir):
