@@ -983,7 +983,11 @@ def test_the_dataset_is_found_where_a_newcomer_puts_it(dreambooth_dir, tmp_path,
 
 
 def test_generation_follows_the_authors_protocol(device, monkeypatch):
+    from diffusers import DPMSolverMultistepScheduler
     pipe = sdxl.build_tiny_pipeline().to(device)
+    # diffusers imports the schedulers it swaps between lazily, and their annotations read torch.Generator: import
+    # them now, before torch.Generator is patched (run alone, this test otherwise fails inside diffusers)
+    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config).compatibles
     calls, generator, generator_devices = [], torch.Generator, []
 
     def make_generator(*args, **kwargs):  # the device each generator is asked for (None: not given)
