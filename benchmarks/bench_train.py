@@ -10,7 +10,7 @@ Peak memory is measured per variant on Linux as the peak resident set size durin
 /proc/self/clear_refs, after returning freed heap to the OS with malloc_trim) plus the bytes the model and the
 optimizer hold, i.e. what a GPU's max_memory_allocated would report.
 
-    python benchmarks/bench_train.py                 # 128 px (16 x 16 latents), about 3 minutes on 2 cores
+    python benchmarks/bench_train.py                 # 128 px (16 x 16 latents), about a minute on 2 cores (58 s idle)
     python benchmarks/bench_train.py --resolution 256 --runs 5
 """
 import argparse
