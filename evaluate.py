@@ -27,7 +27,7 @@ merged. Metric scores are means over a run's images; the comparison table gives 
 Layout: <output-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder
 and images/generation.json (settings + adapter hash: a rerun skips existing images only if they match), then
 scores.csv (one row per image), metrics.json, grid.png; <output-dir>/comparison.{md,csv} over all runs, one row per
-setting (the run's options without its subject) and prompt set. Every file goes through sdxl.write_file (a
+setting (the run's options without its subject) and prompt set. Every file goes through files.write_file (a
 temporary file, then a rename): a full disk or Ctrl-C leaves whole files only, and the same command continues,
 writing the bytes an uninterrupted evaluation writes. Under torchrun every rank generates its share of the
 (run, prompt) folders, then rank 0 alone scores; the images and numbers are those of one process. One pipeline per
@@ -37,10 +37,8 @@ images, any names, and optionally prompt.txt, else the prompt is the folder name
 the authors' (`prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png` with the prompt in prompt_<i>_info.txt's "Prompt:"
 line; DIR is their `<method>/<subject>` folder).
 """
-import csv
 import datetime
 import hashlib
-import io
 import json
 import re
 import sys
@@ -50,9 +48,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
+import cli
+import distributed
+import files
+import hub
+import interop
+import pictures
 import sdxl
 import waveft
 
@@ -178,24 +182,25 @@ class MetricModels:
 
 def load_metric_models(dino="facebook/dino-vits16", clip="openai/clip-vit-base-patch32",
                        cmmd_clip="openai/clip-vit-large-patch14-336", device="cpu"):
-    """Each model by hub id or local folder (sdxl.from_pretrained: a missing one fails in seconds), or `tiny`."""
+    """Each model by hub id or local folder (hub.from_pretrained: a missing one fails in seconds), or `tiny`."""
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
     smoke = "a smoke run (meaningless numbers)"
     if dino == "tiny":
         dino_model = tiny_dino()
     else:
-        dino_model = sdxl.from_pretrained(ViTModel, dino, "DINO model", "--dino", smoke, add_pooling_layer=False)
+        dino_model = hub.from_pretrained(ViTModel.from_pretrained, dino, "DINO model", "--dino", smoke,
+                                         add_pooling_layer=False)
     if clip == "tiny":
         clip_model, tokenizer = tiny_clip()
     else:
-        clip_model = sdxl.from_pretrained(CLIPModel, clip, "CLIP model", "--clip", smoke)
-        tokenizer = sdxl.from_pretrained(CLIPTokenizer, clip, "CLIP tokenizer", "--clip", smoke)
+        clip_model = hub.from_pretrained(CLIPModel.from_pretrained, clip, "CLIP model", "--clip", smoke)
+        tokenizer = hub.from_pretrained(CLIPTokenizer.from_pretrained, clip, "CLIP tokenizer", "--clip", smoke)
     if cmmd_clip == clip:  # one model for CLIP-I, CLIP-T and CMMD: embedded once
         cmmd_model = clip_model
     elif cmmd_clip == "tiny":
         cmmd_model = tiny_clip(seed=1)[0]
     else:
-        cmmd_model = sdxl.from_pretrained(CLIPModel, cmmd_clip, "CMMD CLIP model", "--cmmd-clip", smoke)
+        cmmd_model = hub.from_pretrained(CLIPModel.from_pretrained, cmmd_clip, "CMMD CLIP model", "--cmmd-clip", smoke)
     return MetricModels(dino_model.to(device).eval(), clip_model.to(device).eval(), tokenizer,
                         cmmd_model.to(device).eval(), dict(dino=dino, clip=clip, cmmd_clip=cmmd_clip))
 
@@ -237,42 +242,6 @@ def load_lpips():
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring one run's images, laid out by prompt
 
-def natural_order(path):
-    """Sort key: numbers by value ("sample_10" after "sample_2")."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def folder_prompt(folder, name):
-    """A prompt folder's prompt: prompt.txt, else the authors' prompt_<i>_info.txt ("Prompt: ..."), else the name."""
-    if (folder / "prompt.txt").is_file():
-        return (folder / "prompt.txt").read_text().strip()
-    for info in folder.glob("prompt_*_info.txt"):
-        for line in info.read_text().splitlines():
-            if line.startswith("Prompt:"):  # not "Negative Prompt:"
-                return line[len("Prompt:"):].strip()
-        raise ValueError(f"{info} has no 'Prompt:' line, so the prompt of the images in {folder} is unknown")
-    if name is None:
-        raise ValueError(f"{folder} has no prompt_<i>_info.txt or prompt.txt: the prompt of its images is unknown")
-    return name.replace("_", " ")
-
-
-def read_image_folder(images_dir):
-    """--metrics-only: [(prompt_idx, prompt, path)] from one folder per prompt, `<number>_<anything>` (ours) or
-    `prompt_<number>` (the authors')."""
-    entries = []
-    folders = [(int(m.group(1) or m.group(3)), m.group(2), p) for p in Path(images_dir).iterdir()
-               if p.is_dir() and (m := re.fullmatch(r"(\d+)_(.*)|prompt_(\d+)", p.name))]
-    for prompt_idx, name, folder in sorted(folders, key=lambda f: (f[0], f[2])):
-        images = [path for path in folder.iterdir() if path.suffix.lower() in sdxl.IMAGE_EXTENSIONS]
-        prompt = folder_prompt(folder, name) if images else None
-        entries += [(prompt_idx, prompt, path) for path in sorted(images, key=natural_order)]
-    if not entries:
-        raise FileNotFoundError(f"no images found in {images_dir}: expected one folder <number>_<prompt> per prompt "
-                                f"holding its images (and optionally prompt.txt), e.g. 00_a_dog_in_the_jungle/"
-                                f"seed42.png, or the authors' prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png")
-    return entries
-
-
 def group_by(items, key):
     """{key(item): [the items with that key]}, keys in order of first appearance."""
     groups = {}
@@ -306,35 +275,15 @@ def score(entries, real_images, models, unique_token, lpips_model=None):
     return rows, metrics, images
 
 
-def write_grid(path, real_images, entries, images, thumb=256):
-    """Real photos on the first row, then one row per prompt (its seeds), each cell labelled."""
-    rows = [[(f"real {i}", image) for i, image in enumerate(real_images)]]
-    rows += [[(f"{entries[i][1]} | {entries[i][2].stem}", images[i]) for i in group]
-             for group in group_by(range(len(entries)), key=lambda i: entries[i][0]).values()]
-    cols, thumb = max(map(len, rows)), min(thumb, images[0].width)
-    blank = Image.new("RGB", (thumb, thumb), "white")
-    cells = [(label, ImageOps.fit(image, (thumb, thumb))) for row in rows  # centre-cropped squares
-             for label, image in row + [("", blank)] * (cols - len(row))]
-    save(path, sdxl.image_grid([image for _, image in cells], cols, [label for label, _ in cells]))
-
-
-def write_csv(path, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))  # all keys
-    writer.writeheader()
-    writer.writerows(rows)
-    save(path, text.getvalue())
-
-
-# Every file of an evaluation is written by sdxl.write_file: made in memory, written to a temporary file, renamed.
-# A full disk then fails in one line naming the file (sdxl.WriteError), and the file it would have replaced (an
+# Every file of an evaluation is written by files.write_file: made in memory, written to a temporary file, renamed.
+# A full disk then fails in one line naming the file (files.WriteError), and the file it would have replaced (an
 # image, a table) stays as it was; an interrupted evaluation leaves no half-written image to be taken as finished.
 AFTER_A_WRITE_ERROR = "the files written before are intact: make room and run the same command again (it continues)"
 
 
 def save(path, data):
-    """sdxl.write_file(path, data): str, bytes or a PIL image (as PNG)."""
-    return sdxl.write_file(path, data, advice=AFTER_A_WRITE_ERROR)
+    """files.write_file(path, data): str, bytes or a PIL image (as PNG)."""
+    return files.write_file(path, data, advice=AFTER_A_WRITE_ERROR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,7 +331,7 @@ def read_runs(opts):
         run = Run(folder.name, opts.subject, opts.unique_token, data_dir, {}, images_dir=folder)
         run.setting = setting_of(run)
         check_subject(run, "--metrics-only")
-        read_image_folder(folder)  # fail now, not after loading the models
+        interop.read_image_folder(folder)  # fail now, not after loading the models
         return [run]
     for folder in opts.runs:
         if not Path(folder).is_dir():
@@ -393,7 +342,7 @@ def read_runs(opts):
         print(f"skipping {folder}: not a run folder (no config.json, no adapter.safetensors)", file=sys.stderr)
     if not folders:
         raise FileNotFoundError(f"none of --runs {' '.join(opts.runs)} is a run folder of train_dreambooth.py")
-    runs = [read_peft_run(folder, opts) if (Path(folder) / waveft.PEFT_CONFIG).is_file()
+    runs = [read_peft_run(folder, opts) if (Path(folder) / interop.PEFT_CONFIG).is_file()
             else read_run(folder, opts.data_dir, opts.model) for folder in folders]
     if len({run.name for run in runs}) < len(runs):
         raise ValueError("two run folders have the same name; their results would overwrite each other")
@@ -440,14 +389,14 @@ def read_run(folder, data_dir=None, model=None):
     return run
 
 
-RUN_MARKERS = ("config.json", "adapter.safetensors", waveft.PEFT_CONFIG)  # a run folder holds one of these
+RUN_MARKERS = ("config.json", "adapter.safetensors", interop.PEFT_CONFIG)  # a run folder holds one of these
 
 
 def read_peft_run(folder, opts):
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, trained with PEFT or the authors'
     code) is scored like a run of ours. It records no subject or dataset: --subject says whose photos it learned,
     --model its base model (unless the config names one), --data-dir / the usual places where the dataset is."""
-    folder, config = Path(folder), waveft.read_peft_config(folder)  # checks what our layers can compute as PEFT does
+    folder, config = Path(folder), interop.read_peft_config(folder)  # checks what our layers can compute as PEFT does
     model = opts.model or config.get("base_model_name_or_path")
     if not opts.subject or not model:
         raise ValueError(f"{folder} is a PEFT adapter folder, which does not record "
@@ -487,7 +436,7 @@ def method_and_budget(config):
 def count_trainable(adapter):
     """Trainable adapter parameters, read from the file: the spectra (WaveFT) or A and B (LoRA)."""
     from safetensors import safe_open
-    path = adapter / waveft.PEFT_WEIGHTS if adapter.is_dir() else adapter  # a PEFT folder: its weights file
+    path = adapter / interop.PEFT_WEIGHTS if adapter.is_dir() else adapter  # a PEFT folder: its weights file
     with safe_open(str(path), "pt") as f:
         return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()
                    if key.endswith(("waveft_spectrum", "lora_A", "lora_B", "lora_A.weight", "lora_B.weight")))
@@ -496,7 +445,7 @@ def count_trainable(adapter):
 def adapter_hash(adapter):
     """sha256 of the adapter's bytes (of a PEFT folder: its config's, then its weights')."""
     digest = hashlib.sha256()
-    for path in [adapter / waveft.PEFT_CONFIG, adapter / waveft.PEFT_WEIGHTS] if adapter.is_dir() else [adapter]:
+    for path in [adapter / interop.PEFT_CONFIG, adapter / interop.PEFT_WEIGHTS] if adapter.is_dir() else [adapter]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -533,14 +482,15 @@ def adapted_pipeline(pipelines, model, adapter, device):
     before it (resuming, torchrun). The CPU copy this takes is at most the adapted weights once (keep_original)."""
     if model not in pipelines:
         pipelines.clear()  # one model in memory at a time
-        pipelines[model] = (sdxl.load_pipeline(model).to(device), {})  # float32; generate() autocasts on CUDA
+        pipe = hub.from_pretrained(sdxl.load_pipeline, model)  # float32; generate() autocasts on CUDA
+        pipelines[model] = (pipe.to(device), {})
     pipe, originals = pipelines[model]
     if waveft.adapted_layers(pipe.unet):
         waveft.remove(pipe.unet)
         for name, kept in originals.items():
             put_back(pipe.unet.get_submodule(name).weight, kept)
     try:
-        waveft.load(pipe.unet, adapter)
+        interop.load_adapter(pipe.unet, adapter)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
     originals.clear()
@@ -634,7 +584,7 @@ def write_comparison(all_metrics, out_dir):
         rows.append(row)
         md.append("| " + " | ".join(cells) + " |")
     save(out_dir / "comparison.md", "\n".join(md) + "\n")
-    write_csv(out_dir / "comparison.csv", rows)
+    files.write_csv(out_dir / "comparison.csv", rows, AFTER_A_WRITE_ERROR)
     return "\n".join(md)
 
 
@@ -662,7 +612,7 @@ class Options:
 
 def parse_args(argv=None):
     """Options from the command line: one --flag per field of Options (--out-dir: the old name of --output-dir)."""
-    parser = sdxl.options_parser(Options, __doc__.split("\n\n")[0], aliases=dict(output_dir=["--out-dir"]))
+    parser = cli.options_parser(Options, __doc__.split("\n\n")[0], aliases=dict(output_dir=["--out-dir"]))
     opts = Options(**vars(parser.parse_args(argv)))
     if bool(opts.runs) == bool(opts.metrics_only):
         parser.error("pass either --runs (run folders to evaluate) or --metrics-only (a folder of images to score)")
@@ -680,7 +630,7 @@ def main(argv=None):
     runs = read_runs(opts)  # every rank checks the same things and fails the same way
     # torchrun: one GPU per rank; the one collective is the barrier after generation, where ranks may wait hours for
     # one another (a resumed run's shares differ), so gloo (also between GPUs: nothing big is exchanged), long timeout
-    rank, world_size, device = sdxl.init_distributed("cuda" if torch.cuda.is_available() else "cpu", backend="gloo",
+    rank, world_size, device = distributed.init_distributed("cuda" if torch.cuda.is_available() else "cpu", backend="gloo",
                                                      timeout=datetime.timedelta(days=7))
     if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
         models = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device)
@@ -696,7 +646,7 @@ def main(argv=None):
     pipelines, plans, generated, n = {}, [], 0, 0
     for run in runs:
         if run.adapter is None:  # --metrics-only
-            plans.append((run, read_image_folder(run.images_dir), None))
+            plans.append((run, interop.read_image_folder(run.images_dir), None))
             continue
         prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:opts.max_prompts]
         mine = [i for i in range(len(prompts)) if (n + i) % world_size == rank]
@@ -708,8 +658,8 @@ def main(argv=None):
     pipelines.clear()  # the pipeline's memory is free for scoring
     if world_size > 1:
         print(f"rank {rank}: generated {generated} images", file=sys.stderr)
-        torch.distributed.barrier()  # every image is on disk
-        torch.distributed.destroy_process_group()
+        distributed.barrier(world_size)  # every image is on disk
+        distributed.leave_ranks(world_size)
         if rank != 0:
             return []
 
@@ -727,9 +677,10 @@ def main(argv=None):
                        n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
                        **metrics, metric_models=models.names, meaningless_tiny_models=tiny,
                        generation=dict(settings, seeds=seeds) if run.adapter else None)
-        write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows])
+        files.write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows],
+                        AFTER_A_WRITE_ERROR)
         save(run_out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        write_grid(run_out / "grid.png", real_images, entries, images)
+        pictures.write_grid(run_out / "grid.png", real_images, entries, images, advice=AFTER_A_WRITE_ERROR)
         all_metrics.append(metrics)
     table = write_comparison(all_metrics, out_dir)
     print(table + f"\nwritten to {out_dir}/" + ("  (tiny metric models: these numbers mean nothing)" if tiny else ""))
@@ -742,7 +693,7 @@ def run_command(argv=None):
     written whole or not at all (save), so the same command again continues: finished images are not made again."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, sdxl.WriteError) as error:
+    except (ValueError, FileNotFoundError, files.WriteError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -43,7 +43,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli
+import distributed
 import dwt
+import files
+import hub
+import interop
+import pictures
 import sdxl
 import waveft
 
@@ -97,14 +103,11 @@ NO_EFFECT_ON_RESULT = {"data_dir", "output_dir", "run_name", "overwrite", "resum
 RESUMABLE = NO_EFFECT_ON_RESULT | {"steps"}
 
 
-parse_bool = sdxl.parse_bool  # the old name
-
-
 def parse_options(argv=None):
     """argparse generated from Options: --some-field VALUE for every field, help = the field's comment. Then every
     value is checked (a bad one stops with one line naming the option) and the automatic defaults are resolved."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = sdxl.options_parser(Options, __doc__.split("\n")[0])
+    parser = cli.options_parser(Options, __doc__.split("\n")[0])
     opts = Options(**vars(parser.parse_args(argv)))
     ignored = ignored_options(opts)
     for name, why in sorted(ignored.items()):  # given, but cannot matter: say so (and do not check it)
@@ -245,9 +248,9 @@ def encode_images(vae, images, paths, resolution, generator, device):
 def ensure_class_images(pipe, opts, class_name, gen_cfg):
     """Prior preservation needs images of the class from the *base* model; generate the missing ones (seeded by
     index, so an interrupted generation continues) while no adapter is in the UNet. Each is written whole
-    (sdxl.write_file); one that does not decode (cut short by an older version's crash) is generated again."""
+    (files.write_file); one that does not decode (cut short by an older version's crash) is generated again."""
     class_dir = Path(opts.class_dir or Path(opts.output_dir) / "class-images" / Path(opts.model).name / class_name)
-    with reported_write(class_dir):
+    with files.reported_write(class_dir):
         class_dir.mkdir(parents=True, exist_ok=True)
     paths = [class_dir / f"{i:04d}.png" for i in range(opts.class_images)]
     for i, path in enumerate(tqdm(paths, desc=f"class images in {class_dir}")):
@@ -257,7 +260,7 @@ def ensure_class_images(pipe, opts, class_name, gen_cfg):
                 continue
             except ValueError as error:  # "cannot read image <path>: ..."
                 tqdm.write(f"note: {error}; generating it again")
-        sdxl.write_file(path, sdxl.generate(pipe, [f"a {class_name}"], seeds=[i], cfg=gen_cfg)[0])
+        files.write_file(path, sdxl.generate(pipe, [f"a {class_name}"], seeds=[i], cfg=gen_cfg)[0])
     return paths
 
 
@@ -349,106 +352,44 @@ def plan_step(batching, passes, n_images, n_class_images, grad_accum, generator,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data parallel with torchrun (plain torch.distributed)
-#
-#     torchrun --nproc-per-node N train_dreambooth.py --subject dog6 ...
-#
-# Every rank builds the same model and plans every step identically (same seed, same generator); rank r computes the
-# micro-batches r, r + N, r + 2N, ... of the step and backpropagates loss / grad_accum, exactly as one process does
-# for all of them. Then the adapter gradients are summed over the ranks (SUM, not mean: each micro-batch's loss is
-# already divided by grad_accum), so every rank holds the single-process gradient up to float summation order, and
-# every rank takes the same clipped AdamW step. A rank without a micro-batch (a short step at the end of a pass)
-# contributes zeros. Only rank 0 writes files, prints and checkpoints. No DistributedDataParallel wrapper: one
-# flattened all-reduce per step is all that adapters of a million parameters need.
-
-def broadcast_from_rank0(params, world_size):
-    """Start every rank from rank 0's adapter (identical already when initialisation is seeded; this makes sure)."""
-    if world_size > 1:
-        for p in params.values():
-            torch.distributed.broadcast(p.data, src=0)
-
-
-def sum_over_ranks(params, numbers, world_size):
-    """Sum the adapter gradients (None counts as zero) and a few float64 numbers (loss sums) over the ranks."""
-    if world_size == 1:
-        return numbers
-    params = list(params.values())
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    torch.distributed.all_reduce(flat)
-    for p, grad in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = grad.view_as(p)
-    totals = torch.tensor(numbers, dtype=torch.float64, device=flat.device)
-    torch.distributed.all_reduce(totals)
-    return totals.tolist()
-
-
-def any_rank(flag, world_size):
-    """True on every rank if it is true on one (Ctrl-C reached one rank: all stop after the same step)."""
-    if world_size == 1:
-        return bool(flag)
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([float(bool(flag))], device=device)
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item())
-
-
-def barrier(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
-def leave_ranks(world_size):
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The run's files: each written so that a crash or a full disk never destroys what was there before
 
 RUN_FILES = ("config.json", "loss.csv", "loss.png", "checkpoint.pt", "adapter.safetensors", "validation.png",
              "merged_unet")
 
 
-WriteError, reported_write = sdxl.WriteError, sdxl.reported_write  # one line per disk error (sdxl.write_file)
 CLASS_IMAGES_WAIT = datetime.timedelta(days=7)  # torchrun: the ranks wait this long for rank 0's class images
-
-
-def csv_text(rows):
-    text = io.StringIO()
-    csv.writer(text).writerows(rows)
-    return text.getvalue()
 
 
 def start_files(run_dir, config, start, overwrite):
     """Training starts: (with --overwrite, the earlier run's files go) config.json, and loss.csv with the rows up to
     the checkpoint (a resumed run drops those after it). Returns loss.csv's file descriptor, open for appending one
     row per step (append_loss)."""
-    with reported_write(run_dir):
+    with files.reported_write(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES if overwrite else ():
         if (run_dir / name).is_dir():  # merged_unet
             shutil.rmtree(run_dir / name)
         else:
             (run_dir / name).unlink(missing_ok=True)
-    sdxl.write_file(run_dir / "config.json", json.dumps(config, indent=2))
+    files.write_file(run_dir / "config.json", json.dumps(config, indent=2))
     loss_path = run_dir / "loss.csv"
     kept = list(csv.reader(loss_path.read_text().splitlines()))[1:start + 1] if start and loss_path.exists() else []
-    sdxl.write_file(loss_path, csv_text([["step", "loss", "prior_loss"]] + kept))
-    with reported_write(loss_path):
+    files.write_file(loss_path, files.csv_text([["step", "loss", "prior_loss"]] + kept))
+    with files.reported_write(loss_path):
         return os.open(loss_path, os.O_WRONLY | os.O_APPEND)
 
 
 def append_loss(log, loss_path, step, loss, prior_loss):
     """One row of loss.csv, appended with plain os.write (a full disk: WriteError; the rows before stay whole)."""
-    with reported_write(loss_path):
-        sdxl._write_all(log, csv_text([[step, f"{loss:.6f}", f"{prior_loss:.6f}"]]).encode())
+    files.append_bytes(log, loss_path, files.csv_text([[step, f"{loss:.6f}", f"{prior_loss:.6f}"]]).encode())
 
 
 def plot_losses(run_dir):
-    """loss.png from loss.csv: the loss of every step and its moving average (sdxl.plot_loss)."""
+    """loss.png from loss.csv: the loss of every step and its moving average (pictures.plot_loss)."""
     png = io.BytesIO()
-    sdxl.plot_loss(run_dir / "loss.csv", png)
-    sdxl.write_file(run_dir / "loss.png", png.getvalue())
+    pictures.plot_loss(run_dir / "loss.csv", png)
+    files.write_file(run_dir / "loss.png", png.getvalue())
 
 
 def check_run_dir(run_dir, opts):
@@ -474,7 +415,7 @@ def save_checkpoint(path, step, params, optimizer, generator, opts, passes):
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     # Serialised in memory, written with plain os.write: a full disk fails there as an OSError (one line), not
     # inside torch.save's zip writer (a RuntimeError "unexpected pos")
-    sdxl.write_file(path, sdxl.torch_bytes(state))
+    files.write_file(path, files.torch_bytes(state))
 
 
 def read_checkpoint(path, opts):
@@ -536,8 +477,8 @@ def main(argv=None):
     # (0, 1, device) without torchrun. With --prior-preservation the other ranks wait at a barrier while rank 0
     # makes the class images (up to 100, an hour on a slow GPU): the long timeout evaluate.py uses, not torch's
     # default (10 minutes with NCCL), which otherwise keeps catching a hung rank.
-    rank, world_size, device = sdxl.init_distributed(device, timeout=CLASS_IMAGES_WAIT if opts.prior_preservation
-                                                     else None)
+    rank, world_size, device = distributed.init_distributed(
+        device, timeout=CLASS_IMAGES_WAIT if opts.prior_preservation else None)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
     print(f"dataset: {opts.data_dir} ({source})")
@@ -552,7 +493,7 @@ def main(argv=None):
 
     # The model: frozen UNet + trainable adapters (created in float32 even on a bf16 UNet). Injecting now checks
     # --k against every layer before anything is written.
-    pipe = sdxl.load_pipeline(opts.model)  # float32; the VAE and text encoders stay float32
+    pipe = hub.from_pretrained(sdxl.load_pipeline, opts.model)  # float32; the VAE and text encoders too
     unet = pipe.unet
     if use_bf16:
         # The frozen UNet in bf16 halves its memory; cast before inject, so the adapters are made float32.
@@ -570,7 +511,7 @@ def main(argv=None):
         waveft.remove(unet)  # class images come from the base model
         if rank == 0:  # rank 0 generates the missing class images, the others wait for them
             ensure_class_images(pipe, opts, class_name, gen_cfg)
-        barrier(world_size)
+        distributed.barrier(world_size)
         class_paths = ensure_class_images(pipe, opts, class_name, gen_cfg)
         add_adapter(unet, opts)
         class_images = [sdxl.load_image(path) for path in class_paths]
@@ -591,7 +532,7 @@ def main(argv=None):
                                   eps=1e-8)
     passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
     start = restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
-    broadcast_from_rank0(params, world_size)
+    distributed.broadcast_from_rank0(params, world_size)
     if resume_state and start == opts.steps:  # e.g. the disk filled up after the last checkpoint
         print(f"{checkpoint_path} is at step {start} = --steps: nothing to train; the run's final files are "
               f"written (again)")
@@ -639,7 +580,7 @@ def main(argv=None):
                 step_loss += losses[0].item()
                 step_prior += losses[1].item() if opts.prior_preservation else 0.0
             # Gradients and loss sums of all ranks; the logged losses are means over the step's micro-batches.
-            step_loss, step_prior = sum_over_ranks(params, [step_loss, step_prior], world_size)
+            step_loss, step_prior = distributed.sum_over_ranks(params, [step_loss, step_prior], world_size)
             step_loss, step_prior = step_loss / len(plan), step_prior / len(plan)
             if not math.isfinite(step_loss + step_prior):  # stop before the optimizer writes NaN into the adapter
                 raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the last good state is in "
@@ -651,7 +592,7 @@ def main(argv=None):
                 append_loss(log, loss_path, step + 1, step_loss, step_prior)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             progress.update()  # before a Ctrl-C exit: the bar shows the step that is saved
-            stop = any_rank(stop_requested, world_size)  # all ranks stop after the same step
+            stop = distributed.any_rank(stop_requested, world_size)  # all ranks stop after the same step
             if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
                 save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
                 plot_losses(run_dir)
@@ -665,7 +606,7 @@ def main(argv=None):
         if log is not None:  # rank 0's; a failed append was reported already, and the file keeps its rows
             with contextlib.suppress(OSError):
                 os.close(log)
-    leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
+    distributed.leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
     if rank != 0:
         return run_dir
     save_checkpoint(checkpoint_path, opts.steps, params, optimizer, generator, opts, passes)
@@ -674,7 +615,7 @@ def main(argv=None):
     # The adapter file describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed, ...)
     # plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training".
     training = {key: value for key, value in config.items() if key not in ("argv", "resume", "overwrite", "device")}
-    with reported_write(run_dir / "adapter.safetensors"):  # waveft.save writes through a temporary file itself
+    with files.reported_write(run_dir / "adapter.safetensors"):  # waveft.save writes through a temporary file itself
         waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={
             "model": opts.model, "subject": opts.subject, "class_name": class_name, "unique_token": opts.unique_token,
             "instance_prompt": instance_prompt, "resolution": opts.resolution, "training": training})
@@ -687,14 +628,14 @@ def main(argv=None):
         prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
         prompts, seeds = prompts[:opts.validation_prompts], gen_cfg.seeds[:2]
         images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
-        grid = sdxl.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
-        sdxl.write_file(run_dir / "validation.png", grid)
+        grid = pictures.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
+        files.write_file(run_dir / "validation.png", grid)
     if opts.save_merged:
-        # W + dW in float32, as load_pipeline loads the base: made exactly as sdxl.export_merged makes it, from the
+        # W + dW in float32, as load_pipeline loads the base: made exactly as interop.export_merged makes it, from the
         # base UNet loaded again in float32 on the CPU (the training UNet's W may be bf16-rounded, and a float32
         # SDXL UNet, 10 GB, has no place on the training GPU) and the adapter just saved; shard by shard into a
         # temporary folder that then replaces merged_unet/.
-        sdxl.export_merged(run_dir, model=opts.model, overwrite=True)
+        interop.export_merged(run_dir, model=opts.model, overwrite=True)
     print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}"
           f"{' and merged_unet/' if opts.save_merged else ''}")
     return run_dir
@@ -703,5 +644,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, WriteError) as error:  # bad input, full disk: one line, no traceback
+    except (ValueError, FileNotFoundError, files.WriteError) as error:  # bad input, full disk: one line, no traceback
         sys.exit(f"error: {error}")

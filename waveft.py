@@ -22,7 +22,6 @@ The file has two halves.
   gradient take one matmul with W + dW (many tokens) or sparse products with A S and B S^T (few tokens, e.g.
   cross-attention to_k/to_v on 77 text tokens, or a bf16 W: the adapter then stays in float32).
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
-At the end, one more section: PEFT's on-disk format both ways (save_peft; load takes a PEFT adapter folder).
 """
 import contextlib
 import json
@@ -321,20 +320,26 @@ def save(model, path, extra_metadata=None):
             tensors[f"{name}.waveft_positions"] = m.waveft_positions.to(torch.int32).cpu()  # (2, k)
     meta = dict(model._waveft_config, layers={n: [m.base.out_features, m.base.in_features] for n, m in layers},
                 **(extra_metadata or {}))
-    _write_safetensors(path, tensors, {key: json.dumps(value) for key, value in meta.items()})
+    write_atomically(path, save_bytes(tensors, metadata={key: json.dumps(value) for key, value in meta.items()}))
 
 
-def _write_safetensors(path, tensors, metadata):
-    """Write through <path>.<pid>.tmp and one rename: an interrupted save never leaves a half-written file, a failed
-    one (full disk) no temporary file. Plain os.open/os.write: a full disk fails as an OSError there (which a caller
-    can report in one line), and the file gets the umask's mode (safetensors' save_file makes it 0600)."""
-    view = memoryview(save_bytes(tensors, metadata=metadata))
-    tmp = f"{path}.{os.getpid()}.tmp"
+def write_all(fd, data):
+    """os.write until every byte is written: one call may write fewer bytes (above 2 GB, or a disk filling up)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_atomically(path, data):
+    """Write `data` (bytes) through <path>.<pid>.tmp and one rename: an interrupted write never leaves a half-written
+    file, a failed one (full disk) no temporary file. Plain os.open/os.write: a full disk fails as an OSError there
+    (which a caller can report in one line), and the file gets the umask's mode (safetensors' save_file makes it
+    0600). The one safe-write helper: files.write_file, for every other file of a run, writes through it too."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: torchrun ranks may write the same file
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            while view:  # one os.write may write fewer bytes than asked (above 2 GB, or a disk that is filling up)
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -363,16 +368,17 @@ def load(model, path, fast=True):
     before the first value is copied, and a refused load into a model without adapters takes out the adapters it
     injected, so a refused load leaves the model as it was. Saved positions are trusted (they define the adapter);
     index plans are cached by the positions' values, so layers loaded with equal positions still share one. fast: as
-    in inject, when load injects. A folder is read as a PEFT adapter folder (see "Interoperability: PEFT's on-disk
-    format" at the end)."""
+    in inject, when load injects. A PEFT adapter folder is not this project's file: interop.load_peft reads it."""
     if os.path.isdir(path):
-        return load_peft(model, path)
-    with _undone_if_refused(model):
+        raise ValueError(f"{path} is a folder; waveft.load reads this project's adapter files (.safetensors). For a "
+                         f"PEFT adapter folder use interop.load_peft(model, folder), or interop.load_adapter(model, "
+                         f"path), which takes either")
+    with undone_if_refused(model):
         return _load_file(model, path, fast)
 
 
 @contextlib.contextmanager
-def _undone_if_refused(model):
+def undone_if_refused(model):
     """A load that injects adapters into a model without any and is then refused takes them out again: remove() puts
     the original nn.Linear objects back, and the requires_grad flags that inject cleared are restored."""
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -394,13 +400,13 @@ def _load_file(model, path, fast):
         modules = dict(model.named_modules())
         have = {n: (m.out_features, m.in_features) for n, m in modules.items()
                 if n in want and isinstance(m, nn.Linear)}
-        _check_same_layers(path, want, have)
+        check_same_layers(path, want, have)
         inject(model, method=meta["method"], k=meta["k"], scaling=meta["scaling"], wavelet=meta["wavelet"],
                seed=meta["seed"], use_idwt=meta["use_idwt"], rank=meta["rank"],
                target_modules="|".join(re.escape(n) for n in want), fast=fast)
         model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
     layers = dict(adapted_layers(model))
-    _check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
+    check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
     keys = ("method", "scaling") + (("k", "wavelet", "use_idwt") if meta["method"] == "waveft" else ("rank",))
     differ = [f"{key}: file {meta[key]!r}, model {model._waveft_config[key]!r}" for key in keys
               if meta[key] != model._waveft_config[key]]
@@ -412,9 +418,9 @@ def _load_file(model, path, fast):
             if m.merged:
                 raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
             for attr in m.adapter_names:
-                values[name, attr] = _get(f, path, f"{name}.{attr}", getattr(m, attr).shape)
+                values[name, attr] = read_tensor(f, path, f"{name}.{attr}", getattr(m, attr).shape)
             if isinstance(m, WaveFTLinear) and f"{name}.waveft_positions" in f.keys():
-                positions = _get(f, path, f"{name}.waveft_positions", m.waveft_positions.shape).long()
+                positions = read_tensor(f, path, f"{name}.waveft_positions", m.waveft_positions.shape).long()
                 rows_ok = positions[0].lt(m.base.out_features).all() and positions[1].lt(m.base.in_features).all()
                 if not (rows_ok and positions.ge(0).all()):
                     raise ValueError(f"{path}: positions of layer {name!r} fall outside its {tuple(want[name])} weight")
@@ -428,7 +434,7 @@ def _load_file(model, path, fast):
     return meta
 
 
-def _get(f, path, key, shape):
+def read_tensor(f, path, key, shape):
     if key not in f.keys():
         raise ValueError(f"{path} has no tensor {key!r}")
     value = f.get_tensor(key)
@@ -437,7 +443,7 @@ def _get(f, path, key, shape):
     return value
 
 
-def _check_same_layers(path, want, have):
+def check_same_layers(path, want, have):
     """Raise a ValueError listing missing/unexpected layer names and differing (out, in) shapes."""
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     shapes = [f"{n}: file {want[n]}, model {have[n]}" for n in sorted(set(want) & set(have)) if want[n] != have[n]]
@@ -687,205 +693,3 @@ def _sparse(inside, index, tap, size, dtype):
     rows = torch.bincount(where // size[1], minlength=size[0])  # (size[0],) nonzeros per row
     return SparseMatrix(coef=entries.coef, slot=slot, tap=entries.tap,
                         row_ptr=torch.cat([rows.new_zeros(1), rows.cumsum(0)]), col=where % size[1], size=size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ---- Interoperability: PEFT's on-disk format
-#
-# A PEFT adapter folder is adapter_config.json (PEFT's config dataclass as JSON) plus adapter_model.safetensors with
-# one tensor per adapted layer and parameter, named as PeftModel.save_pretrained names them:
-#     base_model.model.<layer>.waveft_spectrum    (k,)        WaveFT
-#     base_model.model.<layer>.lora_A.weight      (r, in)     LoRA, and <layer>.lora_B.weight (out, r)
-# "base_model.model." is the path of the wrapped model inside a PeftModel; the adapter's name ("default") is not in
-# the file. Positions are not saved: PEFT redraws them from random_loc_seed exactly as draw_positions does, so only
-# layers whose positions are those can be written in this format. Nor are layer shapes: a WaveFT spectrum of k values
-# fits any layer with at least k weights, and positions redrawn for another shape make another adapter. So save_peft
-# records each layer's (out, in) in the safetensors metadata ("waveft_layers", a field PEFT never reads) and load
-# refuses a folder whose record differs from the model; a folder written by PEFT has no record to check against.
-# WaveFT's `scaling` is PEFT's `scaling`; LoRA's is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Nothing
-# here imports peft: it stays a test dependency.
-
-PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
-PEFT_SHAPES = "waveft_layers"  # save_peft's record of {layer: [out, in]} in the safetensors metadata
-_PEFT_DEFAULTS = {"WAVEFT": dict(n_frequency=2592, scaling=25.0, wavelet_family="db1", use_idwt=True,
-                                 random_loc_seed=777),  # PEFT's dataclass defaults, for hand-written configs
-                  "LORA": dict(r=8, lora_alpha=8, use_rslora=False)}
-# Config fields that change what the adapter computes in ways these layers cannot: each must be unset (None, False,
-# "none", empty). Fields that only matter for training (dropout, initialisation) are ignored.
-_PEFT_UNSUPPORTED = ("fan_in_fan_out", "bias", "modules_to_save", "layers_to_transform", "layers_pattern")
-_PEFT_UNSUPPORTED_BY_TYPE = {
-    "WAVEFT": ("proportional_parameters", "n_frequency_pattern"),
-    "LORA": ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "use_qalora", "use_bdlora", "layer_replication",
-             "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
-             "kasa_config", "velora_config", "monteclora_config", "megatron_config")}
-
-
-def _peft_tuple(method, scaling, k=None, wavelet=None, seed=None, use_idwt=None, rank=None):
-    """What PEFT's config holds for these settings, as a comparable tuple (haar is PEFT's db1)."""
-    if method == "waveft":
-        return "WAVEFT", k, float(scaling), "db1" if wavelet == "haar" else wavelet, seed, bool(use_idwt)
-    return "LORA", rank, float(scaling)
-
-
-def _peft_settings(layer):
-    if isinstance(layer, WaveFTLinear):
-        return _peft_tuple("waveft", layer.scaling, layer.k, layer.wavelet, layer.seed, layer.use_idwt)
-    return _peft_tuple("lora", layer.scaling, rank=layer.rank)
-
-
-def _peft_targets(model, names):
-    """target_modules that make PEFT adapt exactly `names` in the model without adapters: the names themselves
-    (PEFT's list rule: an exact name or a dot-suffix) unless one is also a dot-suffix of another module's name;
-    then a regex that full-matches only them."""
-    adapted = set(names)
-    for name, _ in model.named_modules():
-        parts = name.split(".")
-        if name in adapted or any(".".join(parts[:i]) in adapted for i in range(1, len(parts))):
-            continue  # an adapted layer or its frozen `base`: PEFT sees the plain nn.Linear in their place
-        if any(".".join(parts[i:]) in adapted for i in range(1, len(parts))):
-            return "|".join(re.escape(n) for n in names)
-    return list(names)
-
-
-def save_peft(model, folder):
-    """Write the model's adapter as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors):
-    peft.PeftModel.from_pretrained(model_without_adapters, folder) adapts the same layers with the same dW."""
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("model has no adapters to save; call waveft.inject first")
-    first_name, first = layers[0]
-    for name, m in layers:
-        if _peft_settings(m) != _peft_settings(first):
-            raise ValueError(f"layer {name!r} has settings {_peft_settings(m)}, layer {first_name!r} "
-                             f"{_peft_settings(first)}: PEFT's config holds one setting for all layers")
-        if isinstance(m, WaveFTLinear) and not torch.equal(
-                m.waveft_positions.cpu(), draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed)):
-            raise ValueError(f"layer {name!r}: its positions are not PEFT's randperm positions for seed {m.seed} "
-                             "(PEFT redraws positions from random_loc_seed and saves none), so PEFT's format cannot "
-                             "hold this adapter; save it with waveft.save")
-    common = dict(task_type=None, inference_mode=True, base_model_name_or_path=None, revision=None,
-                  auto_mapping={"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
-                  target_modules=_peft_targets(model, [name for name, _ in layers]), exclude_modules=None,
-                  fan_in_fan_out=False, bias="none", modules_to_save=None, layers_to_transform=None,
-                  layers_pattern=None)
-    if isinstance(first, WaveFTLinear):
-        peft_type, k, scaling, wavelet, seed, use_idwt = _peft_settings(first)
-        config = dict(peft_type=peft_type, n_frequency=k, scaling=scaling, wavelet_family=wavelet, use_idwt=use_idwt,
-                      random_loc_seed=seed, n_frequency_pattern={}, proportional_parameters=False,
-                      init_weights=True, **common)
-        tensors = {f"{PEFT_PREFIX}{name}.waveft_spectrum": m.waveft_spectrum for name, m in layers}
-    else:
-        peft_type, rank, scaling = _peft_settings(first)
-        alpha = scaling * rank  # PEFT's LoRA scaling is lora_alpha / r
-        config = dict(peft_type=peft_type, r=rank, lora_alpha=int(alpha) if alpha.is_integer() else alpha,
-                      lora_dropout=0.0, use_rslora=False, use_dora=False, init_lora_weights=True, rank_pattern={},
-                      alpha_pattern={}, **common)
-        tensors = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}") for name, m in layers
-                   for ab in "AB"}
-    os.makedirs(folder, exist_ok=True)
-    shapes = {name: [m.base.out_features, m.base.in_features] for name, m in layers}  # for load's check, see above
-    metadata = {"format": "pt", PEFT_SHAPES: json.dumps(shapes)}  # "format": what PeftModel.save_pretrained writes
-    _write_safetensors(os.path.join(folder, PEFT_WEIGHTS),
-                       {key: t.detach().cpu().contiguous() for key, t in tensors.items()}, metadata)
-    with open(os.path.join(folder, PEFT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def read_peft_config(folder):
-    """adapter_config.json of a PEFT adapter folder, with PEFT's defaults filled in; anything these layers cannot
-    compute exactly as PEFT does is a ValueError naming the field."""
-    path = os.path.join(folder, PEFT_CONFIG)
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} is a folder without {PEFT_CONFIG}, so not a PEFT adapter folder "
-                         "(waveft's own adapters are single .safetensors files)")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as JSON: {err}") from None
-    peft_type = config.get("peft_type")
-    if peft_type not in _PEFT_DEFAULTS:
-        raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; waveft reads WAVEFT and LORA adapters")
-    for field in _PEFT_UNSUPPORTED + _PEFT_UNSUPPORTED_BY_TYPE[peft_type]:
-        value = config.get(field)
-        if not (value is None or value is False or value == "none" or (isinstance(value, (dict, list)) and not value)):
-            raise ValueError(f"{path}: {field}={value!r} is not supported (waveft's layers need {field} unset); "
-                             "load this adapter with peft instead")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
-        raise ValueError(f"{path}: init_lora_weights={init!r} changes the base weights, which the adapter file "
-                         "does not hold; convert it to plain LoRA with peft first")
-    target = config.get("target_modules")
-    if not target or target == "all-linear":
-        raise ValueError(f"{path}: target_modules={target!r} is not supported; it must name the layers "
-                         "(a list of names or a regex)")
-    wavelet = config.get("wavelet_family", "db1")
-    if peft_type == "WAVEFT" and wavelet not in dwt.WAVELETS:
-        raise ValueError(f"{path}: wavelet_family={wavelet!r} is not supported; supported: {', '.join(dwt.WAVELETS)}")
-    return {**_PEFT_DEFAULTS[peft_type], **config}
-
-
-@torch.no_grad()
-def load_peft(model, folder):
-    """Load a PEFT adapter folder (WaveFT or LoRA, trained with PEFT or saved by save_peft): inject the layers its
-    config selects (PEFT's matching rule) if the model has no adapters, rebuild the positions from random_loc_seed
-    as PEFT does, load the spectra (or A, B). waveft.load(model, folder) comes here. Returns the metadata.
-    All or nothing, as load; layer shapes are checked where save_peft recorded them (PEFT records none)."""
-    with _undone_if_refused(model):
-        return _load_peft_folder(model, folder)
-
-
-def _load_peft_folder(model, folder):
-    config = read_peft_config(folder)
-    weights = os.path.join(folder, PEFT_WEIGHTS)
-    if not os.path.isfile(weights):
-        pickle = os.path.isfile(os.path.join(folder, "adapter_model.bin"))
-        raise ValueError(f"{folder} has no {PEFT_WEIGHTS}" + (
-            " but an adapter_model.bin (a pickle): waveft loads adapters only from safetensors; re-save it with "
-            "peft's save_pretrained(folder, safe_serialization=True)" if pickle else ""))
-    if config["peft_type"] == "WAVEFT":
-        settings = dict(method="waveft", k=config["n_frequency"], scaling=float(config["scaling"]),
-                        wavelet=config["wavelet_family"], seed=config["random_loc_seed"], use_idwt=config["use_idwt"])
-        attrs = {"waveft_spectrum": "waveft_spectrum"}  # {our parameter: its key in the file after "<layer>."}
-    else:
-        rank, alpha = config["r"], config["lora_alpha"]
-        settings = dict(method="lora", rank=rank, scaling=alpha / (rank ** 0.5 if config["use_rslora"] else rank))
-        attrs = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
-    if not adapted_layers(model):
-        inject(model, **settings, target_modules=config["target_modules"],
-               exclude_modules=config.get("exclude_modules") or (), init_seed=0)  # init_seed: leave the RNG alone
-    layers = dict(adapted_layers(model))
-    with safe_open(weights, framework="pt") as f:
-        tensors = {key.removeprefix(PEFT_PREFIX): key for key in f.keys()}  # PeftModel's prefix, or none
-        expected = {f"{name}.{suffix}" for name in layers for suffix in attrs.values()}
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or unexpected:
-            raise ValueError(f"{weights} does not fit the adapted layers of this model (the layers its config selects,"
-                             f" or those already injected):\n  missing ({len(missing)}): {missing[:5]}\n"
-                             f"  unexpected ({len(unexpected)}): {unexpected[:5]}")
-        recorded = (f.metadata() or {}).get(PEFT_SHAPES)
-        if recorded is not None:  # written by save_peft: the shapes of the layers it was saved from
-            try:
-                saved_from = {name: tuple(shape) for name, shape in json.loads(recorded).items()}
-            except (ValueError, TypeError, AttributeError):
-                raise ValueError(f"{weights}: metadata {PEFT_SHAPES} is not a JSON {{layer: [out, in]}}") from None
-            _check_same_layers(weights, saved_from,
-                               {name: (m.base.out_features, m.base.in_features) for name, m in layers.items()})
-        want = _peft_tuple(**settings)
-        for name, m in layers.items():  # all checks first: a refused file changes nothing
-            if _peft_settings(m) != want:
-                raise ValueError(f"{folder} holds an adapter with settings {want}, but layer {name!r} of this model "
-                                 f"has {_peft_settings(m)}; load it into a model without adapters")
-            if m.merged:
-                raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
-        values = {(name, attr): _get(f, weights, tensors[f"{name}.{suffix}"], getattr(m, attr).shape)
-                  for name, m in layers.items() for attr, suffix in attrs.items()}  # shapes checked too
-    for name, m in layers.items():
-        if isinstance(m, WaveFTLinear):  # PEFT's positions, whatever this layer held before
-            positions = draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed)
-            if not torch.equal(positions, m.waveft_positions.cpu()):
-                m.waveft_positions = positions.to(m.waveft_positions.device, copy=True)
-        for attr in attrs:
-            getattr(m, attr).copy_(values[name, attr])
-    shapes = {name: [m.base.out_features, m.base.in_features] for name, m in layers.items()}
-    return dict(getattr(model, "_waveft_config", {}), layers=shapes, peft_config=config)

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: waveft, dwt, sdxl beside docs/
 import dwt  # noqa: E402
-import sdxl  # noqa: E402  (line_chart and the font: the same pictures code as every run's loss.png)
+import pictures  # noqa: E402  (line_chart and the font: the same pictures code as every run's loss.png)
 import waveft  # noqa: E402
 
 QUARTERS = ("cA", "cH", "cV", "cD")  # C = (cA | cH) over (cV | cD), as in waveft.py
@@ -192,7 +192,7 @@ def colour_bar(width, low_label, high_label):
     bar = colour_map(torch.linspace(-1, 1, width)[None, :].repeat(12, 1), 1.0)
     image = Image.new("RGB", (width, 32), "white")
     image.paste(bar, (0, 0))
-    draw, font = ImageDraw.Draw(image), sdxl.chart_font(12)
+    draw, font = ImageDraw.Draw(image), pictures.chart_font(12)
     draw.text((0, 15), low_label, fill="black", font=font)
     draw.text((width // 2, 15), "0", fill="black", font=font, anchor="ma")
     draw.text((width, 15), high_label, fill="black", font=font, anchor="ra")
@@ -202,7 +202,7 @@ def colour_bar(width, low_label, high_label):
 def figure(title, panels, columns, legend, panel_labels=None, row_labels=()):
     """A white sheet: the title, panels (PIL images of one size) in a grid with a label above each and one to the
     left of each row, and the legend at the bottom."""
-    font = sdxl.chart_font(13)
+    font = pictures.chart_font(13)
     pw, ph = panels[0].size
     label_lines = max((label.count("\n") + 1 for label in panel_labels or [""]), default=1)
     left, gap, above = (44 if row_labels else 12), 14, 16 * label_lines + 4
@@ -255,7 +255,7 @@ def draw_rank(out_dir, n=1280):
         r = numerical_rank(s)
         s = (s[:r] / s[0]).tolist()  # normalised, only the nonzero ones: LoRA's is a single dot
         series.append((f"{label}: rank {r}", list(range(1, r + 1)), s))
-    chart = sdxl.line_chart(series, title=f"singular values of dW on a {n} x {n} layer; T: a random full-rank target",
+    chart = pictures.line_chart(series, title=f"singular values of dW on a {n} x {n} layer; T: a random full-rank target",
                             x_label="index i", y_label="s_i / s_1",
                             size=(720, 380))
     chart.save(out_dir / "rank.png", optimize=True)

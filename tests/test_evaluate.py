@@ -18,7 +18,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import cli
 import evaluate
+import interop
 import sdxl
 import waveft
 
@@ -254,7 +256,7 @@ def test_metrics_only_reads_the_authors_layout(tmp_path, dreambooth_dir):
     assert metrics["n_images"] == 4 and metrics["n_prompts"] == 2 and metrics["subject"] == "dog"
     (folder / "prompt_2" / "prompt_2_info.txt").write_text("Negative Prompt: low quality\n")
     with pytest.raises(ValueError, match="prompt_2_info.txt has no 'Prompt:' line"):
-        evaluate.read_image_folder(folder)
+        interop.read_image_folder(folder)
 
 
 @dataclasses.dataclass
@@ -266,7 +268,7 @@ class ExampleOptions:
 
 
 def test_options_parser_builds_argparse_from_a_dataclass(capsys):
-    parser = sdxl.options_parser(ExampleOptions, "example", aliases=dict(count=["--number"]))
+    parser = cli.options_parser(ExampleOptions, "example", aliases=dict(count=["--number"]))
     assert vars(parser.parse_args(["--name", "a"])) == dict(name="a", count=3, flag=False, items=None)
     opts = ExampleOptions(**vars(parser.parse_args(["--name", "b", "--number", "5", "--flag", "--items", "x", "y"])))
     assert opts == ExampleOptions("b", 5, True, ["x", "y"])
@@ -284,7 +286,7 @@ def test_evaluate_command_line_comes_from_its_options_dataclass(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    parser = sdxl.options_parser(evaluate.Options, "")
+    parser = cli.options_parser(evaluate.Options, "")
     assert all(action.help for action in parser._actions)  # every option explained
     for field in dataclasses.fields(evaluate.Options):
         assert "--" + field.name.replace("_", "-") in help_text
@@ -739,7 +741,7 @@ def test_a_peft_adapter_folder_is_scored_like_our_run(evaluated, tmp_path, dream
     unet = sdxl.load_pipeline("tiny").unet
     waveft.load(unet, run / "adapter.safetensors")
     peft_folder = tmp_path / "runs" / "dog6-peft-waveft"
-    waveft.save_peft(unet, peft_folder)
+    interop.save_peft(unet, peft_folder)
     with pytest.raises(ValueError, match="PEFT adapter folder.*--subject"):
         evaluate.main(["--runs", str(peft_folder), "--model", "tiny", "--output-dir", str(tmp_path / "x")] + SMOKE)
     out = tmp_path / "eval"

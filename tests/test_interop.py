@@ -1,5 +1,5 @@
-"""Adapters outside this repository: PEFT's adapter folders both ways (waveft.save_peft -> PeftModel.from_pretrained,
-PEFT's save_pretrained -> waveft.load), and a merged UNet that plain diffusers loads (sdxl.save_merged_unet)."""
+"""interop.py: PEFT's adapter folders both ways (interop.save_peft -> PeftModel.from_pretrained, PEFT's
+save_pretrained -> interop.load_peft / load_adapter), and a merged UNet that plain diffusers loads (save_merged_unet)."""
 import json
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import interop
 import sdxl
 import waveft
 from conftest import need  # tests that use peft take the `peft` fixture (conftest.need)
@@ -49,7 +50,7 @@ def peft_config(method, wavelet, use_idwt):
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
 def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
     model = ours(method, wavelet, use_idwt)
-    waveft.save_peft(model, tmp_path)
+    interop.save_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(tiny_unet(), tmp_path)
     adapted = [n for n, m in loaded.base_model.model.named_modules() if hasattr(m, "get_delta_weight")]
     assert adapted == [n for n, _ in waveft.adapted_layers(model)]  # the same 32 layers, no more
@@ -63,17 +64,21 @@ def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, metho
 
 
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
-def test_peft_folder_loads_with_waveft_load(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
+def test_peft_folder_loads_with_load_adapter(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
     trained = peft.get_peft_model(tiny_unet(), peft_config(method, wavelet, use_idwt))
     randomize(trained, 0.02 if method == "waveft" else 0.2, seed=1)  # stands in for training with PEFT
     trained.save_pretrained(tmp_path)
     model = tiny_unet()
-    meta = waveft.load(model, tmp_path)
+    with pytest.raises(ValueError, match=r"is a folder; waveft.load reads this project's adapter files .*"
+                                         r"interop.load_peft\(model, folder\)"):
+        waveft.load(model, tmp_path)  # the core reads its own files only, and says where a PEFT folder goes
+    assert not waveft.adapted_layers(model)
+    meta = interop.load_adapter(model, tmp_path)
     assert meta["method"] == method and len(meta["layers"]) == 32
     expected = run(trained, unet_inputs)
     assert not torch.allclose(expected, run(tiny_unet(), unet_inputs), atol=1e-3)
     torch.testing.assert_close(run(model, unet_inputs), expected, rtol=1e-4, atol=1e-5)
-    waveft.save_peft(model, tmp_path / "again")  # and back: the same tensors under the same names
+    interop.save_peft(model, tmp_path / "again")  # and back: the same tensors under the same names
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as a, \
             safe_open(str(tmp_path / "again" / "adapter_model.safetensors"), framework="pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
@@ -83,15 +88,15 @@ def test_peft_folder_loads_with_waveft_load(tmp_path, unet_inputs, method, wavel
 def test_load_peft_into_injected_model_replaces_our_positions(tmp_path, unet_inputs):
     """A model that already has adapters (here with positions from our own file) takes PEFT's positions."""
     model = ours("waveft", "db1", True)
-    waveft.save_peft(model, tmp_path)
+    interop.save_peft(model, tmp_path)
     expected = run(model, unet_inputs)
     other = ours("waveft", "db1", True)
     for _, m in waveft.adapted_layers(other):
         m.waveft_positions = m.waveft_positions.flip(1)
-    waveft.load(other, tmp_path)
+    interop.load_peft(other, tmp_path)
     torch.testing.assert_close(run(other, unet_inputs), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"settings .*layer '.*' of this model"):
-        waveft.load(ours("waveft", "db3", True), tmp_path)
+        interop.load_peft(ours("waveft", "db3", True), tmp_path)
 
 
 def test_load_refuses_a_save_peft_folder_for_layers_of_other_shapes(tmp_path):
@@ -105,24 +110,24 @@ def test_load_refuses_a_save_peft_folder_for_layers_of_other_shapes(tmp_path):
     model = two_linears(5)
     waveft.inject(model, k=6, target_modules=["0", "1"])
     randomize(model, 1.0)
-    waveft.save_peft(model, tmp_path)
+    interop.save_peft(model, tmp_path)
     other = two_linears(7)
     before = {key: value.clone() for key, value in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"(?s)safetensors does not fit.*\['1: file \(5, 8\), model \(7, 8\)'\]"):
-        waveft.load(other, tmp_path)
+        interop.load_peft(other, tmp_path)
     assert not waveft.adapted_layers(other) and all(p.requires_grad for p in other.parameters())
     assert all(torch.equal(value, before[key]) for key, value in other.state_dict().items())
     same = two_linears(5)
-    waveft.load(same, tmp_path)
+    interop.load_peft(same, tmp_path)
     assert torch.equal(same[1].delta_weight(), model[1].delta_weight())
     weights = tmp_path / "adapter_model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     save_file(tensors, str(weights), metadata={"format": "pt", "waveft_layers": "[5, 8]"})
     with pytest.raises(ValueError, match=r"metadata waveft_layers is not a JSON \{layer: \[out, in\]\}"):
-        waveft.load(other, tmp_path)
+        interop.load_peft(other, tmp_path)
     save_file(tensors, str(weights), metadata={"format": "pt"})  # as PEFT writes it
-    waveft.load(other, tmp_path)
+    interop.load_peft(other, tmp_path)
     assert waveft.adapted_layers(other)[1][1].base.out_features == 7
 
 
@@ -131,9 +136,9 @@ def test_save_peft_refuses_positions_peft_cannot_rebuild(tmp_path):
     name, layer = waveft.adapted_layers(model)[3]
     layer.waveft_positions = layer.waveft_positions.flip(1)
     with pytest.raises(ValueError, match=rf"layer '{name}': its positions are not PEFT's .* seed 5"):
-        waveft.save_peft(model, tmp_path)
+        interop.save_peft(model, tmp_path)
     with pytest.raises(ValueError, match="no adapters to save"):
-        waveft.save_peft(tiny_unet(), tmp_path)
+        interop.save_peft(tiny_unet(), tmp_path)
 
 
 def test_save_peft_writes_a_regex_when_a_name_would_match_more_layers(tmp_path):
@@ -141,12 +146,12 @@ def test_save_peft_writes_a_regex_when_a_name_would_match_more_layers(tmp_path):
     net = torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"to_q": torch.nn.Linear(4, 4)}),
                                "b": torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"to_q": torch.nn.Linear(4, 4)})})})
     waveft.inject(net, k=3, target_modules=r"a\.to_q")
-    waveft.save_peft(net, tmp_path)
+    interop.save_peft(net, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == r"a\.to_q"
     plain = torch.nn.ModuleDict({"c": torch.nn.Linear(4, 4)})
     waveft.inject(plain, k=3, target_modules=["c"])
-    waveft.save_peft(plain, tmp_path)
+    interop.save_peft(plain, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["c"]
 
 
@@ -155,42 +160,42 @@ def test_save_peft_writes_a_regex_when_a_name_would_match_more_layers(tmp_path):
                                          ("layers_to_transform", 0), ("peft_type", "LOHA"),
                                          ("target_modules", "all-linear"), ("wavelet_family", "bior1.3")])
 def test_load_peft_refuses_what_it_cannot_represent(tmp_path, field, value):
-    waveft.save_peft(ours("waveft", "db1", True), tmp_path)
+    interop.save_peft(ours("waveft", "db1", True), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ValueError, match=rf"adapter_config.json: {field}"):
-        waveft.load(tiny_unet(), tmp_path)
+        interop.load_peft(tiny_unet(), tmp_path)
 
 
 def test_load_peft_refuses_lora_variants_and_bad_folders(tmp_path):
-    waveft.save_peft(ours("lora", None, None), tmp_path)
+    interop.save_peft(ours("lora", None, None), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     for field, value in [("use_dora", True), ("rank_pattern", {"to_q": 4}), ("init_lora_weights", "pissa")]:
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
         with pytest.raises(ValueError, match=rf"{field}="):
-            waveft.load(tiny_unet(), tmp_path)
+            interop.load_peft(tiny_unet(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
     with pytest.raises(ValueError, match=r"lora_A.weight' has shape \(2, 64\), the model expects \(3, 64\)"):
-        waveft.load(tiny_unet(), tmp_path)
+        interop.load_peft(tiny_unet(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     dropped = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != dropped}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \(1\): \['" + dropped.removeprefix("base_model.model.")):
-        waveft.load(tiny_unet(), tmp_path)
+        interop.load_peft(tiny_unet(), tmp_path)
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
     with pytest.raises(ValueError, match="adapter_model.bin .*only from safetensors"):
-        waveft.load(tiny_unet(), tmp_path)
+        interop.load_peft(tiny_unet(), tmp_path)
     with pytest.raises(ValueError, match="without adapter_config.json"):
-        waveft.load(tiny_unet(), tmp_path / "..")
+        interop.load_peft(tiny_unet(), tmp_path / "..")
 
 
 def test_runtime_code_never_imports_peft():
     import pathlib
-    for path in ["waveft.py", "sdxl.py", "dwt.py", "train_dreambooth.py", "evaluate.py"]:
-        text = (pathlib.Path(__file__).parent.parent / path).read_text()
-        assert "import peft" not in text and "from peft" not in text, path
+    for path in sorted((pathlib.Path(__file__).parent.parent).glob("*.py")):  # every module and script
+        text = path.read_text()
+        assert "import peft" not in text and "from peft" not in text, path.name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,7 +225,7 @@ def test_merged_unet_loads_with_diffusers_and_generates_the_same_images(tmp_path
         randomize(pipe.unet, 0.05 if method == "waveft" else 0.5)
         before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
         adapter_images = pixels(sdxl.generate(pipe, ["a zjw dog"], cfg=small()))
-        sdxl.save_merged_unet(pipe.unet, tmp_path / "merged_unet")
+        interop.save_merged_unet(pipe.unet, tmp_path / "merged_unet")
         after = pipe.unet.state_dict()  # the in-memory model is as it was: adapters live, W untouched
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert not any(m.merged for _, m in waveft.adapted_layers(pipe.unet))
@@ -241,20 +246,20 @@ def test_save_merged_unet_dtype_and_refusals(tmp_path):
     from diffusers import UNet2DConditionModel
     unet = sdxl.build_tiny_pipeline().unet.to(torch.bfloat16)
     with pytest.raises(ValueError, match="no waveft adapters"):
-        sdxl.save_merged_unet(unet, tmp_path / "merged_unet")
+        interop.save_merged_unet(unet, tmp_path / "merged_unet")
     waveft.inject(unet, k=50)
     randomize(unet, 0.05)
     name, layer = waveft.adapted_layers(unet)[0]
-    sdxl.save_merged_unet(unet, tmp_path / "merged_unet")
+    interop.save_merged_unet(unet, tmp_path / "merged_unet")
     with safe_open(str(tmp_path / "merged_unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
         assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"BF16"}  # the frozen weights' dtype
         weight = f.get_tensor(f"{name}.weight")
     assert torch.equal(weight, (layer.base.weight.float() + layer.delta_weight()).to(torch.bfloat16))  # rounded once
-    sdxl.save_merged_unet(unet, tmp_path / "f32", dtype=torch.float32)
+    interop.save_merged_unet(unet, tmp_path / "f32", dtype=torch.float32)
     merged = UNet2DConditionModel.from_pretrained(tmp_path / "f32")
     assert torch.equal(merged.get_submodule(name).weight, layer.base.weight.float() + layer.delta_weight())
     waveft.merge(unet)  # a merged layer's W already holds dW: written as it is
-    sdxl.save_merged_unet(unet, tmp_path / "merged_unet")
+    interop.save_merged_unet(unet, tmp_path / "merged_unet")
     assert torch.equal(UNet2DConditionModel.from_pretrained(tmp_path / "merged_unet").get_submodule(name).weight,
                        layer.base.weight.float())
 
@@ -267,18 +272,18 @@ def test_export_merged_from_a_run_folder(tmp_path):
     waveft.inject(pipe.unet, k=300)
     randomize(pipe.unet, 0.05)
     waveft.save(pipe.unet, run_dir / "adapter.safetensors")
-    sdxl.save_merged_unet(pipe.unet, tmp_path / "expected")
-    folder = sdxl.export_merged(run_dir)
+    interop.save_merged_unet(pipe.unet, tmp_path / "expected")
+    folder = interop.export_merged(run_dir)
     assert folder == run_dir / "merged_unet"
     expected = (tmp_path / "expected" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == expected
     with pytest.raises(FileExistsError, match="merged_unet already exists.*overwrite=True"):
-        sdxl.export_merged(run_dir)
-    sdxl.export_merged(run_dir, overwrite=True)
+        interop.export_merged(run_dir)
+    interop.export_merged(run_dir, overwrite=True)
     (run_dir / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no \"model\""):
-        sdxl.export_merged(run_dir, overwrite=True)
-    assert sdxl.export_merged(run_dir, model="tiny", overwrite=True) == folder
+        interop.export_merged(run_dir, overwrite=True)
+    assert interop.export_merged(run_dir, model="tiny", overwrite=True) == folder
 
 
 def test_merged_unet_is_written_shard_by_shard_in_diffusers_sharded_layout(tmp_path, monkeypatch):
@@ -289,7 +294,7 @@ def test_merged_unet_is_written_shard_by_shard_in_diffusers_sharded_layout(tmp_p
     unet = sdxl.build_tiny_pipeline().unet
     waveft.inject(unet, k=50)
     randomize(unet, 0.05)
-    sdxl.save_merged_unet(unet, tmp_path / "whole")  # the default shard size: the tiny UNet in one file
+    interop.save_merged_unet(unet, tmp_path / "whole")  # the default shard size: the tiny UNet in one file
     assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["config.json",
                                                                       "diffusion_pytorch_model.safetensors"]
     serialise, shards = safetensors.torch.save, []
@@ -298,7 +303,7 @@ def test_merged_unet_is_written_shard_by_shard_in_diffusers_sharded_layout(tmp_p
         shards.append(sum(t.numel() * t.element_size() for t in tensors.values()))
         return serialise(tensors, *args, **kwargs)
     monkeypatch.setattr(safetensors.torch, "save", record)
-    sdxl.save_merged_unet(unet, tmp_path / "sharded", shard_bytes=2**20)
+    interop.save_merged_unet(unet, tmp_path / "sharded", shard_bytes=2**20)
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     n = len(shards)

@@ -29,6 +29,10 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
+import files
+import hub
+import interop
+import pictures
 import sdxl
 import train_dreambooth
 import waveft
@@ -389,7 +393,7 @@ def test_class_images_are_written_whole_and_one_that_does_not_decode_is_made_aga
     opts = train_dreambooth.Options(subject="dog6", model="tiny", class_images=2, class_dir=str(tmp_path / "dog"))
     cfg = sdxl.GenerationConfig(resolution=64, num_inference_steps=1)
     fill_disk_at(monkeypatch, tmp_path, "0000.png")
-    with pytest.raises(train_dreambooth.WriteError) as error:
+    with pytest.raises(files.WriteError) as error:
         train_dreambooth.ensure_class_images(pipe, opts, "dog", cfg)
     monkeypatch.undo()
     assert one_line_disk_error(error.value, tmp_path / "dog" / "0000.png"), str(error.value)
@@ -427,7 +431,7 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
     with pytest.raises(ValueError, match=r"cannot read image .*01\.jpg"):
         run(data_dir=corrupt)
 
-    if sdxl.hub_reachable():  # keep the test hermetic where a hub happens to be reachable
+    if hub.hub_reachable():  # keep the test hermetic where a hub happens to be reachable
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from diffusers import StableDiffusionXLPipeline  # noqa: F401 (imported before the clock starts: not what is timed)
     start = time.perf_counter()
@@ -532,7 +536,7 @@ def test_a_full_disk_at_a_checkpoint_loses_nothing(dreambooth_dir, tmp_path, mon
     full_dir = uninterrupted_run
 
     fill_disk_at(monkeypatch, tmp_path / "cut", "checkpoint.pt", nth=2)  # part-way through the second checkpoint
-    with pytest.raises(train_dreambooth.WriteError) as error:
+    with pytest.raises(files.WriteError) as error:
         train_dreambooth.main(argv("cut"))
     monkeypatch.undo()
     cut_dir = run_dir_of(argv("cut"))
@@ -581,7 +585,7 @@ def test_a_real_full_disk_fails_in_one_line_and_resume_finishes_the_run(dreamboo
     pages = [-(-(uninterrupted_run / name).stat().st_size // 4096) * 4096 for name in ("checkpoint.pt", "loss.png")]
     resize(sum(pages) + 64 * 1024)
     argv = full_disk_argv(dreambooth_dir, disk)
-    with pytest.raises(train_dreambooth.WriteError) as error:
+    with pytest.raises(files.WriteError) as error:
         train_dreambooth.main(argv)
     run_dir = run_dir_of(argv)
     assert one_line_disk_error(error.value, run_dir / "checkpoint.pt"), str(error.value)
@@ -598,13 +602,13 @@ def test_a_full_disk_at_each_final_file_loses_nothing_and_resume_finishes_the_ru
                                                                                   monkeypatch, capsys):
     # The files written after the last step, each in turn on a disk that fills up while it is written; each time
     # --resume (with the same --steps: the checkpoint is at the last step, nothing is left to train) goes on.
-    # (validation.png is written as loss.png is, by sdxl.write_file: not run again here)
+    # (validation.png is written as loss.png is, by files.write_file: not run again here)
     argv = tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--save-merged", "--validation-prompts", "0")
     run_dir = run_dir_of(argv)
     written = ["checkpoint.pt", "config.json", "loss.csv", "loss.png"]
     for fault, name in (("adapter.safetensors", "adapter.safetensors"), ("diffusion_pytorch_model", "merged_unet")):
         fill_disk_at(monkeypatch, tmp_path, fault)
-        with pytest.raises(train_dreambooth.WriteError) as error:
+        with pytest.raises(files.WriteError) as error:
             train_dreambooth.main(argv + (["--resume"] if name != "adapter.safetensors" else []))
         monkeypatch.undo()
         assert one_line_disk_error(error.value, run_dir / name), str(error.value)
@@ -629,7 +633,7 @@ def test_each_small_file_of_a_run_keeps_its_previous_version_on_a_full_disk(tiny
                         ("loss.csv", lambda: train_dreambooth.start_files(run_dir, config, 4, False)),
                         ("loss.png", lambda: train_dreambooth.plot_losses(run_dir))):
         fill_disk_at(monkeypatch, run_dir, name)
-        with pytest.raises(train_dreambooth.WriteError) as error:
+        with pytest.raises(files.WriteError) as error:
             write()
         monkeypatch.undo()
         assert one_line_disk_error(error.value, run_dir / name), str(error.value)
@@ -637,7 +641,7 @@ def test_each_small_file_of_a_run_keeps_its_previous_version_on_a_full_disk(tiny
     log = train_dreambooth.start_files(run_dir, config, 4, False)
     try:
         fill_disk_at(monkeypatch, run_dir, "loss.csv")
-        with pytest.raises(train_dreambooth.WriteError) as error:
+        with pytest.raises(files.WriteError) as error:
             train_dreambooth.append_loss(log, run_dir / "loss.csv", 5, 0.5, 0.0)
         monkeypatch.undo()
     finally:
@@ -650,10 +654,10 @@ def test_replacing_merged_unet_leaves_the_old_or_the_new_one_whole(tiny_run_dir,
     run_dir = tmp_path / tiny_run_dir.name
     shutil.copytree(tiny_run_dir, run_dir)
     before = files_under(run_dir / "merged_unet")
-    monkeypatch.setattr(sdxl, "MERGED_SHARD_BYTES", 2**20)  # the tiny UNet (5.5 MB) in 6 shards
+    monkeypatch.setattr(interop, "MERGED_SHARD_BYTES", 2**20)  # the tiny UNet (5.5 MB) in 6 shards
     fill_disk_at(monkeypatch, run_dir, "diffusion_pytorch_model", nth=2)  # part-way through the second shard
-    with pytest.raises(sdxl.WriteError) as error:
-        sdxl.export_merged(run_dir, overwrite=True)
+    with pytest.raises(files.WriteError) as error:
+        interop.export_merged(run_dir, overwrite=True)
     assert one_line_disk_error(error.value, run_dir / "merged_unet"), str(error.value)
     monkeypatch.undo()
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)  # nothing left over
@@ -669,12 +673,12 @@ def test_replacing_merged_unet_leaves_the_old_or_the_new_one_whole(tiny_run_dir,
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return replace(source, target)
     monkeypatch.setattr(os, "replace", crash_at_the_second_rename)
-    with pytest.raises(sdxl.WriteError, match=r"merged_unet: Input/output error"):
-        sdxl.write_folder(run_dir / "merged_unet", [("config.json", "{}")])
+    with pytest.raises(files.WriteError, match=r"merged_unet: Input/output error"):
+        files.write_folder(run_dir / "merged_unet", [("config.json", "{}")])
     monkeypatch.undo()
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)
     assert files_under(run_dir / "merged_unet") == before
-    sdxl.write_folder(run_dir / "merged_unet", [("config.json", "{}")])  # and without a crash, replaced
+    files.write_folder(run_dir / "merged_unet", [("config.json", "{}")])  # and without a crash, replaced
     assert files_under(run_dir / "merged_unet") == {"config.json": b"{}"}
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)
 
@@ -732,8 +736,8 @@ def test_bf16_gradients_are_close_to_float32_and_checkpointing_changes_none(drea
 
 def test_bf16_and_checkpointing_run_trains_and_says_what_it_used(dreambooth_dir, tmp_path, device, monkeypatch,
                                                                  capsys):
-    grid, grid_labels = sdxl.image_grid, []
-    monkeypatch.setattr(sdxl, "image_grid", lambda images, cols, labels: grid_labels.extend(labels) or grid(
+    grid, grid_labels = pictures.image_grid, []
+    monkeypatch.setattr(pictures, "image_grid", lambda images, cols, labels: grid_labels.extend(labels) or grid(
         images, cols, labels))
     argv = tiny_argv(dreambooth_dir, tmp_path, "--k", "2000", "--steps", "12", "--grad-accum", "1", "--fixed-noise",
                      "--device", str(device), *BF16_CHECKPOINTING)
@@ -1036,20 +1040,20 @@ def test_save_merged_writes_the_unet_with_the_adapter_folded_in(tiny_run_dir):
 def test_save_merged_after_a_bf16_run_folds_the_adapter_into_the_float32_base(dreambooth_dir, tmp_path, monkeypatch):
     """Training casts the frozen UNet to bf16; merged_unet/ must still be W + dW of the float32 base (W not rounded
     to bf16), exactly what sdxl.export_merged makes from the run's adapter, built on the CPU from the UNet alone."""
-    save, merged_from, pipelines = sdxl.save_merged_unet, [], []
+    save, merged_from, pipelines = interop.save_merged_unet, [], []
     load_pipeline = sdxl.load_pipeline
 
     def record(unet, *args, **kwargs):
         layer = waveft.adapted_layers(unet)[0][1]
         merged_from.append((layer.base.weight.dtype, layer.base.weight.device.type))
         return save(unet, *args, **kwargs)
-    monkeypatch.setattr(sdxl, "save_merged_unet", record)
+    monkeypatch.setattr(interop, "save_merged_unet", record)
     monkeypatch.setattr(sdxl, "load_pipeline", lambda *args, **kwargs: pipelines.append(1) or load_pipeline(*args,
                                                                                                            **kwargs))
     run_dir = train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--mixed-precision", "bf16",
                                               "--save-merged", "--validation-prompts", "0"))
     merged = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
-    sdxl.export_merged(run_dir, overwrite=True)
+    interop.export_merged(run_dir, overwrite=True)
     exported = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
     assert merged.keys() == exported.keys()
     for key, value in exported.items():

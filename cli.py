@@ -1,0 +1,75 @@
+"""Command lines from a dataclass: each script lists its options once, each with a comment that becomes its --help.
+
+    parser = cli.options_parser(Options, "what the script does")   # --some-field VALUE for every field
+    opts = Options(**vars(parser.parse_args(argv)))
+
+A bad command line is one line naming the option and the value (`error: --k abc: not an integer; see --help`, exit
+code 2), not argparse's usage, which for these scripts is 26 lines that bury the message.
+"""
+import argparse
+import dataclasses
+import inspect
+import re
+
+
+def parse_bool(text):
+    """A bool option's value: true/false, yes/no, on/off, 1/0."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+WHAT_A_VALUE_MUST_BE = {int: "not an integer", float: "not a number", bool: "not true or false"}
+
+
+def value_of(type_, flag):
+    """argparse's type= for one option: the text converted to `type_`, or an error that names the option and the
+    value the way every other bad value is named (`--k abc: not an integer`)."""
+    def convert(text):
+        try:
+            return parse_bool(text) if type_ is bool else type_(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            what = WHAT_A_VALUE_MUST_BE.get(type_, f"not a {type_.__name__}")
+            raise argparse.ArgumentTypeError(f"{flag} {text}: {what}") from None
+    return convert
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, except that a bad command line gets one line (`error: --k abc: not an integer; see --help`, exit
+    code 2) instead of the usage, which for these scripts is 26 lines that bury the message."""
+
+    def error(self, message):
+        # argparse words it "argument --output-dir/--out-dir: <what>"; value_of's <what> names the flag itself
+        match = re.match(r"argument (-[^/:\s]+)\S*: (.*)", message, re.S)
+        if match:
+            flag, what = match.groups()
+            message = what if what.startswith(flag + " ") else f"{flag}: {what}"
+        self.exit(2, f"error: {message}; see --help\n")
+
+
+def options_parser(options_class, description, aliases=None):
+    """argparse from a dataclass: --some-field VALUE for every field, help = the comment after the field plus its
+    [default]. A field without default is required; a bool takes "--flag", "--flag true" or "--flag false"; a list
+    takes one or more values. `aliases` maps a field name to more flags (old names that must keep working).
+    Errors are one line naming the option and the value (OneLineErrors); so are the scripts' own parser.error()s."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(options_class), re.M))
+    parser = OneLineErrors(description=description, allow_abbrev=False)
+    for field in dataclasses.fields(options_class):
+        flags = ["--" + field.name.replace("_", "-"), *(aliases or {}).get(field.name, ())]
+        help_text = comments.get(field.name, "").replace("%", "%%")  # argparse %-formats help texts
+        if field.default not in (None, "", dataclasses.MISSING):  # None, "": a default that depends on others
+            help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"
+        kwargs = dict(dest=field.name, help=help_text)
+        if field.default is dataclasses.MISSING:
+            kwargs.update(type=value_of(field.type, flags[0]), required=True)
+        elif field.type is bool:
+            kwargs.update(type=value_of(bool, flags[0]), nargs="?", const=True, default=field.default,
+                          metavar="true|false")
+        elif field.type is list:
+            kwargs.update(nargs="+", default=field.default)
+        else:
+            kwargs.update(type=value_of(field.type, flags[0]), default=field.default)
+        parser.add_argument(*flags, **kwargs)
+    return parser
