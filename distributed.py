@@ -5,11 +5,11 @@
 
 Training: every rank builds the same model and plans every step identically (same seed, same generator); rank r
 computes the micro-batches r, r + N, r + 2N, ... of the step and backpropagates loss / grad_accum, exactly as one
-process does for all of them. Then the adapter gradients are summed over the ranks (SUM, not mean: each micro-batch's loss is
-already divided by grad_accum), so every rank holds the single-process gradient up to float summation order, and
-every rank takes the same clipped AdamW step. A rank without a micro-batch (a short step at the end of a pass)
-contributes zeros. Only rank 0 writes files, prints and checkpoints. No DistributedDataParallel wrapper: one
-flattened all-reduce per step is all that adapters of a million parameters need.
+process does for all of them. Then the adapter gradients are summed over the ranks (SUM, not mean: each
+micro-batch's loss is already divided by grad_accum), so every rank holds the single-process gradient up to float
+summation order, and every rank takes the same clipped AdamW step. A rank without a micro-batch (a short step at
+the end of a pass) contributes zeros. Only rank 0 writes files, prints and checkpoints. No DistributedDataParallel
+wrapper: one flattened all-reduce per step is all that adapters of a million parameters need.
 Evaluation: each rank generates its share of the images, waits at a barrier, and rank 0 alone scores them.
 """
 import os

@@ -38,7 +38,6 @@ the authors' (`prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png` with the prompt in
 line; DIR is their `<method>/<subject>` folder).
 """
 import datetime
-import hashlib
 import json
 import re
 import sys
@@ -57,6 +56,7 @@ import files
 import hub
 import interop
 import pictures
+import runs
 import sdxl
 import waveft
 
@@ -286,168 +286,11 @@ def save(path, data):
     return files.write_file(path, data, advice=AFTER_A_WRITE_ERROR)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Runs: read and check everything first, so a bad folder fails before any model is loaded
-
-@dataclass
-class Run:
-    name: str
-    subject: str
-    unique_token: str
-    data_dir: str
-    config: dict  # the run's config.json ({} for --metrics-only)
-    adapter: Path = None  # adapter.safetensors or a PEFT adapter folder (None for --metrics-only)
-    images_dir: Path = None  # --metrics-only: the folder of images to score
-    setting: str = ""  # the run's settings without its subject (setting_of): its row of the comparison
-
-
-def setting_of(run):
-    """What one row of the comparison holds fixed: every option of the run that changes its result except the
-    subject, as a name. train_dreambooth.py records it in config.json ("setting", derived from the options even when
-    --run-name chose the folder's name); an older run's folder name without "<subject>-" (the name it was given
-    then: method, budget and every option that differs from its default); a PEFT folder records no training
-    options: its method and budget; --metrics-only images: "external"."""
-    if "setting" in run.config:
-        return run.config["setting"]
-    if run.config.get("peft_folder"):
-        return "peft " + " ".join(method_and_budget(run.config))
-    if run.adapter is None:
-        return "external"
-    return run.name.removeprefix(f"{run.subject}-")
-
-
 def prompt_set(opts):
     """The prompts the images were made from, the other half of a row's key (and shown in its table line)."""
     if opts.metrics_only:
         return "from the image folders"
     return "dreambooth" if opts.max_prompts >= 25 else f"dreambooth (first {opts.max_prompts})"
-
-
-def read_runs(opts):
-    """--runs: every run folder among them (checked); --metrics-only: the one folder of images."""
-    if opts.metrics_only:
-        folder = Path(opts.metrics_only)
-        data_dir = str(sdxl.find_data_dir(opts.data_dir or "")[0])  # where training looks, in the same order
-        run = Run(folder.name, opts.subject, opts.unique_token, data_dir, {}, images_dir=folder)
-        run.setting = setting_of(run)
-        check_subject(run, "--metrics-only")
-        interop.read_image_folder(folder)  # fail now, not after loading the models
-        return [run]
-    for folder in opts.runs:
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"run folder {folder} does not exist")
-    # `outputs/*` also matches folders that are no runs at all (class-images/): skipped, with a note
-    folders = [f for f in opts.runs if any((Path(f) / n).exists() for n in RUN_MARKERS)]
-    for folder in sorted(set(opts.runs) - set(folders)):
-        print(f"skipping {folder}: not a run folder (no config.json, no adapter.safetensors)", file=sys.stderr)
-    if not folders:
-        raise FileNotFoundError(f"none of --runs {' '.join(opts.runs)} is a run folder of train_dreambooth.py")
-    runs = [read_peft_run(folder, opts) if (Path(folder) / interop.PEFT_CONFIG).is_file()
-            else read_run(folder, opts.data_dir, opts.model) for folder in folders]
-    if len({run.name for run in runs}) < len(runs):
-        raise ValueError("two run folders have the same name; their results would overwrite each other")
-    first = {}  # (setting, subject) -> its run: a row of the comparison averages over distinct subjects
-    for run in runs:
-        run.setting = setting_of(run)
-        other = first.setdefault((run.setting, run.subject), run)
-        if other is not run:
-            raise ValueError(f"runs {other.name} and {run.name} are both {run.subject} with setting {run.setting}: "
-                             f"a row of the comparison holds one run per subject; evaluate one of them, or each "
-                             f"with its own --output-dir")
-    return runs
-
-
-def read_run(folder, data_dir=None, model=None):
-    folder = Path(folder)
-    for file in ("config.json", "adapter.safetensors"):
-        if not (folder / file).is_file():
-            raise FileNotFoundError(f"run folder {folder} has no {file}: pass folders written by train_dreambooth.py "
-                                    f"(a run that has not finished has no adapter.safetensors yet)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-        missing = {"subject", "model"} - set(config)
-    except (json.JSONDecodeError, TypeError) as error:
-        raise ValueError(f"{folder / 'config.json'} is not a train_dreambooth.py config: {error}") from None
-    if missing:
-        raise ValueError(f"{folder / 'config.json'} has no {' or '.join(sorted(missing))}: "
-                         f"not a train_dreambooth.py config")
-    trained_for = waveft.read_metadata(folder / "adapter.safetensors").get("model", config["model"])  # checks the file
-    if trained_for != config["model"]:
-        raise ValueError(f"{folder}: adapter.safetensors was trained for model {trained_for!r} but config.json says "
-                         f"{config['model']!r}; the two files come from different runs")
-    if model is not None and model != config["model"]:
-        raise ValueError(f"{folder}: its adapter was trained for model {config['model']!r} (config.json), not for "
-                         f"--model {model!r}; drop --model to evaluate each run with its own model")
-    recorded = str(config.get("data_dir", "dataset"))
-    if data_dir is None and not (Path(recorded) / "prompts_and_classes.txt").is_file():  # moved, or another machine
-        relative = "" if Path(recorded).is_absolute() else f" (relative to the current folder, {Path.cwd()})"
-        raise FileNotFoundError(f"{folder}: config.json records the DreamBooth dataset at {recorded}{relative}, but "
-                                f"it is not there (no prompts_and_classes.txt); pass --data-dir with its folder")
-    run = Run(folder.name, config["subject"], config.get("unique_token", sdxl.UNIQUE_TOKEN),
-              str(data_dir or recorded), config, folder / "adapter.safetensors")
-    check_subject(run, f"run {folder}")
-    return run
-
-
-RUN_MARKERS = ("config.json", "adapter.safetensors", interop.PEFT_CONFIG)  # a run folder holds one of these
-
-
-def read_peft_run(folder, opts):
-    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, trained with PEFT or the authors'
-    code) is scored like a run of ours. It records no subject or dataset: --subject says whose photos it learned,
-    --model its base model (unless the config names one), --data-dir / the usual places where the dataset is."""
-    folder, config = Path(folder), interop.read_peft_config(folder)  # checks what our layers can compute as PEFT does
-    model = opts.model or config.get("base_model_name_or_path")
-    if not opts.subject or not model:
-        raise ValueError(f"{folder} is a PEFT adapter folder, which does not record "
-                         f"{'its subject' if not opts.subject else 'its base model'}: pass "
-                         f"{'--subject (e.g. dog6)' if not opts.subject else '--model'} to evaluate it")
-    if config["peft_type"] == "WAVEFT":
-        method = dict(method="waveft", k=config["n_frequency"], wavelet=config["wavelet_family"],
-                      scaling=config["scaling"], use_idwt=config["use_idwt"])
-    else:
-        method = dict(method="lora", rank=config["r"])
-    run = Run(folder.name, opts.subject, opts.unique_token, str(sdxl.find_data_dir(opts.data_dir or "")[0]),
-              dict(method, model=model, subject=opts.subject, peft_folder=True), folder)
-    check_subject(run, f"run {folder}")
-    return run
-
-
-def check_subject(run, where):
-    try:
-        sdxl.instance_images(run.data_dir, run.subject)
-    except (ValueError, FileNotFoundError) as error:
-        raise type(error)(f"{where}: {error}") from None
-
-
-def method_and_budget(config):
-    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592') or ('lora', 'r=1'), as in the output folder names; a
-    non-default wavelet or scaling is added to the method, so a sweep over them does not share one table line."""
-    method = config.get("method", "external")
-    if method == "waveft" and config.get("use_idwt", True) in (False, "false", "False", 0):
-        method = "waveft_noidwt"
-    if method.startswith("waveft"):
-        method += f" {config['wavelet']}" if config.get("wavelet", "db1") != "db1" else ""
-        method += f" scaling={config['scaling']:g}" if config.get("scaling") not in (None, 25) else ""
-    budget = f"r={config.get('rank')}" if method == "lora" else f"k={config['k']}" if "k" in config else ""
-    return method, budget
-
-
-def count_trainable(adapter):
-    """Trainable adapter parameters, read from the file: the spectra (WaveFT) or A and B (LoRA)."""
-    from safetensors import safe_open
-    path = adapter / interop.PEFT_WEIGHTS if adapter.is_dir() else adapter  # a PEFT folder: its weights file
-    with safe_open(str(path), "pt") as f:
-        return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()
-                   if key.endswith(("waveft_spectrum", "lora_A", "lora_B", "lora_A.weight", "lora_B.weight")))
-
-
-def adapter_hash(adapter):
-    """sha256 of the adapter's bytes (of a PEFT folder: its config's, then its weights')."""
-    digest = hashlib.sha256()
-    for path in [adapter / interop.PEFT_CONFIG, adapter / interop.PEFT_WEIGHTS] if adapter.is_dir() else [adapter]:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def keep_original(before, after):
@@ -507,7 +350,7 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None
     [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
     depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
     settings or another adapter (by its hash) are an error, never silently reused."""
-    settings = dict(model=run.config["model"], adapter_sha256=adapter_hash(run.adapter),
+    settings = dict(model=run.config["model"], adapter_sha256=runs.adapter_hash(run.adapter),
                     steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
                     solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
     record = images_dir / "generation.json"
@@ -558,28 +401,28 @@ def write_comparison(all_metrics, out_dir):
     md = ["| setting | prompts | method | k or rank | trainable params | subjects | " +
           " | ".join(METRICS[n] for n in names) + " |", "|---" * (6 + len(names)) + "|"]
     rows = []
-    for (setting, prompts), runs in group_by(all_metrics, key=lambda m: (m["setting"], m["prompt_set"])).items():
-        subjects = [m["subject"] for m in runs]
+    for (setting, prompts), row_runs in group_by(all_metrics, key=lambda m: (m["setting"], m["prompt_set"])).items():
+        subjects = [m["subject"] for m in row_runs]
         twice = next((subject for subject in subjects if subjects.count(subject) > 1), None)
         if twice:
             raise ValueError(f"row {setting} (prompts: {prompts}) of the comparison has subject {twice} twice: "
-                             f"runs {', '.join(m.get('run', '?') for m in runs if m['subject'] == twice)}")
+                             f"runs {', '.join(m.get('run', '?') for m in row_runs if m['subject'] == twice)}")
 
         def one(key):  # one value per row, unless the runs differ: then all of them, "/"-separated
-            return list(dict.fromkeys(m[key] for m in runs))
+            return list(dict.fromkeys(m[key] for m in row_runs))
         method, budget, params = "/".join(one("method")), "/".join(one("budget")), one("trainable_params")
         row = dict(setting=setting, prompt_set=prompts, method=method, budget=budget,
-                   trainable_params="/".join(map(str, params)), subjects=len(runs))
-        cells = [setting, prompts, method, budget, "/".join(f"{p:,}" if p else "-" for p in params), str(len(runs))]
+                   trainable_params="/".join(map(str, params)), subjects=len(row_runs))
+        cells = [setting, prompts, method, budget, "/".join(f"{p:,}" if p else "-" for p in params), str(len(row_runs))]
         for name in names:
-            values = [m[name] for m in runs if name in m]
+            values = [m[name] for m in row_runs if name in m]
             if not values:  # a metric that some methods have (the diversity kind) and these runs lack
                 cells.append("-")
                 continue
             mean, digits = float(np.mean(values)), 2 if name == "clip_t" else 3  # CLIP-T is x 100
             std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # the std of one value is undefined
             row.update({f"{name}_mean": round(mean, 4), f"{name}_std": None if std is None else round(std, 4)})
-            count = f" (n={len(values)})" if len(values) < len(runs) or std is None else ""  # fewer than "subjects"
+            count = f" (n={len(values)})" if len(values) < len(row_runs) or std is None else ""  # fewer than "subjects"
             cells.append(f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}") + count)
         rows.append(row)
         md.append("| " + " | ".join(cells) + " |")
@@ -627,11 +470,11 @@ def parse_args(argv=None):
 def main(argv=None):
     opts = parse_args(argv)
     out_dir = Path(opts.output_dir)
-    runs = read_runs(opts)  # every rank checks the same things and fails the same way
+    to_evaluate = runs.read_runs(opts)  # every rank checks the same things and fails the same way
     # torchrun: one GPU per rank; the one collective is the barrier after generation, where ranks may wait hours for
     # one another (a resumed run's shares differ), so gloo (also between GPUs: nothing big is exchanged), long timeout
-    rank, world_size, device = distributed.init_distributed("cuda" if torch.cuda.is_available() else "cpu", backend="gloo",
-                                                     timeout=datetime.timedelta(days=7))
+    rank, world_size, device = distributed.init_distributed("cuda" if torch.cuda.is_available() else "cpu",
+                                                            backend="gloo", timeout=datetime.timedelta(days=7))
     if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
         models = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device)
         tiny, lpips_model = "tiny" in models.names.values(), load_lpips()
@@ -644,7 +487,7 @@ def main(argv=None):
     # needs no communication, and a prompt's seeds are made in their usual batches, so every image is the one 1
     # process makes.
     pipelines, plans, generated, n = {}, [], 0, 0
-    for run in runs:
+    for run in to_evaluate:
         if run.adapter is None:  # --metrics-only
             plans.append((run, interop.read_image_folder(run.images_dir), None))
             continue
@@ -670,10 +513,10 @@ def main(argv=None):
         run_out.mkdir(parents=True, exist_ok=True)
         real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
         rows, metrics, images = score(entries, real_images, models, run.unique_token, lpips_model)
-        method, budget = method_and_budget(run.config)
+        method, budget = runs.method_and_budget(run.config)
         metrics = dict(run=run.name, subject=run.subject, setting=run.setting, prompt_set=prompt_set(opts),
                        method=method, budget=budget,
-                       trainable_params=count_trainable(run.adapter) if run.adapter else None,
+                       trainable_params=runs.count_trainable(run.adapter) if run.adapter else None,
                        n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
                        **metrics, metric_models=models.names, meaningless_tiny_models=tiny,
                        generation=dict(settings, seeds=seeds) if run.adapter else None)

@@ -25,14 +25,10 @@ drawn with replacement every step. loss.csv holds each step's mean loss over the
 Deliberately not here: accelerate, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
 """
 import contextlib
-import csv
 import dataclasses
 import datetime
-import io
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -50,6 +46,7 @@ import files
 import hub
 import interop
 import pictures
+import runs
 import sdxl
 import waveft
 
@@ -177,40 +174,14 @@ def resolve(opts):
 
 
 def run_name(opts):
-    """<subject>-waveft-k<k> (-waveft_noidwt-k<k>, -lora-r<rank>), then every option that changes the result and
-    differs from its default for this model, method and device, in Options' order: e.g. dog6-waveft-k2592-db4-lr2e-4.
-    Derived from the fields themselves, so a new option is covered without touching this function."""
-    tag = f"lora-r{opts.rank}" if opts.method == "lora" else f"waveft{'' if opts.use_idwt else '_noidwt'}-k{opts.k}"
+    """The run's folder name (runs.run_name): <subject>-waveft-k<k> then every option that changes the result and
+    differs from its default for this model, method and device, e.g. dog6-waveft-k2592-db4-lr2e-4."""
     defaults = resolve(Options(subject=opts.subject, model=opts.model, method=opts.method, device=opts.device))
     defaults.model = sdxl.SDXL_BASE  # another model is named, but what follows from it (its resolution) is not
-    skip = NO_EFFECT_ON_RESULT | ignored_options(opts).keys() | {"subject", "method", "k", "rank", "use_idwt"}
-    parts = [name_part(f.name, getattr(opts, f.name)) for f in dataclasses.fields(Options)
-             if f.name not in skip and getattr(opts, f.name) != getattr(defaults, f.name)]
-    return "-".join([opts.subject, tag] + parts)
+    return runs.run_name(opts, defaults, NO_EFFECT_ON_RESULT | ignored_options(opts).keys())
 
 
-SHORT_NAMES = {"model": "", "wavelet": "", "mixed_precision": "", "position_seed": "pos", "unique_token": "token",
-               "grad_accum": "ga", "resolution": "res", "weight_decay": "wd", "max_grad_norm": "clip",
-               "prior_preservation": "prior", "class_images": "cls", "prior_loss_weight": "pw",
-               "text_conditioning": "cond"}
-
-
-def name_part(name, value):
-    """One option in a folder name: a flag as its name (no-name when off), a number glued to a short name
-    (lr2e-4, steps1000), a text after it (token-sks), or alone where the name adds nothing (db4, tiny, fp32)."""
-    short = SHORT_NAMES.get(name, name.replace("_", "-"))
-    if isinstance(value, bool):
-        return short if value else "no-" + short
-    if isinstance(value, int):
-        return f"{short}{value}"
-    if isinstance(value, float):  # the shorter of 0.0002 and 2e-4
-        mantissa, exponent = f"{value:e}".split("e")
-        return short + min(f"{value:g}", f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}", key=len)
-    if name == "model":
-        value = Path(value).name  # a hub id or a folder: its last part
-    if name == "mixed_precision":
-        value = "fp32" if value == "no" else value
-    return f"{short}-{value}" if short else value
+CLASS_IMAGES_WAIT = datetime.timedelta(days=7)  # torchrun: the ranks wait this long for rank 0's class images
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,107 +323,6 @@ def plan_step(batching, passes, n_images, n_class_images, grad_accum, generator,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run's files: each written so that a crash or a full disk never destroys what was there before
-
-RUN_FILES = ("config.json", "loss.csv", "loss.png", "checkpoint.pt", "adapter.safetensors", "validation.png",
-             "merged_unet")
-
-
-CLASS_IMAGES_WAIT = datetime.timedelta(days=7)  # torchrun: the ranks wait this long for rank 0's class images
-
-
-def start_files(run_dir, config, start, overwrite):
-    """Training starts: (with --overwrite, the earlier run's files go) config.json, and loss.csv with the rows up to
-    the checkpoint (a resumed run drops those after it). Returns loss.csv's file descriptor, open for appending one
-    row per step (append_loss)."""
-    with files.reported_write(run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES if overwrite else ():
-        if (run_dir / name).is_dir():  # merged_unet
-            shutil.rmtree(run_dir / name)
-        else:
-            (run_dir / name).unlink(missing_ok=True)
-    files.write_file(run_dir / "config.json", json.dumps(config, indent=2))
-    loss_path = run_dir / "loss.csv"
-    kept = list(csv.reader(loss_path.read_text().splitlines()))[1:start + 1] if start and loss_path.exists() else []
-    files.write_file(loss_path, files.csv_text([["step", "loss", "prior_loss"]] + kept))
-    with files.reported_write(loss_path):
-        return os.open(loss_path, os.O_WRONLY | os.O_APPEND)
-
-
-def append_loss(log, loss_path, step, loss, prior_loss):
-    """One row of loss.csv, appended with plain os.write (a full disk: WriteError; the rows before stay whole)."""
-    files.append_bytes(log, loss_path, files.csv_text([[step, f"{loss:.6f}", f"{prior_loss:.6f}"]]).encode())
-
-
-def plot_losses(run_dir):
-    """loss.png from loss.csv: the loss of every step and its moving average (pictures.plot_loss)."""
-    png = io.BytesIO()
-    pictures.plot_loss(run_dir / "loss.csv", png)
-    files.write_file(run_dir / "loss.png", png.getvalue())
-
-
-def check_run_dir(run_dir, opts):
-    """Refuse to start over a run without --resume or --overwrite; with --resume return the checkpoint (checked
-    against the options). Only reads: a refused start leaves every file as it was."""
-    if opts.resume:
-        return read_checkpoint(run_dir / "checkpoint.pt", opts)
-    held = [name for name in ("checkpoint.pt", "adapter.safetensors") if (run_dir / name).exists()]
-    if held and not opts.overwrite:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume, start it "
-                         f"again with --overwrite, or give this one another folder with --run-name")
-    return None
-
-
-# Checkpoints: adapter + optimizer + step + RNG states in one file
-
-def save_checkpoint(path, step, params, optimizer, generator, opts, passes):
-    state = {"step": step, "adapter": {name: p.detach().cpu() for name, p in params.items()},
-             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "options": json.dumps(dataclasses.asdict(opts)),
-             "passes": passes}  # where the run stands in its shuffled passes (--batching epoch)
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    # Serialised in memory, written with plain os.write: a full disk fails there as an OSError (one line), not
-    # inside torch.save's zip writer (a RuntimeError "unexpected pos")
-    files.write_file(path, files.torch_bytes(state))
-
-
-def read_checkpoint(path, opts):
-    """The checkpoint's state, if it was made with the same options (up to RESUMABLE ones and ignored ones)."""
-    if not path.exists():  # the folder's name follows the options, so other options point to another folder
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}" + ("" if opts.run_name else
-                                " (resume with the run's own options, or name its folder with --run-name)"))
-    # weights_only: tensors and plain types only, never arbitrary pickle. map_location cpu: a checkpoint written on a
-    # GPU (its optimizer state is tagged cuda:0) loads on a CPU-only machine too, and under torchrun no rank puts
-    # its copy on cuda:0; restore_checkpoint then puts everything on each rank's own device (the adapter by copy_,
-    # the optimizer state by load_state_dict, which moves it to the parameters'), and the RNG states must be CPU
-    # ByteTensors anyway.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved, ignored = json.loads(state["options"]), ignored_options(opts)
-    changed = [f"{key} ({saved.get(key)} -> {value})" for key, value in dataclasses.asdict(opts).items()
-               if key not in RESUMABLE | ignored.keys() and saved.get(key) != value]
-    if changed:
-        raise ValueError(f"--resume: {path} was trained with other options: {', '.join(changed)}")
-    if state["step"] > opts.steps:  # no step would run, and the checkpoint would be relabelled an earlier step
-        raise ValueError(f"--resume: {path} is at step {state['step']}, past --steps {opts.steps}: give --steps "
-                         f"{state['step']} (to finish the run) or more (to extend it)")
-    return state
-
-
-def restore_checkpoint(state, params, optimizer, generator, passes):
-    for name, p in params.items():
-        p.data.copy_(state["adapter"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    passes.update(state["passes"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 def add_adapter(unet, opts):
     waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
@@ -472,7 +342,7 @@ def main(argv=None):
     images = [sdxl.load_image(path) for path in image_paths]  # a corrupt file fails here, by name
     run_dir = Path(opts.output_dir) / (opts.run_name or run_name(opts))
     checkpoint_path, loss_path = run_dir / "checkpoint.pt", run_dir / "loss.csv"
-    resume_state = check_run_dir(run_dir, opts)
+    resume_state = runs.check_run_dir(run_dir, opts, RESUMABLE | ignored_options(opts).keys())
     device = torch.device(opts.device)
     # (0, 1, device) without torchrun. With --prior-preservation the other ranks wait at a barrier while rank 0
     # makes the class images (up to 100, an hour on a slow GPU): the long timeout evaluate.py uses, not torch's
@@ -531,7 +401,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params.values(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay,
                                   eps=1e-8)
     passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
-    start = restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
+    start = runs.restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
     distributed.broadcast_from_rank0(params, world_size)
     if resume_state and start == opts.steps:  # e.g. the disk filled up after the last checkpoint
         print(f"{checkpoint_path} is at step {start} = --steps: nothing to train; the run's final files are "
@@ -542,7 +412,7 @@ def main(argv=None):
     config = {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
               "run_name": run_dir.name, "setting": run_name(opts).removeprefix(f"{opts.subject}-"), "argv": argv}
     # Training really starts: files from here on (rank 0's alone under torchrun).
-    log = start_files(run_dir, config, start, opts.overwrite) if rank == 0 else None
+    log = runs.start_files(run_dir, config, start, opts.overwrite) if rank == 0 else None
 
     n_layers = len(waveft.adapted_layers(unet))
     print(f"{run_dir.name}: {opts.method} on {n_layers} layers of {opts.model}, "
@@ -589,13 +459,13 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if log is not None:  # the log before the checkpoint: it may run ahead of it, never behind
-                append_loss(log, loss_path, step + 1, step_loss, step_prior)
+                runs.append_loss(log, loss_path, step + 1, step_loss, step_prior)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             progress.update()  # before a Ctrl-C exit: the bar shows the step that is saved
             stop = distributed.any_rank(stop_requested, world_size)  # all ranks stop after the same step
             if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
-                save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
-                plot_losses(run_dir)
+                runs.save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
+                runs.plot_losses(run_dir)
             if stop:
                 print(f"\ninterrupted after step {step + 1}; checkpoint saved to {checkpoint_path}, "
                       f"continue with the same command plus --resume", file=sys.stderr)
@@ -609,8 +479,8 @@ def main(argv=None):
     distributed.leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
     if rank != 0:
         return run_dir
-    save_checkpoint(checkpoint_path, opts.steps, params, optimizer, generator, opts, passes)
-    plot_losses(run_dir)
+    runs.save_checkpoint(checkpoint_path, opts.steps, params, optimizer, generator, opts, passes)
+    runs.plot_losses(run_dir)
 
     # The adapter file describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed, ...)
     # plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training".

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 import cli
 import evaluate
 import interop
+import runs
 import sdxl
 import waveft
 
@@ -228,11 +229,11 @@ def test_metrics_only_finds_the_dataset_as_training_does(tmp_path, dreambooth_di
     shutil.copy(dreambooth_dir / "dog6" / "00.jpg", tmp_path / "images" / "0_a_zjw_dog")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DREAMBOOTH_DIR", str(dreambooth_dir))
-    [run] = evaluate.read_runs(evaluate.parse_args(["--metrics-only", "images", "--subject", "dog6"]))
+    [run] = runs.read_runs(evaluate.parse_args(["--metrics-only", "images", "--subject", "dog6"]))
     assert Path(run.data_dir) == dreambooth_dir
     monkeypatch.delenv("DREAMBOOTH_DIR")
     with pytest.raises(FileNotFoundError, match=r"DreamBooth dataset not found; looked in dataset, "):
-        evaluate.read_runs(evaluate.parse_args(["--metrics-only", "images", "--subject", "dog6"]))
+        runs.read_runs(evaluate.parse_args(["--metrics-only", "images", "--subject", "dog6"]))
 
 
 def test_metrics_only_reads_the_authors_layout(tmp_path, dreambooth_dir):
@@ -309,12 +310,12 @@ def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
     A run of the same method and budget with another option (here steps) is a row of its own."""
     common = dict(method="waveft", budget="k=2592", trainable_params=1000, setting="waveft-k2592",
                   prompt_set="dreambooth")
-    runs = [dict(common, subject=s, dino=d, cmmd=c) for s, d, c in (("dog", 0.4, 1.0), ("cat", 0.6, 2.0),
-                                                                     ("can", 0.8, 3.0))] + \
-           [dict(method="lora", budget="r=1", trainable_params=120, setting="lora-r1", prompt_set="dreambooth",
-                 subject="dog", dino=0.5, cmmd=1.5, dino_diversity=0.25),
-            dict(common, setting="waveft-k2592-steps4", subject="dog", dino=0.1, cmmd=9.0)]
-    table = evaluate.write_comparison(runs, tmp_path)
+    all_metrics = [dict(common, subject=s, dino=d, cmmd=c) for s, d, c in (("dog", 0.4, 1.0), ("cat", 0.6, 2.0),
+                                                                            ("can", 0.8, 3.0))] + \
+        [dict(method="lora", budget="r=1", trainable_params=120, setting="lora-r1", prompt_set="dreambooth",
+              subject="dog", dino=0.5, cmmd=1.5, dino_diversity=0.25),
+         dict(common, setting="waveft-k2592-steps4", subject="dog", dino=0.1, cmmd=9.0)]
+    table = evaluate.write_comparison(all_metrics, tmp_path)
     assert "| lora | r=1 | 120 | 1 | 0.500 (n=1) | 1.500 (n=1) | 0.250 (n=1) |" in table  # no std of one value
     assert "| waveft | k=2592 | 1,000 | 3 | 0.600 ± 0.200 | 2.000 ± 1.000 | - |" in table  # no diversity there
     assert "| lora-r1 | dreambooth | lora | r=1 | 120 | 1 |" in table
@@ -329,11 +330,11 @@ def test_comparison_table_is_mean_and_std_over_subjects(tmp_path):
                             "lora-r1,dreambooth,lora,r=1,120,1,0.5,,1.5,,0.25,",
                             "waveft-k2592-steps4,dreambooth,waveft,k=2592,1000,1,0.1,,9.0,,,"]
     with pytest.raises(ValueError, match="row waveft-k2592 .*dreambooth.* has subject dog twice"):
-        evaluate.write_comparison(runs + [dict(common, subject="dog", dino=0.3, cmmd=1.0)], tmp_path)
-    assert evaluate.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
-    assert evaluate.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
-    assert evaluate.method_and_budget(dict(method="waveft", k=9, wavelet="db1", scaling=25.0)) == ("waveft", "k=9")
-    assert evaluate.method_and_budget(dict(method="waveft", k=9, wavelet="db4", scaling=10.0)) == \
+        evaluate.write_comparison(all_metrics + [dict(common, subject="dog", dino=0.3, cmmd=1.0)], tmp_path)
+    assert runs.method_and_budget(dict(method="waveft", use_idwt=False, k=7)) == ("waveft_noidwt", "k=7")
+    assert runs.method_and_budget(dict(method="lora", rank=1, k=2592)) == ("lora", "r=1")
+    assert runs.method_and_budget(dict(method="waveft", k=9, wavelet="db1", scaling=25.0)) == ("waveft", "k=9")
+    assert runs.method_and_budget(dict(method="waveft", k=9, wavelet="db4", scaling=10.0)) == \
         ("waveft db4 scaling=10", "k=9")
 
 
@@ -688,7 +689,7 @@ def test_bad_run_folders_fail_clearly_before_loading_models(tiny_run_dir, tmp_pa
                       + SMOKE)
     assert f"r2: config.json records the DreamBooth dataset at {tmp_path / 'moved'}" in str(error.value)
     assert "--data-dir" in str(error.value) and "git clone" not in str(error.value)
-    evaluate.read_run(tmp_path / "r2", data_dir=dreambooth_dir)  # and --data-dir is the way out
+    runs.read_run(tmp_path / "r2", data_dir=dreambooth_dir)  # and --data-dir is the way out
     run = copy_run(tiny_run_dir, tmp_path / "r3")
     with pytest.raises(ValueError, match="trained for model 'tiny'.*not for --model 'stabilityai/sdxl-other'"):
         evaluate.main(["--runs", str(run), "--model", "stabilityai/sdxl-other"] + SMOKE)

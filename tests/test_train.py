@@ -33,6 +33,7 @@ import files
 import hub
 import interop
 import pictures
+import runs
 import sdxl
 import train_dreambooth
 import waveft
@@ -120,7 +121,7 @@ def files_under(folder):
 def test_run_writes_outputs_config_and_summary(tiny_run_dir, dreambooth_dir):
     umask = os.umask(0)
     os.umask(umask)
-    assert sorted(p.name for p in tiny_run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)  # no temporary files
+    assert sorted(p.name for p in tiny_run_dir.iterdir()) == sorted(runs.RUN_FILES)  # no temporary files
     for path in tiny_run_dir.iterdir():  # all written atomically, all with the user's umask (not a temp file's 0600)
         if path.is_file():
             assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
@@ -616,7 +617,7 @@ def test_a_full_disk_at_each_final_file_loses_nothing_and_resume_finishes_the_ru
         written.append(name)
     assert "nothing to train" in capsys.readouterr().out
     train_dreambooth.main(argv + ["--resume"])
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(set(train_dreambooth.RUN_FILES) - {"validation.png"})
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(set(runs.RUN_FILES) - {"validation.png"})
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["step"] == 1 and len(read_losses(run_dir)) == 1
     adapter = adapter_tensors(run_dir)
@@ -629,20 +630,20 @@ def test_each_small_file_of_a_run_keeps_its_previous_version_on_a_full_disk(tiny
     shutil.copytree(tiny_run_dir, run_dir)
     before = files_under(run_dir)
     config = json.loads(before["config.json"])
-    for name, write in (("config.json", lambda: train_dreambooth.start_files(run_dir, config, 4, False)),
-                        ("loss.csv", lambda: train_dreambooth.start_files(run_dir, config, 4, False)),
-                        ("loss.png", lambda: train_dreambooth.plot_losses(run_dir))):
+    for name, write in (("config.json", lambda: runs.start_files(run_dir, config, 4, False)),
+                        ("loss.csv", lambda: runs.start_files(run_dir, config, 4, False)),
+                        ("loss.png", lambda: runs.plot_losses(run_dir))):
         fill_disk_at(monkeypatch, run_dir, name)
         with pytest.raises(files.WriteError) as error:
             write()
         monkeypatch.undo()
         assert one_line_disk_error(error.value, run_dir / name), str(error.value)
         assert files_under(run_dir) == before  # the previous version, whole; no temporary file
-    log = train_dreambooth.start_files(run_dir, config, 4, False)
+    log = runs.start_files(run_dir, config, 4, False)
     try:
         fill_disk_at(monkeypatch, run_dir, "loss.csv")
         with pytest.raises(files.WriteError) as error:
-            train_dreambooth.append_loss(log, run_dir / "loss.csv", 5, 0.5, 0.0)
+            runs.append_loss(log, run_dir / "loss.csv", 5, 0.5, 0.0)
         monkeypatch.undo()
     finally:
         os.close(log)
@@ -660,7 +661,7 @@ def test_replacing_merged_unet_leaves_the_old_or_the_new_one_whole(tiny_run_dir,
         interop.export_merged(run_dir, overwrite=True)
     assert one_line_disk_error(error.value, run_dir / "merged_unet"), str(error.value)
     monkeypatch.undo()
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)  # nothing left over
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(runs.RUN_FILES)  # nothing left over
     assert files_under(run_dir / "merged_unet") == before
 
     # A crash between the two renames (the old folder moved aside, the new one not yet in its place): the old one
@@ -676,11 +677,11 @@ def test_replacing_merged_unet_leaves_the_old_or_the_new_one_whole(tiny_run_dir,
     with pytest.raises(files.WriteError, match=r"merged_unet: Input/output error"):
         files.write_folder(run_dir / "merged_unet", [("config.json", "{}")])
     monkeypatch.undo()
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(runs.RUN_FILES)
     assert files_under(run_dir / "merged_unet") == before
     files.write_folder(run_dir / "merged_unet", [("config.json", "{}")])  # and without a crash, replaced
     assert files_under(run_dir / "merged_unet") == {"config.json": b"{}"}
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(train_dreambooth.RUN_FILES)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(runs.RUN_FILES)
 
 
 def test_two_lora_runs_with_the_same_options_are_equal(dreambooth_dir, tmp_path):
