@@ -1,5 +1,6 @@
-"""Shared pytest fixtures: the DreamBooth dataset, a tiny SDXL pipeline on disk, one short tiny training run; and
-`need`, how a test asks for a development requirement (the `pywt` and `peft` fixtures)."""
+"""Shared pytest fixtures: the DreamBooth dataset, a tiny SDXL pipeline on disk, one short tiny training run; `need`,
+how a test asks for a development requirement (the `pywt` and `peft` fixtures); and the helpers more than one test
+file uses (a tiny UNet and its inputs, random adapter values, a tiny training command line, adapter comparisons)."""
 import importlib
 import os
 import sys
@@ -95,3 +96,76 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared by several test files (`from conftest import ...`)
+
+def tiny_unet():
+    """A 2-level SDXL-architecture UNet (text_time conditioning), random weights, no download.
+    Its 32 attention projections are 64 x 64 and, for cross-attention to_k/to_v, 64 x 32."""
+    import torch
+    from diffusers import UNet2DConditionModel  # here: tests without a UNet do not wait seconds for diffusers
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, transformer_layers_per_block=1, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        use_linear_projection=True).eval()
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    """A batch of 2 inputs for tiny_unet()."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g),
+                                   "time_ids": torch.randn(2, 6, generator=g)})
+
+
+def run(unet, inputs):
+    """The UNet's output for `inputs`, without gradients."""
+    import torch
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def randomize(model, std=0.01, seed=0):
+    """Random adapter values (ours or PEFT's: every WaveFT spectrum and LoRA A/B, in module order, each in its own
+    dtype), so that every adapted layer visibly changes the output."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "waveft_spectrum" in name or "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def tiny_argv(data_dir, out, *extra):
+    """train_dreambooth.py's command line for a short run of the tiny SDXL on dog6 at 64 px; `extra` comes last, so
+    its options override these."""
+    return ["--subject", "dog6", "--model", "tiny", "--data-dir", str(data_dir), "--output-dir", str(out),
+            "--resolution", "64", "--grad-accum", "2", "--validation-prompts", "1", "--sample-steps", "1", *extra]
+
+
+def run_folder(out, file="adapter.safetensors"):
+    """The run folder inside a fresh output dir, whatever the run-naming scheme calls it."""
+    import glob
+    found = glob.glob(str(Path(out) / "*" / file))
+    assert len(found) == 1, found
+    return Path(found[0]).parent
+
+
+def adapter_tensors(run_dir):
+    """{name: tensor} of a run's adapter.safetensors."""
+    import safetensors.torch
+    return safetensors.torch.load_file(run_dir / "adapter.safetensors")
+
+
+def tensors_equal(a, b):
+    """Two {name: tensor} with the same names and bit-identical tensors."""
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

@@ -5,29 +5,20 @@ The single-process reference runs in-process; the 2-rank run is `python -m torch
 runs do not collide).
 """
 import csv
-import glob
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train_dreambooth
-from conftest import REPO
+from conftest import REPO, run_folder
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.single_thread
-
-
-def run_folder(out, file):
-    """The run folder inside a fresh output dir, whatever the run-naming scheme calls it."""
-    found = glob.glob(str(Path(out) / "*" / file))
-    assert len(found) == 1, found
-    return Path(found[0]).parent
 
 
 def read_losses(run_dir):

@@ -10,22 +10,12 @@ from safetensors.torch import save_file
 import interop
 import sdxl
 import waveft
-from conftest import need  # tests that use peft take the `peft` fixture (conftest.need)
-from test_waveft import run, tiny_unet, unet_inputs  # noqa: F401  (unet_inputs is a fixture)
+from conftest import need, randomize, run, tiny_unet  # tests that use peft take the `peft` fixture (conftest.need)
 
 # (method, wavelet, use_idwt): db1 and a longer wavelet, with and without the IDWT, and LoRA
 CASES = [("waveft", "db1", True), ("waveft", "db3", True), ("waveft", "db1", False), ("waveft", "db3", False),
          ("lora", None, None)]
 IDS = ["db1", "db3", "db1-noidwt", "db3-noidwt", "lora"]
-
-
-def randomize(model, std, seed=0):
-    """Large random adapter values (ours or PEFT's), so that every layer visibly changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "waveft_spectrum" in name or "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def ours(method, wavelet, use_idwt):

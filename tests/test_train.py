@@ -37,17 +37,12 @@ import runs
 import sdxl
 import train_dreambooth
 import waveft
-from conftest import REPO
+from conftest import REPO, adapter_tensors, tensors_equal, tiny_argv
 
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see conftest.single_thread
-
-
-def tiny_argv(data_dir, out, *extra):
-    return ["--subject", "dog6", "--model", "tiny", "--data-dir", str(data_dir), "--output-dir", str(out),
-            "--resolution", "64", "--grad-accum", "2", "--validation-prompts", "1", "--sample-steps", "1", *extra]
 
 
 def run_dir_of(argv):
@@ -57,14 +52,6 @@ def run_dir_of(argv):
 
 def snapshot(folder):
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
-
-
-def adapter_tensors(run_dir):
-    return safetensors.torch.load_file(run_dir / "adapter.safetensors")
-
-
-def tensors_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
 BF16_CHECKPOINTING = ["--mixed-precision", "bf16", "--gradient-checkpointing"]

@@ -10,41 +10,7 @@ import torch.nn.functional as F
 
 import dwt
 import waveft
-from conftest import need  # peft is the reference: tests that use it take the `peft` fixture (conftest.need)
-
-
-def tiny_unet():
-    """A 2-level SDXL-architecture UNet (text_time conditioning), random weights, no download.
-    Its 32 attention projections are 64 x 64 and, for cross-attention to_k/to_v, 64 x 32."""
-    from diffusers import UNet2DConditionModel  # here: tests without a UNet do not wait seconds for diffusers
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, transformer_layers_per_block=1, norm_num_groups=8,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
-        use_linear_projection=True).eval()
-
-
-@pytest.fixture(scope="module")
-def unet_inputs():
-    g = torch.Generator().manual_seed(1)
-    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
-                encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)})
-
-
-def run(unet, inputs):
-    with torch.no_grad():
-        return unet(**inputs).sample
-
-
-def randomize(model, std=0.01, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in waveft.adapted_layers(model):
-            for p in waveft._adapter_params(m):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+from conftest import need, randomize, run, tiny_unet  # peft is the reference: its tests take the `peft` fixture
 
 
 def peft_layer(out_f, in_f, k, wavelet, use_idwt=True, dtype=torch.float64):

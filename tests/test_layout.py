@@ -1,0 +1,60 @@
+"""The project's layering, read from the modules' own import statements (parsed with ast: nothing is imported here).
+
+The core a learner reads: the library (dwt, waveft, sdxl) and the two scripts (train_dreambooth, evaluate). The support
+layer: one job per module. The library imports nothing of the support layer (waveft only dwt, dwt nothing, sdxl
+nothing of the project); a support module imports the library and other support modules, never a script; the scripts
+import both; no module imports itself through others. pyproject.toml installs every importable module."""
+import ast
+
+import pytest
+
+from conftest import REPO
+
+LIBRARY = {"dwt", "waveft", "sdxl"}
+SUPPORT = {"cli", "distributed", "files", "hub", "interop", "pictures", "runs"}
+SCRIPTS = {"train_dreambooth", "evaluate"}
+MODULES = LIBRARY | SUPPORT | SCRIPTS
+
+
+def project_imports(module):
+    """The project modules `module`.py imports anywhere in it (at the top or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse((REPO / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & MODULES
+
+
+def test_every_top_level_module_has_its_place():
+    assert {path.stem for path in REPO.glob("*.py")} == MODULES
+
+
+def test_the_library_imports_nothing_of_the_support_layer():
+    assert project_imports("dwt") == set()
+    assert project_imports("waveft") == {"dwt"}
+    assert project_imports("sdxl") == set()
+
+
+@pytest.mark.parametrize("module", sorted(SUPPORT))
+def test_a_support_module_imports_the_library_and_support_never_a_script(module):
+    assert project_imports(module) <= LIBRARY | SUPPORT - {module}, module
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {module: project_imports(module) for module in MODULES}
+    for start in MODULES:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            assert module != start, f"{start} imports itself through {sorted(seen)}"
+            if module not in seen:
+                seen.add(module)
+                todo += graph[module]
+
+
+def test_pyproject_installs_every_importable_module():
+    tomllib = pytest.importorskip("tomllib")  # python >= 3.11
+    modules = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(modules) == sorted(LIBRARY | SUPPORT)  # the scripts stay in the checkout
