@@ -10,6 +10,24 @@ import argparse
 import dataclasses
 import inspect
 import re
+import sys
+
+
+def flag_of(name):
+    """An option's flag: grad_accum -> --grad-accum."""
+    return "--" + name.replace("_", "-")
+
+
+def bad_value(opts, name, rule):
+    """The one-line error for a bad option value: ValueError("--k 0: must be positive")."""
+    return ValueError(f"{flag_of(name)} {getattr(opts, name)}: {rule}")
+
+
+def warn_if_given(argv, ignored):
+    """A one-line warning for each option in `ignored` ({name: why it has no effect}) that `argv` gives."""
+    for name, why in sorted(ignored.items()):
+        if any(arg == flag_of(name) or arg.startswith(flag_of(name) + "=") for arg in argv):
+            print(f"warning: {flag_of(name)} has no effect {why}", file=sys.stderr)
 
 
 def parse_bool(text):
@@ -57,7 +75,7 @@ def options_parser(options_class, description, aliases=None):
     comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(options_class), re.M))
     parser = OneLineErrors(description=description, allow_abbrev=False)
     for field in dataclasses.fields(options_class):
-        flags = ["--" + field.name.replace("_", "-"), *(aliases or {}).get(field.name, ())]
+        flags = [flag_of(field.name), *(aliases or {}).get(field.name, ())]
         help_text = comments.get(field.name, "").replace("%", "%%")  # argparse %-formats help texts
         if field.default not in (None, "", dataclasses.MISSING):  # None, "": a default that depends on others
             help_text += f" [{str(field.default).lower() if field.type is bool else field.default}]"

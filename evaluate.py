@@ -15,8 +15,8 @@ e(.) is an L2-normalised embedding, G the generated images of one subject, R its
                 else the mean pairwise (1 - DINO cosine) ("dino_diversity"; a different number, never called LPIPS)
 
 Protocol (the authors' generation, sdxl.GenerationConfig): 25 DreamBooth prompts of the subject's kind x 4 seeds
-(42..45) = 100 images per subject, DPM-Solver++ 2M, 30 steps, CFG 7.5, 1024 px; the adapter is waveft.load-ed and
-merged. Metric scores are means over a run's images; the comparison table gives mean +- std over subjects.
+(42..45) = 100 images per subject, DPM-Solver++ 2M, 30 steps, CFG 7.5, 1024 px; the adapter is loaded and merged.
+Metric scores are means over a run's images; the comparison table gives mean +- std over subjects.
 
     python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
     torchrun --nproc-per-node 8 evaluate.py --runs outputs/*    # the same, images generated on 8 GPUs
@@ -27,16 +27,14 @@ merged. Metric scores are means over a run's images; the comparison table gives 
 Layout: <output-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder
 and images/generation.json (settings + adapter hash: a rerun skips existing images only if they match), then
 scores.csv (one row per image), metrics.json, grid.png; <output-dir>/comparison.{md,csv} over all runs, one row per
-setting (the run's options without its subject) and prompt set. Every file goes through files.write_file (a
-temporary file, then a rename): a full disk or Ctrl-C leaves whole files only, and the same command continues,
-writing the bytes an uninterrupted evaluation writes. Under torchrun every rank generates its share of the
-(run, prompt) folders, then rank 0 alone scores; the images and numbers are those of one process. One pipeline per
-base model serves all its runs (the adapter is swapped, the weights restored bit for bit).
-`--metrics-only DIR` reads one folder per prompt from DIR, in either layout: ours (`<number>_<anything>/` holding the
-images, any names, and optionally prompt.txt, else the prompt is the folder name after the number, "_" -> " ") or
-the authors' (`prompt_<i>/prompt_<i>_sample_<j>_seed_<s>.png` with the prompt in prompt_<i>_info.txt's "Prompt:"
-line; DIR is their `<method>/<subject>` folder).
+setting (the run's options without its subject) and prompt set. Every file is written whole (files.py): a full disk
+or Ctrl-C leaves whole files only, and the same command continues, writing the bytes an uninterrupted evaluation
+writes. Under torchrun every rank generates its share of the (run, prompt) folders, then rank 0 alone scores; the
+images and numbers are those of one process. One pipeline per base model serves all its runs (the adapter is
+swapped, the weights restored bit for bit). `--metrics-only DIR` reads one folder per prompt, in our layout or the
+authors' (interop.read_image_folder).
 """
+
 import datetime
 import json
 import re
@@ -64,6 +62,266 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO was trained with these
 METRICS = dict(dino="DINO ↑", clip_i="CLIP-I ↑", clip_t="CLIP-T ↑", cmmd="CMMD ↓",  # comparison table headers
                lpips_diversity="LPIPS diversity ↑", dino_diversity="DINO diversity ↑")
+# Every file is written whole (files.write_file); a full disk is one line naming the file (files.WriteError), ending:
+AFTER_A_WRITE_ERROR = "the files written before are intact: make room and run the same command again (it continues)"
+
+
+@dataclass
+class Options:
+    runs: list = None  # run folders of train_dreambooth.py, e.g. outputs/*, or PEFT adapter folders (or --metrics-only)
+    metrics_only: str = None  # instead of --runs: score the images in this folder (our layout or the authors')
+    subject: str = None  # with --metrics-only or a PEFT folder: the DreamBooth subject (whose photos to compare with)
+    unique_token: str = sdxl.UNIQUE_TOKEN  # with --metrics-only or a PEFT folder: the rare token of the prompts
+    data_dir: str = None  # DreamBooth dataset folder; default: the one recorded in each run's config.json
+    model: str = None  # SDXL model; must be the run's own; default: the one in each run's config.json
+    output_dir: str = "evaluation"  # <output_dir>/<run>/ per run, comparison.md and .csv over all runs
+    images_per_prompt: int = 4  # images per prompt, with seeds --seed, --seed + 1, ...
+    seed: int = 42  # the first generation seed (the protocol: 42..45)
+    max_prompts: int = 25  # evaluate the first N of the 25 DreamBooth prompts (fewer for smoke runs)
+    steps: int = None  # sampler steps; default the protocol's 30 (sdxl.GenerationConfig); fewer for smoke runs
+    resolution: int = None  # image size in px; default the protocol's 1024; 64 for smoke runs
+    dino: str = "facebook/dino-vits16"  # DINO model: hub id, local folder, or tiny (random: smoke runs)
+    clip: str = "openai/clip-vit-base-patch32"  # CLIP for CLIP-I and CLIP-T: hub id, local folder, or tiny
+    cmmd_clip: str = "openai/clip-vit-large-patch14-336"  # CLIP for CMMD: hub id, local folder, or tiny
+
+
+def main(argv=None):
+    """The evaluation, step by step; each step is a function below, in the order it runs."""
+    opts = parse_args(argv)
+    out_dir = Path(opts.output_dir)
+    to_evaluate = runs.read_runs(opts)  # every rank checks the same things and fails the same way
+    # torchrun: one GPU per rank; the one collective is the barrier after generation, where ranks may wait hours for
+    # one another (a resumed run's shares differ), so gloo (also between GPUs: nothing big is exchanged), long timeout
+    rank, world_size, device = distributed.init_distributed("cuda" if torch.cuda.is_available() else "cpu",
+                                                            backend="gloo", timeout=datetime.timedelta(days=7))
+    if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
+        models, lpips_model = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device), load_lpips()
+    gen_cfg = sdxl.GenerationConfig()
+    gen_cfg = replace(gen_cfg, num_inference_steps=opts.steps or gen_cfg.num_inference_steps,
+                      resolution=opts.resolution or gen_cfg.resolution)
+    seeds = [opts.seed + i for i in range(opts.images_per_prompt)]
+
+    # 1. Generation: each run's images, from its adapter merged into its base model (this rank's share)
+    plans, generated = generate_images(to_evaluate, opts, gen_cfg, seeds, out_dir, rank, world_size, device)
+    if world_size > 1:
+        print(f"rank {rank}: generated {generated} images", file=sys.stderr)
+        distributed.barrier(world_size)  # every image is on disk
+        distributed.leave_ranks(world_size)
+        if rank != 0:
+            return []
+
+    # 2. Scoring (rank 0): each run's images against its subject's photos and their prompts
+    all_metrics = [score_run(run, entries, settings, models, lpips_model, opts, seeds, out_dir)
+                   for run, entries, settings in plans]
+
+    # 3. The comparison: one row per setting and prompt set, mean +- std over its subjects
+    table = write_comparison(all_metrics, out_dir)
+    tiny = "tiny" in models.names.values()
+    print(table + f"\nwritten to {out_dir}/" + ("  (tiny metric models: these numbers mean nothing)" if tiny else ""))
+    return all_metrics
+
+
+def parse_args(argv=None):
+    """Options from the command line: one --flag per field of Options (--out-dir: the old name of --output-dir)."""
+    parser = cli.options_parser(Options, __doc__.split("\n\n")[0], aliases=dict(output_dir=["--out-dir"]))
+    opts = Options(**vars(parser.parse_args(argv)))
+    if bool(opts.runs) == bool(opts.metrics_only):
+        parser.error("pass either --runs (run folders to evaluate) or --metrics-only (a folder of images to score)")
+    if opts.metrics_only and not opts.subject:
+        parser.error("--metrics-only needs --subject (whose real photos the images are compared with)")
+    for name in ("images_per_prompt", "max_prompts", "steps", "resolution"):
+        if getattr(opts, name) is not None and getattr(opts, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(opts, name)}")
+    return opts
+
+
+def prompt_set(opts):
+    """The prompts the images were made from, the other half of a row's key (and shown in its table line)."""
+    if opts.metrics_only:
+        return "from the image folders"
+    return "dreambooth" if opts.max_prompts >= 25 else f"dreambooth (first {opts.max_prompts})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Generation: the protocol's images with each run's adapter, on disk once (a rerun makes only what is missing)
+
+def generate_images(to_evaluate, opts, gen_cfg, seeds, out_dir, rank, world_size, device):
+    """Every run's missing images (this rank's share), and what each run is to be scored on: [(run, entries,
+    settings)] (see generate_missing), and how many images this rank made. --metrics-only images are read as they
+    are. The n-th (run, prompt) folder over all runs belongs to rank n % world_size: a fixed rule that needs no
+    communication, and a prompt's seeds are made in their usual batches, so every image is the one 1 process makes."""
+    pipelines, plans, generated, n = {}, [], 0, 0
+    for run in to_evaluate:
+        if run.adapter is None:  # --metrics-only
+            plans.append((run, interop.read_image_folder(run.images_dir), None))
+            continue
+        prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:opts.max_prompts]
+        mine = [i for i in range(len(prompts)) if (n + i) % world_size == rank]
+        n += len(prompts)
+        entries, settings, count = generate_missing(run, out_dir / run.name / "images", prompts, seeds, gen_cfg,
+                                                    device, mine, pipelines)
+        plans.append((run, entries, settings))
+        generated += count
+    return plans, generated  # the pipeline (in `pipelines`) goes: its memory is free for scoring
+
+
+def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None, pipelines=None):
+    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes, byte for
+    byte; under torchrun only those of the prompts `mine` (indices; default all), this rank's share. Returns
+    [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
+    depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
+    settings or another adapter (by its hash) are an error, never silently reused."""
+    settings = dict(model=run.config["model"], adapter_sha256=runs.adapter_hash(run.adapter),
+                    steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
+                    solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
+    record = images_dir / "generation.json"
+    old = json.loads(record.read_text()) if record.is_file() else settings
+    if old != settings:
+        changed = [key for key in settings if old.get(key) != settings[key]]
+        raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
+                         f"that folder or pass another --output-dir")
+    folders = [images_dir / (f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60])  # a safe name
+               for i, prompt in enumerate(prompts)]
+    entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
+    missing = {i: [seed for seed in seeds if not (folders[i] / f"seed{seed}.png").is_file()]
+               for i in (range(len(prompts)) if mine is None else mine)}
+    missing = {i: todo for i, todo in missing.items() if todo}
+    if not missing:
+        return entries, settings, 0  # nothing to do: not even the pipeline is loaded
+    # the adapter first: one that does not fit the model is refused before any file is written
+    pipe = adapted_pipeline({} if pipelines is None else pipelines, run.config["model"], run.adapter, device)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    save(record, json.dumps(settings, indent=2) + "\n")  # every rank writes the same text
+    # A seed's image can differ in the last bits between batches of other seeds (batched kernels sum in another
+    # order), so a missing image is made in the batch an uninterrupted run makes it in: the prompt's seeds in
+    # batches of gen_cfg.batch_size, and only the batches with a missing seed. A resumed evaluation (or a torchrun
+    # rank) then writes exactly the bytes one uninterrupted process writes.
+    batches = [seeds[start:start + gen_cfg.batch_size] for start in range(0, len(seeds), gen_cfg.batch_size)]
+    with tqdm(total=sum(map(len, missing.values())), desc=f"{run.name}: generating", unit="image") as bar:
+        for i, todo in missing.items():
+            folders[i].mkdir(parents=True, exist_ok=True)
+            save(folders[i] / "prompt.txt", prompts[i] + "\n")
+            for batch in [batch for batch in batches if set(batch) & set(todo)]:
+                for seed, image in zip(batch, sdxl.generate(pipe, [prompts[i]], batch, gen_cfg)):
+                    if seed in todo:  # the batch's other images are on disk already, the same bytes
+                        save(folders[i] / f"seed{seed}.png", image)
+                        bar.update(1)
+    return entries, settings, sum(map(len, missing.values()))
+
+
+@torch.no_grad()
+def adapted_pipeline(pipelines, model, adapter, device):
+    """The pipeline of `model` with `adapter` loaded and merged (the update folded into W: sampling costs what the
+    base model costs). `pipelines` ({model: (pipeline, originals)}) keeps one pipeline for the next run of the same
+    model: its adapter is taken out (waveft.remove) and every weight entry the merge changed is put back bit for
+    bit, because merge + unmerge is exact only up to rounding, and an image must not depend on which run came
+    before it (resuming, torchrun). The CPU copy this takes is at most the adapted weights once (keep_original)."""
+    if model not in pipelines:
+        pipelines.clear()  # one model in memory at a time
+        pipe = hub.from_pretrained(sdxl.load_pipeline, model)  # float32; generate() autocasts on CUDA
+        pipelines[model] = (pipe.to(device), {})
+    pipe, originals = pipelines[model]
+    if waveft.adapted_layers(pipe.unet):
+        waveft.remove(pipe.unet)
+        for name, kept in originals.items():
+            put_back(pipe.unet.get_submodule(name).weight, kept)
+    try:
+        interop.load_adapter(pipe.unet, adapter)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
+    originals.clear()
+    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's extra copy at most
+        before = layer.base.weight.clone()
+        waveft.merge(layer)
+        originals[name] = keep_original(before, layer.base.weight)
+    return pipe
+
+
+def keep_original(before, after):
+    """What puts a merged layer's weight back to `before` bit for bit, on the CPU: the smaller of its sparse diff,
+    (int64 index, value) of every entry the merge changed, and a dense copy of `before` in its own dtype, as
+    (None, copy). WaveFT changes k footprints per layer: its diff is small (~70 MB over SDXL's 560 layers at
+    k = 2592). LoRA changes every entry: its diff would be 3x the weight in float32 (12 bytes an entry; 11.5 GB for
+    SDXL), the dense copy is 1x. So what is kept over all layers is at most one copy of the adapted weights in their
+    dtype (SDXL: 955 M entries, 3.8 GB in float32), whatever the method."""
+    changed = (after != before) | (torch.signbit(after) != torch.signbit(before))  # -0.0 vs 0.0 counts too
+    where = changed.view(-1).nonzero().squeeze(1)
+    if where.numel() * (where.element_size() + before.element_size()) < before.numel() * before.element_size():
+        return where.cpu(), before.view(-1)[where].cpu()
+    return None, before.cpu()
+
+
+def put_back(weight, kept):
+    """Undo a merge exactly from keep_original's record."""
+    where, values = kept
+    if where is None:
+        weight.copy_(values)
+    else:
+        weight.view(-1).index_copy_(0, where.to(weight.device), values.to(weight.device))
+
+
+def save(path, data):
+    """files.write_file(path, data): str, bytes or a PIL image (as PNG), written whole; a full disk is one line. An
+    interrupted evaluation leaves no half-written image to be taken as finished."""
+    return files.write_file(path, data, advice=AFTER_A_WRITE_ERROR)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Scoring: one run's images, laid out by prompt
+
+def score_run(run, entries, settings, models, lpips_model, opts, seeds, out_dir):
+    """Score one run's images (entries: [(prompt_idx, prompt, path)]) against its subject's photos and their prompts;
+    write <out_dir>/<run>/scores.csv, metrics.json and grid.png. Returns the metrics."""
+    run_out = out_dir / run.name
+    run_out.mkdir(parents=True, exist_ok=True)
+    real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
+    rows, metrics, images = score(entries, real_images, models, run.unique_token, lpips_model)
+    method, budget = runs.method_and_budget(run.config)
+    metrics = dict(run=run.name, subject=run.subject, setting=run.setting, prompt_set=prompt_set(opts),
+                   method=method, budget=budget,
+                   trainable_params=runs.count_trainable(run.adapter) if run.adapter else None,
+                   n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
+                   **metrics, metric_models=models.names, meaningless_tiny_models="tiny" in models.names.values(),
+                   generation=dict(settings, seeds=seeds) if run.adapter else None)
+    files.write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows],
+                    AFTER_A_WRITE_ERROR)
+    save(run_out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    pictures.write_grid(run_out / "grid.png", real_images, entries, images, advice=AFTER_A_WRITE_ERROR)
+    return metrics
+
+
+def score(entries, real_images, models, unique_token, lpips_model=None):
+    """entries: [(prompt_idx, prompt, path)]. Returns (one row per image, the run's metrics, the loaded images)."""
+    images = [sdxl.load_image(path) for _, _, path in tqdm(entries, desc="scoring", unit="image")]
+
+    def embed(model):  # the generated and the real images
+        return embed_images(model, images), embed_images(model, real_images)
+
+    (dino, dino_real), (clip, clip_real) = embed(models.dino), embed(models.clip)
+    text = embed_texts(models.clip, models.tokenizer, [strip_token(prompt, unique_token) for _, prompt, _ in entries])
+    per_image = dict(dino=mean_cosine(dino, dino_real), clip_i=mean_cosine(clip, clip_real), clip_t=clip_t(clip, text))
+    rows = [dict(prompt_idx=idx, prompt=prompt, file=str(path), seed=(re.findall(r"seed_?(\d+)", path.stem) or [""])[0],
+                 **{name: round(float(values[i]), 6) for name, values in per_image.items()})
+            for i, (idx, prompt, path) in enumerate(entries)]
+    metrics = {name: float(values.mean()) for name, values in per_image.items()}
+    metrics["cmmd"] = cmmd(clip, clip_real) if models.cmmd_clip is models.clip else cmmd(*embed(models.cmmd_clip))
+    by_prompt = group_by(range(len(entries)), key=lambda i: entries[i][0]).values()
+    groups = [group for group in by_prompt if len(group) >= 2]  # diversity needs pairs
+    if groups and lpips_model is not None:
+        metrics["lpips_diversity"] = float(np.mean([lpips_diversity([images[i] for i in group], lpips_model)
+                                                    for group in groups]))
+    elif groups:
+        metrics["dino_diversity"] = float(np.mean([dino_diversity(dino[group]) for group in groups]))
+    return rows, metrics, images
+
+
+def group_by(items, key):
+    """{key(item): [the items with that key]}, keys in order of first appearance."""
+    groups = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The metrics, on embeddings (rows = images). float64: they are tiny and then exact to compare.
@@ -240,156 +498,7 @@ def load_lpips():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring one run's images, laid out by prompt
-
-def group_by(items, key):
-    """{key(item): [the items with that key]}, keys in order of first appearance."""
-    groups = {}
-    for item in items:
-        groups.setdefault(key(item), []).append(item)
-    return groups
-
-
-def score(entries, real_images, models, unique_token, lpips_model=None):
-    """entries: [(prompt_idx, prompt, path)]. Returns (one row per image, the run's metrics, the loaded images)."""
-    images = [sdxl.load_image(path) for _, _, path in tqdm(entries, desc="scoring", unit="image")]
-
-    def embed(model):  # the generated and the real images
-        return embed_images(model, images), embed_images(model, real_images)
-
-    (dino, dino_real), (clip, clip_real) = embed(models.dino), embed(models.clip)
-    text = embed_texts(models.clip, models.tokenizer, [strip_token(prompt, unique_token) for _, prompt, _ in entries])
-    per_image = dict(dino=mean_cosine(dino, dino_real), clip_i=mean_cosine(clip, clip_real), clip_t=clip_t(clip, text))
-    rows = [dict(prompt_idx=idx, prompt=prompt, file=str(path), seed=(re.findall(r"seed_?(\d+)", path.stem) or [""])[0],
-                 **{name: round(float(values[i]), 6) for name, values in per_image.items()})
-            for i, (idx, prompt, path) in enumerate(entries)]
-    metrics = {name: float(values.mean()) for name, values in per_image.items()}
-    metrics["cmmd"] = cmmd(clip, clip_real) if models.cmmd_clip is models.clip else cmmd(*embed(models.cmmd_clip))
-    by_prompt = group_by(range(len(entries)), key=lambda i: entries[i][0]).values()
-    groups = [group for group in by_prompt if len(group) >= 2]  # diversity needs pairs
-    if groups and lpips_model is not None:
-        metrics["lpips_diversity"] = float(np.mean([lpips_diversity([images[i] for i in group], lpips_model)
-                                                    for group in groups]))
-    elif groups:
-        metrics["dino_diversity"] = float(np.mean([dino_diversity(dino[group]) for group in groups]))
-    return rows, metrics, images
-
-
-# Every file of an evaluation is written by files.write_file: made in memory, written to a temporary file, renamed.
-# A full disk then fails in one line naming the file (files.WriteError), and the file it would have replaced (an
-# image, a table) stays as it was; an interrupted evaluation leaves no half-written image to be taken as finished.
-AFTER_A_WRITE_ERROR = "the files written before are intact: make room and run the same command again (it continues)"
-
-
-def save(path, data):
-    """files.write_file(path, data): str, bytes or a PIL image (as PNG)."""
-    return files.write_file(path, data, advice=AFTER_A_WRITE_ERROR)
-
-
-def prompt_set(opts):
-    """The prompts the images were made from, the other half of a row's key (and shown in its table line)."""
-    if opts.metrics_only:
-        return "from the image folders"
-    return "dreambooth" if opts.max_prompts >= 25 else f"dreambooth (first {opts.max_prompts})"
-
-
-def keep_original(before, after):
-    """What puts a merged layer's weight back to `before` bit for bit, on the CPU: the smaller of its sparse diff,
-    (int64 index, value) of every entry the merge changed, and a dense copy of `before` in its own dtype, as
-    (None, copy). WaveFT changes k footprints per layer: its diff is small (~70 MB over SDXL's 560 layers at
-    k = 2592). LoRA changes every entry: its diff would be 3x the weight in float32 (12 bytes an entry; 11.5 GB for
-    SDXL), the dense copy is 1x. So what is kept over all layers is at most one copy of the adapted weights in their
-    dtype (SDXL: 955 M entries, 3.8 GB in float32), whatever the method."""
-    changed = (after != before) | (torch.signbit(after) != torch.signbit(before))  # -0.0 vs 0.0 counts too
-    where = changed.view(-1).nonzero().squeeze(1)
-    if where.numel() * (where.element_size() + before.element_size()) < before.numel() * before.element_size():
-        return where.cpu(), before.view(-1)[where].cpu()
-    return None, before.cpu()
-
-
-def put_back(weight, kept):
-    """Undo a merge exactly from keep_original's record."""
-    where, values = kept
-    if where is None:
-        weight.copy_(values)
-    else:
-        weight.view(-1).index_copy_(0, where.to(weight.device), values.to(weight.device))
-
-
-@torch.no_grad()
-def adapted_pipeline(pipelines, model, adapter, device):
-    """The pipeline of `model` with `adapter` loaded and merged (the update folded into W: sampling costs what the
-    base model costs). `pipelines` ({model: (pipeline, originals)}) keeps one pipeline for the next run of the same
-    model: its adapter is taken out (waveft.remove) and every weight entry the merge changed is put back bit for
-    bit, because merge + unmerge is exact only up to rounding, and an image must not depend on which run came
-    before it (resuming, torchrun). The CPU copy this takes is at most the adapted weights once (keep_original)."""
-    if model not in pipelines:
-        pipelines.clear()  # one model in memory at a time
-        pipe = hub.from_pretrained(sdxl.load_pipeline, model)  # float32; generate() autocasts on CUDA
-        pipelines[model] = (pipe.to(device), {})
-    pipe, originals = pipelines[model]
-    if waveft.adapted_layers(pipe.unet):
-        waveft.remove(pipe.unet)
-        for name, kept in originals.items():
-            put_back(pipe.unet.get_submodule(name).weight, kept)
-    try:
-        interop.load_adapter(pipe.unet, adapter)
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
-    originals.clear()
-    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's extra copy at most
-        before = layer.base.weight.clone()
-        waveft.merge(layer)
-        originals[name] = keep_original(before, layer.base.weight)
-    return pipe
-
-
-def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None, pipelines=None):
-    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes, byte for
-    byte; under torchrun only those of the prompts `mine` (indices; default all), this rank's share. Returns
-    [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
-    depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
-    settings or another adapter (by its hash) are an error, never silently reused."""
-    settings = dict(model=run.config["model"], adapter_sha256=runs.adapter_hash(run.adapter),
-                    steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
-                    solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
-    record = images_dir / "generation.json"
-    old = json.loads(record.read_text()) if record.is_file() else settings
-    if old != settings:
-        changed = [key for key in settings if old.get(key) != settings[key]]
-        raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
-                         f"that folder or pass another --output-dir")
-    folders = [images_dir / (f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60])  # a safe name
-               for i, prompt in enumerate(prompts)]
-    entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
-    missing = {i: [seed for seed in seeds if not (folders[i] / f"seed{seed}.png").is_file()]
-               for i in (range(len(prompts)) if mine is None else mine)}
-    missing = {i: todo for i, todo in missing.items() if todo}
-    if not missing:
-        return entries, settings, 0  # nothing to do: not even the pipeline is loaded
-    # the adapter first: one that does not fit the model is refused before any file is written
-    pipe = adapted_pipeline({} if pipelines is None else pipelines, run.config["model"], run.adapter, device)
-    images_dir.mkdir(parents=True, exist_ok=True)
-    save(record, json.dumps(settings, indent=2) + "\n")  # every rank writes the same text
-    # A seed's image can differ in the last bits between batches of other seeds (batched kernels sum in another
-    # order), so a missing image is made in the batch an uninterrupted run makes it in: the prompt's seeds in
-    # batches of gen_cfg.batch_size, and only the batches with a missing seed. A resumed evaluation (or a torchrun
-    # rank) then writes exactly the bytes one uninterrupted process writes.
-    batches = [seeds[start:start + gen_cfg.batch_size] for start in range(0, len(seeds), gen_cfg.batch_size)]
-    with tqdm(total=sum(map(len, missing.values())), desc=f"{run.name}: generating", unit="image") as bar:
-        for i, todo in missing.items():
-            folders[i].mkdir(parents=True, exist_ok=True)
-            save(folders[i] / "prompt.txt", prompts[i] + "\n")
-            for batch in [batch for batch in batches if set(batch) & set(todo)]:
-                for seed, image in zip(batch, sdxl.generate(pipe, [prompts[i]], batch, gen_cfg)):
-                    if seed in todo:  # the batch's other images are on disk already, the same bytes
-                        save(folders[i] / f"seed{seed}.png", image)
-                        bar.update(1)
-    return entries, settings, sum(map(len, missing.values()))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The comparison table: one line per configuration (setting and prompt set), mean +- std over its subjects
+# 3. The comparison table: one line per configuration (setting and prompt set), mean +- std over its subjects
 
 def write_comparison(all_metrics, out_dir):
     """Writes comparison.md (returned) and comparison.csv; a metric no run has gets no column.
@@ -429,105 +538,6 @@ def write_comparison(all_metrics, out_dir):
     save(out_dir / "comparison.md", "\n".join(md) + "\n")
     files.write_csv(out_dir / "comparison.csv", rows, AFTER_A_WRITE_ERROR)
     return "\n".join(md)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The command line
-
-@dataclass
-class Options:
-    runs: list = None  # run folders of train_dreambooth.py, e.g. outputs/*, or PEFT adapter folders (or --metrics-only)
-    metrics_only: str = None  # instead of --runs: score the images in this folder (our layout or the authors')
-    subject: str = None  # with --metrics-only or a PEFT folder: the DreamBooth subject (whose photos to compare with)
-    unique_token: str = sdxl.UNIQUE_TOKEN  # with --metrics-only or a PEFT folder: the rare token of the prompts
-    data_dir: str = None  # DreamBooth dataset folder; default: the one recorded in each run's config.json
-    model: str = None  # SDXL model; must be the run's own; default: the one in each run's config.json
-    output_dir: str = "evaluation"  # <output_dir>/<run>/ per run, comparison.md and .csv over all runs
-    images_per_prompt: int = 4  # images per prompt, with seeds --seed, --seed + 1, ...
-    seed: int = 42  # the first generation seed (the protocol: 42..45)
-    max_prompts: int = 25  # evaluate the first N of the 25 DreamBooth prompts (fewer for smoke runs)
-    steps: int = None  # sampler steps; default the protocol's 30 (sdxl.GenerationConfig); fewer for smoke runs
-    resolution: int = None  # image size in px; default the protocol's 1024; 64 for smoke runs
-    dino: str = "facebook/dino-vits16"  # DINO model: hub id, local folder, or tiny (random: smoke runs)
-    clip: str = "openai/clip-vit-base-patch32"  # CLIP for CLIP-I and CLIP-T: hub id, local folder, or tiny
-    cmmd_clip: str = "openai/clip-vit-large-patch14-336"  # CLIP for CMMD: hub id, local folder, or tiny
-
-
-def parse_args(argv=None):
-    """Options from the command line: one --flag per field of Options (--out-dir: the old name of --output-dir)."""
-    parser = cli.options_parser(Options, __doc__.split("\n\n")[0], aliases=dict(output_dir=["--out-dir"]))
-    opts = Options(**vars(parser.parse_args(argv)))
-    if bool(opts.runs) == bool(opts.metrics_only):
-        parser.error("pass either --runs (run folders to evaluate) or --metrics-only (a folder of images to score)")
-    if opts.metrics_only and not opts.subject:
-        parser.error("--metrics-only needs --subject (whose real photos the images are compared with)")
-    for name in ("images_per_prompt", "max_prompts", "steps", "resolution"):
-        if getattr(opts, name) is not None and getattr(opts, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(opts, name)}")
-    return opts
-
-
-def main(argv=None):
-    opts = parse_args(argv)
-    out_dir = Path(opts.output_dir)
-    to_evaluate = runs.read_runs(opts)  # every rank checks the same things and fails the same way
-    # torchrun: one GPU per rank; the one collective is the barrier after generation, where ranks may wait hours for
-    # one another (a resumed run's shares differ), so gloo (also between GPUs: nothing big is exchanged), long timeout
-    rank, world_size, device = distributed.init_distributed("cuda" if torch.cuda.is_available() else "cpu",
-                                                            backend="gloo", timeout=datetime.timedelta(days=7))
-    if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
-        models = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device)
-        tiny, lpips_model = "tiny" in models.names.values(), load_lpips()
-    gen_cfg = sdxl.GenerationConfig()
-    gen_cfg = replace(gen_cfg, num_inference_steps=opts.steps or gen_cfg.num_inference_steps,
-                      resolution=opts.resolution or gen_cfg.resolution)
-    seeds = [opts.seed + i for i in range(opts.images_per_prompt)]
-
-    # 1. Generation. The n-th (run, prompt) folder over all runs belongs to rank n % world_size: a fixed rule that
-    # needs no communication, and a prompt's seeds are made in their usual batches, so every image is the one 1
-    # process makes.
-    pipelines, plans, generated, n = {}, [], 0, 0
-    for run in to_evaluate:
-        if run.adapter is None:  # --metrics-only
-            plans.append((run, interop.read_image_folder(run.images_dir), None))
-            continue
-        prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:opts.max_prompts]
-        mine = [i for i in range(len(prompts)) if (n + i) % world_size == rank]
-        n += len(prompts)
-        entries, settings, count = generate_missing(run, out_dir / run.name / "images", prompts, seeds, gen_cfg,
-                                                    device, mine, pipelines)
-        plans.append((run, entries, settings))
-        generated += count
-    pipelines.clear()  # the pipeline's memory is free for scoring
-    if world_size > 1:
-        print(f"rank {rank}: generated {generated} images", file=sys.stderr)
-        distributed.barrier(world_size)  # every image is on disk
-        distributed.leave_ranks(world_size)
-        if rank != 0:
-            return []
-
-    # 2. Scoring (rank 0)
-    all_metrics = []
-    for run, entries, settings in plans:
-        run_out = out_dir / run.name
-        run_out.mkdir(parents=True, exist_ok=True)
-        real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
-        rows, metrics, images = score(entries, real_images, models, run.unique_token, lpips_model)
-        method, budget = runs.method_and_budget(run.config)
-        metrics = dict(run=run.name, subject=run.subject, setting=run.setting, prompt_set=prompt_set(opts),
-                       method=method, budget=budget,
-                       trainable_params=runs.count_trainable(run.adapter) if run.adapter else None,
-                       n_images=len(rows), n_prompts=len({r["prompt_idx"] for r in rows}), n_real=len(real_images),
-                       **metrics, metric_models=models.names, meaningless_tiny_models=tiny,
-                       generation=dict(settings, seeds=seeds) if run.adapter else None)
-        files.write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows],
-                        AFTER_A_WRITE_ERROR)
-        save(run_out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        pictures.write_grid(run_out / "grid.png", real_images, entries, images, advice=AFTER_A_WRITE_ERROR)
-        all_metrics.append(metrics)
-    table = write_comparison(all_metrics, out_dir)
-    print(table + f"\nwritten to {out_dir}/" + ("  (tiny metric models: these numbers mean nothing)" if tiny else ""))
-    return all_metrics
 
 
 def run_command(argv=None):

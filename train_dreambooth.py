@@ -33,6 +33,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,22 +101,73 @@ NO_EFFECT_ON_RESULT = {"data_dir", "output_dir", "run_name", "overwrite", "resum
 RESUMABLE = NO_EFFECT_ON_RESULT | {"steps"}
 
 
+def main(argv=None):
+    """The recipe, step by step; each step is a function below, in the order it runs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts = parse_options(argv)
+    # Everything that can be checked is checked before a multi-GB model loads, and nothing is written before
+    # training starts: bad input fails in seconds, naming what is wrong, and a refused start changes no file.
+    class_name, image_paths, images, source = read_photos(opts)
+    instance_prompt = f"a {opts.unique_token} {class_name}"
+    run_dir = Path(opts.output_dir) / (opts.run_name or run_name(opts))
+    resume_state = runs.check_run_dir(run_dir, opts, RESUMABLE | ignored_options(opts).keys())
+    rank, world_size, device = start_processes(opts, source)
+
+    # The model: the frozen pipeline with trainable adapters in its UNet. Then everything its frozen parts compute,
+    # computed once: the latents of the (cropped) photos [and class images], the text embeddings.
+    pipe = load_model(opts, device)
+    gen_cfg = sdxl.GenerationConfig(resolution=opts.resolution, num_inference_steps=opts.sample_steps)
+    generator = torch.Generator().manual_seed(opts.seed)  # the training RNG: crops, order, VAE samples, noise, t
+    cached = cache_inputs(pipe, opts, images, image_paths, instance_prompt, class_name, gen_cfg, generator, device,
+                          rank, world_size)
+
+    # The training state: the adapter's parameters, AdamW, the place in the passes over the photos (from the
+    # checkpoint with --resume), the same on every rank
+    params, optimizer, passes, start = training_state(pipe.unet, opts, generator, resume_state, world_size)
+    if resume_state and start == opts.steps:  # e.g. the disk filled up after the last checkpoint
+        print(f"{run_dir / 'checkpoint.pt'} is at step {start} = --steps: nothing to train; the run's final files "
+              f"are written (again)")
+    config = run_config(opts, argv, class_name, instance_prompt, run_dir)
+    log = runs.start_files(run_dir, config, start, opts.overwrite) if rank == 0 else None  # the first file written
+    print(f"{run_dir.name}: {opts.method} on {len(waveft.adapted_layers(pipe.unet))} layers of {opts.model}, "
+          f"{waveft.count_parameters(pipe.unet):,} trainable parameters; {len(image_paths)} images of "
+          f"{instance_prompt!r}{' + prior preservation' if opts.prior_preservation else ''}\n"
+          f"device {device}, {'bf16 autocast' if opts.mixed_precision == 'bf16' else 'float32'}"
+          f"{', gradient checkpointing' if opts.gradient_checkpointing else ''}, steps {start}->{opts.steps} "
+          f"x {opts.grad_accum} micro-batches, output {run_dir}", flush=True)
+    train(pipe, cached, params, optimizer, generator, passes, start, opts, run_dir, log, rank, world_size, device)
+    distributed.leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
+    if rank != 0:
+        return run_dir
+
+    # The run's final files: the last checkpoint and loss.png, the adapter, the validation grid, the merged UNet
+    runs.save_checkpoint(run_dir / "checkpoint.pt", opts.steps, params, optimizer, generator, opts, passes)
+    runs.plot_losses(run_dir)
+    save_adapter(pipe.unet, run_dir, opts, config)
+    if opts.validation_prompts:
+        save_validation_grid(pipe, run_dir, opts, instance_prompt, gen_cfg, device)
+    if opts.save_merged:
+        # W + dW in float32, as load_pipeline loads the base: from the base UNet loaded again in float32 on the CPU
+        # (the training UNet's W may be bf16-rounded, and a float32 SDXL UNet, 10 GB, has no place on the training
+        # GPU) and the adapter just saved; shard by shard into a temporary folder that then replaces merged_unet/.
+        interop.export_merged(run_dir, model=opts.model, overwrite=True)
+    print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}"
+          f"{' and merged_unet/' if opts.save_merged else ''}")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The options: read, checked, their automatic defaults resolved
+
 def parse_options(argv=None):
     """argparse generated from Options: --some-field VALUE for every field, help = the field's comment. Then every
     value is checked (a bad one stops with one line naming the option) and the automatic defaults are resolved."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = cli.options_parser(Options, __doc__.split("\n")[0])
-    opts = Options(**vars(parser.parse_args(argv)))
+    opts = Options(**vars(cli.options_parser(Options, __doc__.split("\n")[0]).parse_args(argv)))
     ignored = ignored_options(opts)
-    for name, why in sorted(ignored.items()):  # given, but cannot matter: say so (and do not check it)
-        if any(arg == flag_of(name) or arg.startswith(flag_of(name) + "=") for arg in argv):
-            print(f"warning: {flag_of(name)} has no effect {why}", file=sys.stderr)
+    cli.warn_if_given(argv, ignored)  # given, but cannot matter: say so (and do not check it)
     check_options(opts, ignored)
     return resolve(opts)
-
-
-def flag_of(name):
-    return "--" + name.replace("_", "-")
 
 
 def ignored_options(opts):
@@ -130,30 +182,28 @@ def ignored_options(opts):
 
 def check_options(opts, ignored):
     """Raise ValueError naming the first bad option and its value."""
-    def bad(name, rule):
-        return ValueError(f"{flag_of(name)} {getattr(opts, name)}: {rule}")
     for name, allowed in (("method", ("waveft", "lora")), ("mixed_precision", ("auto", "bf16", "no")),
                           ("wavelet", dwt.WAVELETS), ("batching", BATCHING),
                           ("text_conditioning", sdxl.TEXT_CONDITIONINGS)):
         if name not in ignored and getattr(opts, name) not in allowed:
-            raise bad(name, f"must be one of {', '.join(allowed)}")
+            raise cli.bad_value(opts, name, f"must be one of {', '.join(allowed)}")
     for name in ("k", "rank", "steps", "grad_accum", "checkpoint_every", "class_images", "sample_steps", "lr",
                  "max_grad_norm", "resolution"):
         value = getattr(opts, name)
         if name not in ignored and value is not None and value <= 0:
-            raise bad(name, "must be positive")
+            raise cli.bad_value(opts, name, "must be positive")
     if opts.resolution is not None and opts.resolution % 64:
-        raise bad("resolution", "must be a multiple of 64")
+        raise cli.bad_value(opts, "resolution", "must be a multiple of 64")
     if opts.validation_prompts < 0:
-        raise bad("validation_prompts", "must be 0 or more")
+        raise cli.bad_value(opts, "validation_prompts", "must be 0 or more")
     if opts.resume and opts.overwrite:
         raise ValueError("--resume continues the run in its folder, --overwrite starts it again: give one of them")
     try:
         device = torch.device("cuda" if opts.device == "auto" else opts.device)
     except RuntimeError:
-        raise bad("device", "not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise cli.bad_value(opts, "device", "not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if opts.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
-        raise bad("device", "CUDA is not available here")
+        raise cli.bad_value(opts, "device", "CUDA is not available here")
 
 
 def resolve(opts):
@@ -181,11 +231,95 @@ def run_name(opts):
     return runs.run_name(opts, defaults, NO_EFFECT_ON_RESULT | ignored_options(opts).keys())
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Before the model: the photos, the processes
+
+def read_photos(opts):
+    """The subject's class and photos, each decoded now (a corrupt file fails here, by name); the dataset's folder
+    is recorded in opts.data_dir as an absolute path, for config.json. Returns the class, the photo files, the
+    images, and where the dataset was found."""
+    data_dir, source = sdxl.find_data_dir(opts.data_dir)
+    opts.data_dir = str(data_dir.resolve())
+    image_paths = sdxl.instance_images(opts.data_dir, opts.subject)
+    images = [sdxl.load_image(path) for path in image_paths]
+    return sdxl.read_classes(opts.data_dir).get(opts.subject), image_paths, images, source
+
+
 CLASS_IMAGES_WAIT = datetime.timedelta(days=7)  # torchrun: the ranks wait this long for rank 0's class images
 
 
+def start_processes(opts, data_source):
+    """Join torchrun's ranks, if any (rank 0 alone prints from here on), and say where the data is. Returns (rank,
+    world_size, device): (0, 1, device) without torchrun."""
+    # With --prior-preservation the other ranks wait at a barrier while rank 0 makes the class images (up to 100, an
+    # hour on a slow GPU): the long timeout evaluate.py uses, not torch's default (10 minutes with NCCL), which
+    # otherwise keeps catching a hung rank.
+    rank, world_size, device = distributed.init_distributed(
+        opts.device, timeout=CLASS_IMAGES_WAIT if opts.prior_preservation else None)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+    print(f"dataset: {opts.data_dir} ({data_source})")
+    if opts.model != "tiny" and device.type == "cpu":
+        print(f"note: training {opts.model} on the CPU takes hours per run; --model tiny runs the whole loop in "
+              f"a minute, a GPU the real thing", flush=True)
+    if opts.model == "tiny" and device.type == "cpu":
+        torch.set_num_threads(1)  # its ops are too small to gain from threads; on a busy 2-core machine they lose 4x
+    return rank, world_size, device
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Data: one random square crop per image, made once, with SDXL's micro-conditioning recorded for it
+# The model, and what its frozen parts compute (once)
+
+def load_model(opts, device):
+    """The pipeline (float32, the VAE and text encoders too) with adapters in its UNet (created in float32 even on
+    a bf16 UNet), on `device`. Injecting now checks --k against every layer before anything is written."""
+    pipe = hub.from_pretrained(sdxl.load_pipeline, opts.model)
+    if opts.mixed_precision == "bf16":  # the same on any device: torch's CPU autocast has bfloat16 too
+        # The frozen UNet in bf16 halves its memory; cast before inject, so the adapters are made float32.
+        # (.bfloat16(), the same cast as .to(dtype), which makes diffusers warn about float32 modules it has none of)
+        pipe.unet.bfloat16()
+    add_adapter(pipe.unet, opts)
+    return pipe.to(device)
+
+
+def add_adapter(unet, opts):
+    waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
+                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank, init_seed=opts.seed, fast=opts.fast)
+
+
+class Cached(NamedTuple):
+    """What the frozen parts compute, computed once before training."""
+    instance: tuple  # the photos' VAE posteriors and time ids: (means, stds, time_ids) (encode_images)
+    prior: tuple  # the same for the class images (None without --prior-preservation)
+    prompt_embeds: torch.Tensor  # (1 or 2, 77, d): the instance prompt [and "a <class>"] (sdxl.encode_prompt)
+    pooled: torch.Tensor  # (1 or 2, d_pooled)
+    latent_scale: float  # the VAE's scaling_factor and shift_factor: x0 = (latent - shift) * scale
+    latent_shift: float
+
+
+def cache_inputs(pipe, opts, images, image_paths, instance_prompt, class_name, gen_cfg, generator, device, rank,
+                 world_size):
+    """Encode the photos (and, with --prior-preservation, make and encode the class images) and the prompts, then
+    move the VAE and text encoders off the accelerator."""
+    instance = encode_images(pipe.vae, images, image_paths, opts.resolution, generator, device)
+    prior, prompts = None, [instance_prompt]
+    if opts.prior_preservation:
+        waveft.remove(pipe.unet)  # class images come from the base model
+        if rank == 0:  # rank 0 generates the missing class images, the others wait for them
+            ensure_class_images(pipe, opts, class_name, gen_cfg)
+        distributed.barrier(world_size)
+        class_paths = ensure_class_images(pipe, opts, class_name, gen_cfg)
+        add_adapter(pipe.unet, opts)
+        class_images = [sdxl.load_image(path) for path in class_paths]
+        prior = encode_images(pipe.vae, class_images, class_paths, opts.resolution, generator, device)
+        prompts.append(f"a {class_name}")
+    prompt_embeds, pooled = sdxl.encode_prompt(pipe, prompts, opts.text_conditioning)
+    if not (torch.isfinite(prompt_embeds).all() and torch.isfinite(pooled).all()):
+        raise ValueError(f"text embeddings of {instance_prompt!r} are not finite")
+    pipe.vae.to("cpu"), pipe.text_encoder.to("cpu"), pipe.text_encoder_2.to("cpu")  # free the accelerator
+    vae = pipe.vae.config
+    return Cached(instance, prior, prompt_embeds, pooled, vae.scaling_factor, getattr(vae, "shift_factor", 0) or 0)
+
 
 def crop_image(image, resolution, generator):
     """Resize the shorter side to `resolution`, then one random square crop. Returns the crop as a (3, R, R) tensor
@@ -236,7 +370,106 @@ def ensure_class_images(pipe, opts, class_name, gen_cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The diffusion loss
+# Training
+
+def training_state(unet, opts, generator, resume_state, world_size):
+    """The adapter's parameters {name: Parameter}, AdamW over them, the place in the passes over the photos, and
+    the first step: restored from the checkpoint with --resume (the generator too), then rank 0's on every rank."""
+    params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    if opts.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(params.values(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay,
+                                  eps=1e-8)
+    passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
+    start = runs.restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
+    distributed.broadcast_from_rank0(params, world_size)
+    return params, optimizer, passes, start
+
+
+def run_config(opts, argv, class_name, instance_prompt, run_dir):
+    """config.json: every option, what was derived from them, and the command line."""
+    # "setting": the options that shape the result, without the subject, whatever --run-name called the folder:
+    # evaluate.py's comparison gives each setting its own row (the runs of one row differ only in their subject)
+    return {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
+            "run_name": run_dir.name, "setting": run_name(opts).removeprefix(f"{opts.subject}-"), "argv": argv}
+
+
+def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_dir, log, rank, world_size, device):
+    """Steps start+1 .. opts.steps. One step: plan its micro-batches, compute this rank's share (forward, backward),
+    sum gradients and losses over the ranks, clip, AdamW, log the loss; a checkpoint every --checkpoint-every steps.
+    Ctrl-C finishes the step, saves a checkpoint and exits with 130 (a second Ctrl-C interrupts at once)."""
+    from diffusers import DDPMScheduler  # here, not at the top: a bad command line fails before its seconds of import
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.mixed_precision == "bf16")
+    checkpoint_path, stop_requested = run_dir / "checkpoint.pt", []
+
+    def request_stop(*_):
+        stop_requested.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    progress = tqdm(total=opts.steps, initial=start, desc=run_dir.name, disable=rank != 0)  # counts finished steps
+    try:
+        for step in range(start, opts.steps):
+            # Every rank plans the whole step (the same plan); each computes its share of the micro-batches.
+            plan = plan_step(opts.batching, passes, len(cached.instance[0]), len(cached.prior[0]) if cached.prior
+                             else 0, opts.grad_accum, generator, opts.seed if opts.fixed_noise else None)
+            step_loss, step_prior = 0.0, 0.0
+            for photo, class_image, seed in plan[rank::world_size]:
+                losses = micro_batch_losses(pipe.unet, scheduler, cached, photo, class_image, seed, device, autocast)
+                # DreamBooth's objective: instance MSE + weight * class-prior MSE (two explicit terms)
+                loss = losses[0] + (opts.prior_loss_weight * losses[1] if cached.prior else 0)
+                (loss / opts.grad_accum).backward()  # / grad_accum even in a short step (as accelerate does)
+                step_loss += losses[0].item()
+                step_prior += losses[1].item() if cached.prior else 0.0
+            # Gradients and loss sums of all ranks; the logged losses are means over the step's micro-batches.
+            step_loss, step_prior = distributed.sum_over_ranks(params, [step_loss, step_prior], world_size)
+            step_loss, step_prior = step_loss / len(plan), step_prior / len(plan)
+            if not math.isfinite(step_loss + step_prior):  # stop before the optimizer writes NaN into the adapter
+                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the last good state is in "
+                                         f"{checkpoint_path} (if one was written): lower --lr, or check the data")
+            torch.nn.utils.clip_grad_norm_(params.values(), opts.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if log is not None:  # the log before the checkpoint: it may run ahead of it, never behind
+                runs.append_loss(log, run_dir / "loss.csv", step + 1, step_loss, step_prior)
+            progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+            progress.update()  # before a Ctrl-C exit: the bar shows the step that is saved
+            stop = distributed.any_rank(stop_requested, world_size)  # all ranks stop after the same step
+            if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
+                runs.save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
+                runs.plot_losses(run_dir)
+            if stop:
+                print(f"\ninterrupted after step {step + 1}; checkpoint saved to {checkpoint_path}, "
+                      f"continue with the same command plus --resume", file=sys.stderr)
+                raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        progress.close()
+        if log is not None:  # rank 0's; a failed append was reported already, and the file keeps its rows
+            with contextlib.suppress(OSError):
+                os.close(log)
+
+
+def micro_batch_losses(unet, scheduler, cached, photo, class_image, seed, device, autocast):
+    """The losses of one micro-batch: the photo's [and the class image's], from the micro-batch's own seed (latent
+    sample, noise, timestep), so that any rank computes the same numbers."""
+    generator = torch.Generator().manual_seed(seed)
+    latents, time_ids = draw_latents(cached.instance, [photo], generator, cached.latent_scale, cached.latent_shift)
+    if cached.prior:
+        class_latents, class_ids = draw_latents(cached.prior, [class_image], generator, cached.latent_scale,
+                                                cached.latent_shift)
+        latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_ids])
+    return diffusion_losses(unet, scheduler, latents.to(device), cached.prompt_embeds[:len(latents)],
+                            cached.pooled[:len(latents)], time_ids.to(device), generator, autocast)
+
+
+def draw_latents(cache, index, generator, scaling_factor, shift_factor):
+    """Latents x0 = (mean + std * z - shift) * scale of the cached images `index` (a list or tensor of indices)."""
+    means, stds, time_ids = cache
+    z = torch.randn(means[index].shape, generator=generator)
+    return (means[index] + stds[index] * z - shift_factor) * scaling_factor, time_ids[index]
+
 
 def diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, generator, autocast):
     """Per-sample denoising MSE for a batch of clean latents (B, 4, h, w): noise them to a uniform random timestep,
@@ -255,13 +488,6 @@ def diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, 
         prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds,
                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-
-
-def draw_latents(cache, index, generator, scaling_factor, shift_factor):
-    """Latents x0 = (mean + std * z - shift) * scale of the cached images `index` (a list or tensor of indices)."""
-    means, stds, time_ids = cache
-    z = torch.randn(means[index].shape, generator=generator)
-    return (means[index] + stds[index] * z - shift_factor) * scaling_factor, time_ids[index]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,192 +549,29 @@ def plan_step(batching, passes, n_images, n_class_images, grad_accum, generator,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# After training: the adapter file and the validation grid
 
-def add_adapter(unet, opts):
-    waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
-                  seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank, init_seed=opts.seed, fast=opts.fast)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    opts = parse_options(argv)
-    from diffusers import DDPMScheduler  # here, not at the top: a bad command line fails before its seconds of import
-    # Everything that can be checked is checked before a multi-GB model loads, and nothing is written before
-    # training starts: bad input fails in seconds, naming what is wrong, and a refused start changes no file.
-    data_dir, source = sdxl.find_data_dir(opts.data_dir)
-    opts.data_dir = str(data_dir.resolve())  # config.json records where the data really was
-    class_name = sdxl.read_classes(opts.data_dir).get(opts.subject)
-    image_paths = sdxl.instance_images(opts.data_dir, opts.subject)
-    images = [sdxl.load_image(path) for path in image_paths]  # a corrupt file fails here, by name
-    run_dir = Path(opts.output_dir) / (opts.run_name or run_name(opts))
-    checkpoint_path, loss_path = run_dir / "checkpoint.pt", run_dir / "loss.csv"
-    resume_state = runs.check_run_dir(run_dir, opts, RESUMABLE | ignored_options(opts).keys())
-    device = torch.device(opts.device)
-    # (0, 1, device) without torchrun. With --prior-preservation the other ranks wait at a barrier while rank 0
-    # makes the class images (up to 100, an hour on a slow GPU): the long timeout evaluate.py uses, not torch's
-    # default (10 minutes with NCCL), which otherwise keeps catching a hung rank.
-    rank, world_size, device = distributed.init_distributed(
-        device, timeout=CLASS_IMAGES_WAIT if opts.prior_preservation else None)
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
-    print(f"dataset: {opts.data_dir} ({source})")
-    if opts.model != "tiny" and device.type == "cpu":
-        print(f"note: training {opts.model} on the CPU takes hours per run; --model tiny runs the whole loop in "
-              f"a minute, a GPU the real thing", flush=True)
-    if opts.model == "tiny" and device.type == "cpu":
-        torch.set_num_threads(1)  # its ops are too small to gain from threads; on a busy 2-core machine they lose 4x
-    use_bf16 = opts.mixed_precision == "bf16"  # the same on any device: torch's CPU autocast has bfloat16 too
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    instance_prompt = f"a {opts.unique_token} {class_name}"
-
-    # The model: frozen UNet + trainable adapters (created in float32 even on a bf16 UNet). Injecting now checks
-    # --k against every layer before anything is written.
-    pipe = hub.from_pretrained(sdxl.load_pipeline, opts.model)  # float32; the VAE and text encoders too
-    unet = pipe.unet
-    if use_bf16:
-        # The frozen UNet in bf16 halves its memory; cast before inject, so the adapters are made float32.
-        # (.bfloat16(), the same cast as .to(dtype), which makes diffusers warn about float32 modules it has none of)
-        unet.bfloat16()
-    add_adapter(unet, opts)
-    pipe.to(device)
-    gen_cfg = sdxl.GenerationConfig(resolution=opts.resolution, num_inference_steps=opts.sample_steps)
-    generator = torch.Generator().manual_seed(opts.seed)  # the training RNG: crops, order, VAE samples, noise, t
-
-    # Cache everything the frozen parts compute: latents of the (cropped) images and the text embeddings.
-    instance = encode_images(pipe.vae, images, image_paths, opts.resolution, generator, device)
-    prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt], opts.text_conditioning)
-    if opts.prior_preservation:
-        waveft.remove(unet)  # class images come from the base model
-        if rank == 0:  # rank 0 generates the missing class images, the others wait for them
-            ensure_class_images(pipe, opts, class_name, gen_cfg)
-        distributed.barrier(world_size)
-        class_paths = ensure_class_images(pipe, opts, class_name, gen_cfg)
-        add_adapter(unet, opts)
-        class_images = [sdxl.load_image(path) for path in class_paths]
-        prior = encode_images(pipe.vae, class_images, class_paths, opts.resolution, generator, device)
-        prompt_embeds, pooled = sdxl.encode_prompt(pipe, [instance_prompt, f"a {class_name}"],
-                                                   opts.text_conditioning)
-    if not (torch.isfinite(prompt_embeds).all() and torch.isfinite(pooled).all()):
-        raise ValueError(f"text embeddings of {instance_prompt!r} are not finite")
-    latent_scale, latent_shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", 0) or 0
-    pipe.vae.to("cpu"), pipe.text_encoder.to("cpu"), pipe.text_encoder_2.to("cpu")  # free the accelerator
-
-    params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
-    if opts.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
-    optimizer = torch.optim.AdamW(params.values(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay,
-                                  eps=1e-8)
-    passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
-    start = runs.restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
-    distributed.broadcast_from_rank0(params, world_size)
-    if resume_state and start == opts.steps:  # e.g. the disk filled up after the last checkpoint
-        print(f"{checkpoint_path} is at step {start} = --steps: nothing to train; the run's final files are "
-              f"written (again)")
-
-    # "setting": the options that shape the result, without the subject, whatever --run-name called the folder:
-    # evaluate.py's comparison gives each setting its own row (the runs of one row differ only in their subject)
-    config = {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
-              "run_name": run_dir.name, "setting": run_name(opts).removeprefix(f"{opts.subject}-"), "argv": argv}
-    # Training really starts: files from here on (rank 0's alone under torchrun).
-    log = runs.start_files(run_dir, config, start, opts.overwrite) if rank == 0 else None
-
-    n_layers = len(waveft.adapted_layers(unet))
-    print(f"{run_dir.name}: {opts.method} on {n_layers} layers of {opts.model}, "
-          f"{waveft.count_parameters(unet):,} trainable parameters; {len(image_paths)} images of {instance_prompt!r}"
-          f"{' + prior preservation' if opts.prior_preservation else ''}\n"
-          f"device {device}, {'bf16 autocast' if use_bf16 else 'float32'}"
-          f"{', gradient checkpointing' if opts.gradient_checkpointing else ''}, steps {start}->{opts.steps} "
-          f"x {opts.grad_accum} micro-batches, output {run_dir}", flush=True)
-
-    stop_requested = []
-
-    def request_stop(*_):  # Ctrl-C: finish this step, save, leave; a second Ctrl-C interrupts at once
-        stop_requested.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
-    progress = tqdm(total=opts.steps, initial=start, desc=run_dir.name, disable=rank != 0)  # counts finished steps
-    try:
-        for step in range(start, opts.steps):
-            # Every rank plans the whole step (the same plan); each computes its share of the micro-batches.
-            plan = plan_step(opts.batching, passes, len(image_paths), len(prior[0]) if opts.prior_preservation else 0,
-                             opts.grad_accum, generator, opts.seed if opts.fixed_noise else None)
-            step_loss, step_prior = 0.0, 0.0
-            for photo, class_image, seed in plan[rank::world_size]:
-                micro_generator = torch.Generator().manual_seed(seed)  # latent sample, noise, timestep
-                latents, time_ids = draw_latents(instance, [photo], micro_generator, latent_scale, latent_shift)
-                if opts.prior_preservation:
-                    class_latents, class_ids = draw_latents(prior, [class_image], micro_generator, latent_scale,
-                                                            latent_shift)
-                    latents, time_ids = torch.cat([latents, class_latents]), torch.cat([time_ids, class_ids])
-                losses = diffusion_losses(unet, scheduler, latents.to(device), prompt_embeds[:len(latents)],
-                                          pooled[:len(latents)], time_ids.to(device), micro_generator, autocast)
-                # DreamBooth's objective: instance MSE + weight * class-prior MSE (two explicit terms)
-                loss = losses[0] + (opts.prior_loss_weight * losses[1] if opts.prior_preservation else 0)
-                (loss / opts.grad_accum).backward()  # / grad_accum even in a short step (as accelerate does)
-                step_loss += losses[0].item()
-                step_prior += losses[1].item() if opts.prior_preservation else 0.0
-            # Gradients and loss sums of all ranks; the logged losses are means over the step's micro-batches.
-            step_loss, step_prior = distributed.sum_over_ranks(params, [step_loss, step_prior], world_size)
-            step_loss, step_prior = step_loss / len(plan), step_prior / len(plan)
-            if not math.isfinite(step_loss + step_prior):  # stop before the optimizer writes NaN into the adapter
-                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the last good state is in "
-                                         f"{checkpoint_path} (if one was written): lower --lr, or check the data")
-            torch.nn.utils.clip_grad_norm_(params.values(), opts.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if log is not None:  # the log before the checkpoint: it may run ahead of it, never behind
-                runs.append_loss(log, loss_path, step + 1, step_loss, step_prior)
-            progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-            progress.update()  # before a Ctrl-C exit: the bar shows the step that is saved
-            stop = distributed.any_rank(stop_requested, world_size)  # all ranks stop after the same step
-            if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
-                runs.save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
-                runs.plot_losses(run_dir)
-            if stop:
-                print(f"\ninterrupted after step {step + 1}; checkpoint saved to {checkpoint_path}, "
-                      f"continue with the same command plus --resume", file=sys.stderr)
-                raise SystemExit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        progress.close()
-        if log is not None:  # rank 0's; a failed append was reported already, and the file keeps its rows
-            with contextlib.suppress(OSError):
-                os.close(log)
-    distributed.leave_ranks(world_size)  # training is over: rank 0 alone saves and validates
-    if rank != 0:
-        return run_dir
-    runs.save_checkpoint(checkpoint_path, opts.steps, params, optimizer, generator, opts, passes)
-    runs.plot_losses(run_dir)
-
-    # The adapter file describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed, ...)
-    # plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training".
+def save_adapter(unet, run_dir, opts, config):
+    """adapter.safetensors describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed,
+    ...) plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training"."""
     training = {key: value for key, value in config.items() if key not in ("argv", "resume", "overwrite", "device")}
     with files.reported_write(run_dir / "adapter.safetensors"):  # waveft.save writes through a temporary file itself
         waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={
-            "model": opts.model, "subject": opts.subject, "class_name": class_name, "unique_token": opts.unique_token,
-            "instance_prompt": instance_prompt, "resolution": opts.resolution, "training": training})
+            "model": opts.model, "subject": opts.subject, "class_name": config["class_name"],
+            "unique_token": opts.unique_token, "instance_prompt": config["instance_prompt"],
+            "resolution": opts.resolution, "training": training})
 
-    # Validation grid: the instance prompt and the first evaluation prompts, two seeds each, made by the same
-    # function (and settings) evaluate.py uses; the adapter is live in the UNet, exactly as trained.
-    if opts.validation_prompts:
-        unet.eval()
-        pipe.to(device)
-        prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
-        prompts, seeds = prompts[:opts.validation_prompts], gen_cfg.seeds[:2]
-        images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
-        grid = pictures.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
-        files.write_file(run_dir / "validation.png", grid)
-    if opts.save_merged:
-        # W + dW in float32, as load_pipeline loads the base: made exactly as interop.export_merged makes it, from the
-        # base UNet loaded again in float32 on the CPU (the training UNet's W may be bf16-rounded, and a float32
-        # SDXL UNet, 10 GB, has no place on the training GPU) and the adapter just saved; shard by shard into a
-        # temporary folder that then replaces merged_unet/.
-        interop.export_merged(run_dir, model=opts.model, overwrite=True)
-    print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}"
-          f"{' and merged_unet/' if opts.save_merged else ''}")
-    return run_dir
+
+def save_validation_grid(pipe, run_dir, opts, instance_prompt, gen_cfg, device):
+    """validation.png: the instance prompt and the first evaluation prompts, two seeds each, made by the same
+    function (and settings) evaluate.py uses; the adapter is live in the UNet, exactly as trained."""
+    pipe.unet.eval()
+    pipe.to(device)
+    prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
+    prompts, seeds = prompts[:opts.validation_prompts], gen_cfg.seeds[:2]
+    images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
+    grid = pictures.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
+    files.write_file(run_dir / "validation.png", grid)
 
 
 if __name__ == "__main__":
