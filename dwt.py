@@ -35,7 +35,9 @@ Inverse: upsample by 2 and *convolve* with rec, which is exactly conv_transpose,
 Of the full 2n + L - 2 samples PyWavelets keeps the central 2n - L + 2: conv_transpose's padding=L-2
 crops L - 2 at each end. For periodization the coefficients are wrapped by L//4 first and 2n are kept.
 In 2-D the 4 sub-band kernels are outer products (rows x cols) of the 1-D filters, so one stride-2
-conv2d does a whole analysis level and one conv_transpose2d a whole synthesis level.
+conv2d does a whole analysis level and one conv_transpose2d a whole synthesis level. The sub-bands are cA (low-pass
+along the row index and the column index), cH (high along the row index, low along the column index: a horizontal
+edge), cV (low, high: a vertical edge) and cD (high, high), as in waveft.py's quarter table.
 
 Boundary modes: PyWavelets names vs torch.nn.functional.pad names (for a signal  a b c d):
   PyWavelets      extension                       torch F.pad
@@ -223,7 +225,8 @@ def _kernels(wavelet, dtype, device):
     dec_lo, dec_hi, rec_lo, rec_hi = wavelet_filters(wavelet, dtype, device)
     analysis = torch.stack([dec_lo, dec_hi]).flip(-1)
     synthesis = torch.stack([rec_lo, rec_hi])
-    # 2-D sub-bands in PyWavelets' order cA, cH, cV, cD = (rows, cols) filters (lo,lo), (hi,lo), (lo,hi), (hi,hi).
+    # 2-D sub-bands in PyWavelets' order cA, cH, cV, cD: the filter along the row index (dim -2) and along the
+    # column index (dim -1) is (low, low), (high, low), (low, high), (high, high), waveft.py's quarter table.
     pairs = [(0, 0), (1, 0), (0, 1), (1, 1)]
     outer = lambda f: torch.stack([torch.outer(f[r], f[c]) for r, c in pairs]).unsqueeze(1)
     return analysis.unsqueeze(1), synthesis.unsqueeze(1), outer(analysis), outer(synthesis)

@@ -5,22 +5,36 @@ trains k scalars `spectrum` at k fixed random `positions` of an otherwise-zero c
 
     dW = scaling * crop(IDWT2(C)),        y = x (W + dW)^T + b
 
-C has out + L - 2 rows and in + L - 2 columns (L: filter length), each rounded up to even (an even side is padded
-by L - 2, an odd one by L - 1); the k values sit at positions + (L - 2)/2 (centred), C's quarters are (cA | cH) over
-(cV | cD), one level of dwt.idwt2 inverts it (out or, for an odd out, out + 1 rows; columns alike) and its first
-out x in block is kept. Positions are PEFT's: randperm(out*in, Generator seed)[:k]
--> (idx // in, idx % in), so spectra are interchangeable with PEFT.
+C is read as one level of a 2-D wavelet transform stores an image: four quarters of h x w (h, w: half of C's
+height and width), named as PyWavelets and dwt.py name the sub-bands. A coefficient at (i, j) of a quarter paints
+dW around row 2i and column 2j; its quarter says which band it is along each axis of dW:
+
+    quarter  place in C              band along the out axis   band along the in axis   Haar: a coefficient c paints
+                                     (dW's row index)          (dW's column index)      c/2 times a 2 x 2 block
+    cA       C[:h, :w]  top left     low                       low                      + +   constant
+                                                                                        + +
+    cH       C[:h, w:]  top right    high                      low                      + +   top minus bottom
+                                                                                        - -
+    cV       C[h:, :w]  bottom left  low                       high                     + -   left minus right
+                                                                                        + -
+    cD       C[h:, w:]  bottom right high                      high                     + -   checkerboard
+                                                                                        - +
+
+So the band along the out axis is read from C's column half (right: high), the band along the in axis from C's row
+half (bottom: high); longer filters (db2, db4, ...: length L) paint overlapping L x L patches of the same kinds.
+C has out + L - 2 rows and in + L - 2 columns, each rounded up to even (an even side is padded by L - 2, an odd one
+by L - 1); the k values sit at positions + (L - 2)/2 (centred), one level of dwt.idwt2 inverts it (out or, for an
+odd out, out + 1 rows; columns alike) and its first out x in block is kept. Positions are PEFT's:
+randperm(out*in, Generator seed)[:k] -> (idx // in, idx % in), so spectra are interchangeable with PEFT.
 
 The file has two halves.
-  The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above) and its
-  forward, which with `inject(..., fast=False)` is literally F.linear(x, W + delta_weight(), b), autograd
-  through dwt.idwt2; LoRA for baselines; inject, merge/unmerge/remove, save/load.
-  "How training stays as cheap as LoRA": the default forward (fast=True) gives the same y and gradients
-  without ever building an out x in tensor. IDWT2 is separable, dW = scaling * A S B^T (A, B: 1-D synthesis
-  operators, S: C in band order, still k-sparse), so the coefficient gradient is two 1-D analyses and k sampled
-  dot products, O(tokens * (out + in + k)) instead of the dense g^T x (tokens * out * in); the forward and input
-  gradient take one matmul with W + dW (many tokens) or sparse products with A S and B S^T (few tokens, e.g.
-  cross-attention to_k/to_v on 77 text tokens, or a bf16 W: the adapter then stays in float32).
+  The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above), the same
+  dW as scaling * A S B^T with explicit matrices (`delta_weight_separable`), and the forward, which with
+  `inject(..., fast=False)` is literally F.linear(x, W + delta_weight(), b), autograd through dwt.idwt2; LoRA for
+  baselines; inject, merge/unmerge/remove, save/load of this project's adapter file.
+  "How training stays as cheap as LoRA": the default forward (fast=True) gives the same y and gradients from
+  dW = scaling * A S B^T without ever building an out x in tensor: the coefficient gradient is two 1-D analyses
+  and k sampled dot products, O(tokens * (out + in + k)) instead of the dense g^T x (tokens * out * in).
 method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
 """
 import contextlib
@@ -88,10 +102,32 @@ class WaveFTLinear(nn.Module):
         C = C.index_put((rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2), spectrum)  # values centred
         if not self.use_idwt:
             return self.scaling * C
-        h, w = C_rows // 2, C_cols // 2  # C's quarters: (cA | cH) over (cV | cD), each h x w
-        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), self.wavelet)  # (C_rows - R, C_cols - R)
+        h, w = C_rows // 2, C_cols // 2  # C's quarters (the table above): (cA | cH) over (cV | cD), each h x w
+        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), self.wavelet)  # (C_rows-L+2, C_cols-L+2)
         r0, c0 = (full.shape[0] - out_f) // 2, (full.shape[1] - in_f) // 2
         return self.scaling * full[r0:r0 + out_f, c0:c0 + in_f]  # (out, in)
+
+    def delta_weight_separable(self):
+        """The same dW as the fast path (second half) sees it, with explicit dense matrices: scaling * A S B^T.
+        A reference to read and test (it builds out x C_rows and in x C_cols matrices), never used to train.
+
+        IDWT2 is separable: a 1-D synthesis along the out axis, then along the in axis. A (out x C_rows) is the
+        first: its column j is what a unit coefficient j paints along the out axis (_synthesis_matrix); B
+        (in x C_cols) the second. S is C in band order: rows [low | high] along the out axis, columns [low | high]
+        along the in axis. Since C's right half is high along the out axis and its bottom half along the in axis
+        (the quarter table), S is C with its off-diagonal quarters swapped, (cA | cV) over (cH | cD): the same k
+        values. Without IDWT, A and B are identities and S = C."""
+        spectrum, (rows, cols), (out_f, in_f) = self.waveft_spectrum, self.waveft_positions, self.base.weight.shape
+        C_rows, C_cols = _padded(out_f, self.wavelet, self.use_idwt), _padded(in_f, self.wavelet, self.use_idwt)
+        C = torch.zeros(C_rows, C_cols, dtype=spectrum.dtype, device=spectrum.device)
+        C = C.index_put((rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2), spectrum)  # as delta_weight
+        if not self.use_idwt:
+            return self.scaling * C
+        h, w = C_rows // 2, C_cols // 2
+        S = torch.cat([torch.cat([C[:h, :w], C[h:, :w]], 1), torch.cat([C[:h, w:], C[h:, w:]], 1)])  # cA cV / cH cD
+        A = _synthesis_matrix(out_f, C_rows, self.wavelet, spectrum.dtype, spectrum.device)  # (out, C_rows)
+        B = _synthesis_matrix(in_f, C_cols, self.wavelet, spectrum.dtype, spectrum.device)  # (in, C_cols)
+        return self.scaling * A @ S @ B.T  # (out, in)
 
     def forward(self, x):
         if self.merged:  # dW is already inside base.weight
@@ -112,26 +148,18 @@ class WaveFTLinear(nn.Module):
         return _apply_keeping_adapters_float32(self, fn, recurse)
 
 
-SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
-_WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
-
-
-def fast_path_supported(device_type):
-    """Whether the fast path can run on this device type ("cpu", "cuda", "mps", ...: torch.device(...).type)."""
-    return device_type in SPARSE_CSR_DEVICES
-
-
-def _use_fast_path(fast, device):
-    """fast=True asks for the fast path; where it cannot run, layers use the definition and say so once."""
-    if not fast:
-        return False
-    if fast_path_supported(device.type):
-        return True
-    if device.type not in _WARNED_DEVICES:
-        _WARNED_DEVICES.add(device.type)
-        warnings.warn(f"waveft: torch has no sparse CSR kernels on {device.type!r}, so WaveFT layers compute the "
-                      "definition F.linear(x, W + delta_weight(), b) there (same result, more time and memory)")
-    return False
+def _synthesis_matrix(n, n_coef, wavelet, dtype, device):
+    """One level of 1-D synthesis-and-crop as an (n x n_coef) matrix: coefficient j is coefficient i = j mod h of
+    band j // h (h = n_coef / 2: low-pass, then high-pass); it paints the band's synthesis filter t at outputs
+    2i + p - (L - 2), p < L (the L - 2 outputs before 0 are the border PyWavelets drops), kept where in [0, n)."""
+    taps = dwt.wavelet_filters(wavelet, dtype, device)[2:]  # rec_lo, rec_hi
+    L, h = len(taps[0]), n_coef // 2
+    A = torch.zeros(n, n_coef, dtype=dtype, device=device)
+    for j in range(n_coef):
+        for p in range(L):
+            if 0 <= 2 * (j % h) + p - (L - 2) < n:
+                A[2 * (j % h) + p - (L - 2), j] = taps[j // h][p]
+    return A
 
 
 class LoRALinear(nn.Module):
@@ -484,6 +512,29 @@ def check_same_layers(path, want, have):
 #    into the output, with no separate multiply pass: for Haar (L = 2, taps +-1/sqrt(2)) a band is a single add or
 #    subtract. The factor t[0] is put back where it costs nothing, in the plan's k (or k L) tap values: S.tap holds
 #    t0_row * t0_col for the sampled gradient, A S's taps carry t0_col (it multiplies B^T x / t0_col), B S^T's t0_row.
+
+SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
+_WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
+
+
+def fast_path_supported(device_type):
+    """Whether the fast path can run on this device type ("cpu", "cuda", "mps", ...: torch.device(...).type)."""
+    return device_type in SPARSE_CSR_DEVICES
+
+
+def _use_fast_path(fast, device):
+    """fast=True asks for the fast path; where it cannot run, layers use the definition and say so once."""
+    if not fast:
+        return False
+    if fast_path_supported(device.type):
+        return True
+    if device.type not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(device.type)
+        warnings.warn(f"waveft: torch has no sparse CSR kernels on {device.type!r}, so WaveFT layers compute the "
+                      "definition F.linear(x, W + delta_weight(), b) there (same result, more time and memory)")
+    return False
+
+
 _PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> Plan: one per layer shape in a UNet
 
 
@@ -652,15 +703,16 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     if use_idwt:
         h, w = C_rows // 2, C_cols // 2  # C's quarters are h x w
         r, c = rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2  # (k,) each: positions in the padded C
-        # C's right half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
-        row_band, col_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
-        s_row, s_col = row_band * h + r % h, col_band * w + c % w  # (k,) each: where the value sits in S
+        # The band of each value along dW's out and in axes, read from C's halves (the quarter table): C's right
+        # half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
+        out_band, in_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
+        s_row, s_col = out_band * h + r % h, in_band * w + c % w  # (k,) each: where the value sits in S
         taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
         L = taps.shape[1]
-        # Coefficient k' paints dW rows 2 * (r % h) + p - (L-2) with tap taps[row_band, p], p < L; cols alike.
+        # A value paints dW rows 2 * (r % h) + p - (L-2) with tap taps[out_band, p], p < L; columns alike.
         out_r = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
         out_c = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        tap_r, tap_c = taps[row_band], taps[col_band]  # (k, L) each
+        tap_r, tap_c = taps[out_band], taps[in_band]  # (k, L) each: the taps along the out and in axes
     else:  # no IDWT: A = B = identity, S = C
         s_row, s_col, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]  # out_r, out_c: (k, 1)
         tap_r = tap_c = torch.ones(k, 1, dtype=torch.float64, device=device)

@@ -31,7 +31,7 @@ import dwt  # noqa: E402
 import pictures  # noqa: E402  (line_chart and the font: the same pictures code as every run's loss.png)
 import waveft  # noqa: E402
 
-QUARTERS = ("cA", "cH", "cV", "cD")  # C = (cA | cH) over (cV | cD), as in waveft.py
+QUARTERS = ("cA", "cH", "cV", "cD")  # C = (cA | cH) over (cV | cD): waveft.py's quarter table
 
 
 def one_layer(out_features, in_features, dtype=torch.float32, **inject_options):
@@ -56,9 +56,9 @@ def basis_delta(wavelet, quarter, n=16):
     R = len(dwt.wavelet_filters(wavelet)[2]) - 2
     R += R % 2
     h = (n + R) // 2  # half of C's side: each quarter is h x h
-    band_row, band_col = {"cA": (0, 0), "cH": (0, 1), "cV": (1, 0), "cD": (1, 1)}[quarter]
+    row_half, col_half = {"cA": (0, 0), "cH": (0, 1), "cV": (1, 0), "cD": (1, 1)}[quarter]  # its place in C
     layer = one_layer(n, n, torch.float64, k=1, scaling=1.0, wavelet=wavelet)
-    layer.waveft_positions = torch.tensor([[band_row * h + h // 2 - R // 2], [band_col * h + h // 2 - R // 2]])
+    layer.waveft_positions = torch.tensor([[row_half * h + h // 2 - R // 2], [col_half * h + h // 2 - R // 2]])
     with torch.no_grad():
         layer.waveft_spectrum.fill_(1.0)
         return layer.delta_weight()

@@ -62,6 +62,38 @@ def test_padding_and_centring_as_the_readme_states(wavelet):
         assert torch.equal(layer.delta_weight().detach(), full[:out_f, :in_f])
 
 
+
+@pytest.mark.parametrize("wavelet", ["db1", "db2", "db4"])
+@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (9, 7), (12, 5)])
+@pytest.mark.parametrize("use_idwt", [True, False], ids=["idwt", "no-idwt"])
+def test_explicit_a_s_b_equals_the_definition(wavelet, shape, use_idwt):
+    """delta_weight_separable, dW = scaling * A S B^T with dense A (out x C_rows), S (C in band order) and B
+    (in x C_cols), the identity the fast path computes with, equals delta_weight on odd and even sides."""
+    layer = waveft.WaveFTLinear(nn.Linear(shape[1], shape[0]).double(), 10, 3.0, wavelet, 5, use_idwt)
+    with torch.no_grad():
+        layer.waveft_spectrum.normal_(generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer.delta_weight_separable(), layer.delta_weight(), rtol=0, atol=1e-12)
+
+
+# The quarter table of waveft.py's docstring: (row, column) half of C -> the Haar block's signs (x 1/2)
+QUARTERS = {"cA": (0, 0, [[1, 1], [1, 1]]), "cH": (0, 1, [[1, 1], [-1, -1]]), "cV": (1, 0, [[1, -1], [1, -1]]),
+            "cD": (1, 1, [[1, -1], [-1, 1]])}
+
+
+@pytest.mark.parametrize("quarter", QUARTERS)
+def test_quarter_table(quarter):
+    """A Haar coefficient at (i, j) of a quarter paints the 2 x 2 block at rows 2i, 2i + 1 and columns 2j, 2j + 1
+    of dW with the quarter's signs / 2: high-pass along the out axis (the row index) for C's right half, along the
+    in axis (the column index) for its bottom half."""
+    row_half, col_half, signs = QUARTERS[quarter]
+    layer = waveft.WaveFTLinear(nn.Linear(8, 8).double(), 1, 1.0, "db1", 0, True)
+    layer.waveft_positions = torch.tensor([[4 * row_half + 1], [4 * col_half + 2]])  # (i, j) = (1, 2) of the quarter
+    with torch.no_grad():
+        layer.waveft_spectrum.fill_(1.0)
+    expected = torch.zeros(8, 8, dtype=torch.float64)
+    expected[2:4, 4:6] = 0.5 * torch.tensor(signs, dtype=torch.float64)
+    torch.testing.assert_close(layer.delta_weight(), expected, rtol=0, atol=1e-12)
+
 def reference(layer, x):
     """Plain autograd through the dense definition: y = x (W + dW)^T + b."""
     return F.linear(x, layer.base.weight + layer.delta_weight(), layer.base.bias)
