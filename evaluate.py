@@ -122,7 +122,8 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    """Options from the command line: one --flag per field of Options (--out-dir: the old name of --output-dir)."""
+    """Options from the command line: one --flag per field of Options, checked."""
+    # --out-dir: the old name of --output-dir, kept because users' commands and scripts still type it
     parser = cli.options_parser(Options, __doc__.split("\n\n")[0], aliases=dict(output_dir=["--out-dir"]))
     opts = Options(**vars(parser.parse_args(argv)))
     if bool(opts.runs) == bool(opts.metrics_only):

@@ -2,9 +2,10 @@
 
 A run lives in <output-dir>/<run name> (run_name: the subject, the method and budget, then every option that changes
 the result and differs from its default) and holds RUN_FILES: config.json (every option, the "setting"), loss.csv
-(one row per step, appended as the step ends), loss.png, checkpoint.pt (adapter + optimizer + step + RNG states:
---resume continues bit for bit), adapter.safetensors, validation.png and, with --save-merged, merged_unet/. Every
-file goes through files.py, so a crash or a full disk leaves the last checkpoint and the log up to it.
+(one row per step: its mean loss over the step's micro-batches, appended as the step ends), loss.png, checkpoint.pt
+(adapter + optimizer + step + RNG states: --resume continues bit for bit), adapter.safetensors, validation.png and,
+with --save-merged, merged_unet/. A run is never replaced without --overwrite (check_run_dir), and every file goes
+through files.py, so a crash or a full disk leaves the last checkpoint and the log up to it for --resume.
 evaluate.py reads each run back as a `Run` (read_runs: our run folders, PEFT adapter folders, or --metrics-only
 images), checked before any model is loaded. Nothing here imports a script: what a script knows (its option
 defaults, which options cannot change the result) comes in as arguments.

@@ -1,17 +1,17 @@
-"""SDXL and DreamBooth-data plumbing shared by train_dreambooth.py and evaluate.py.
+"""SDXL for DreamBooth: the model, the data, the text conditioning and the sampling that both scripts share.
 
 SDXL (Podell et al., arXiv 2307.01952) conditions its UNet on two CLIP text encoders and on "micro-conditioning"
 time ids; DreamBooth (Ruiz et al., arXiv 2208.12242) fine-tunes on 4-6 photos of one subject called "a zjw <class>".
-This file holds everything both scripts need to agree on, so that training and evaluation see the same thing:
+This file holds everything train_dreambooth.py and evaluate.py must agree on, so that both see the same thing:
 
-- loading a pipeline: a hub id / local diffusers folder, or `tiny`, an SDXL-architecture pipeline with random
-  weights built from configs (the offline CPU demo and test fixture: its images are noise);
+- the model: `tiny`, an SDXL-architecture pipeline with random weights built from configs (the offline CPU demo and
+  test fixture: its images are noise); SDXL base 1.0's real UNet with random weights (build_sdxl_unet: layer
+  counts, benchmarks); load_pipeline / load_unet: `tiny`, or diffusers' from_pretrained of a hub id or folder;
 - the DreamBooth dataset: where it is (`find_data_dir`), subjects, classes, the 25 evaluation prompts, robust
   image loading;
 - `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it (or, for training
   only, as the authors' training code builds it);
-- `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5);
-- pictures with pillow only: `plot_loss` (every run's loss.png) and the `line_chart` it draws with.
+- `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5).
 
 Usage:  pipe = load_pipeline("tiny");  images = generate(pipe, ["a zjw dog"], seeds=(42,), cfg=GenerationConfig())
 Not here: training (train_dreambooth.py), metrics (evaluate.py), the adapter itself (waveft.py).
@@ -42,100 +42,6 @@ LIVE_SUBJECTS = ("cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "
 
 def is_live(subject):
     return subject in LIVE_SUBJECTS
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The DreamBooth dataset (layout of google/dreambooth's `dataset/` folder: one subfolder per subject)
-
-def _check_data_dir(data_dir):
-    data_dir = Path(data_dir)
-    if not (data_dir / "prompts_and_classes.txt").is_file():
-        raise FileNotFoundError(
-            f"DreamBooth dataset not found: {data_dir} has no prompts_and_classes.txt. Fetch it with\n"
-            f"    git clone https://github.com/google/dreambooth\n"
-            f"and pass its folder: data_dir=\"dreambooth/dataset\" in Python, --data-dir dreambooth/dataset on the "
-            f"command line")
-    return data_dir
-
-
-DATA_DIR_DEFAULTS = ("dataset", "dreambooth/dataset", "../shared/dreambooth")  # after `git clone`, in the repo
-
-
-def find_data_dir(data_dir=""):
-    """Where the dataset is: `data_dir` when given (and then it must be the dataset), else the first of
-    $DREAMBOOTH_DIR, ./dataset, ./dreambooth/dataset, ../shared/dreambooth that holds it. Returns (path, where
-    from); none -> an error listing every place looked at."""
-    if data_dir:
-        return _check_data_dir(data_dir), "--data-dir"
-    env = os.environ.get("DREAMBOOTH_DIR")
-    candidates = ([(env, "$DREAMBOOTH_DIR")] if env else []) + [(path, "./" + path) for path in DATA_DIR_DEFAULTS]
-    for path, source in candidates:
-        if (Path(path) / "prompts_and_classes.txt").is_file():
-            return Path(path), source
-    looked = ", ".join(f"{path} ({source})" if source.startswith("$") else path for path, source in candidates)
-    raise FileNotFoundError(
-        f"DreamBooth dataset not found; looked in {looked} (none has prompts_and_classes.txt). Fetch it with\n"
-        f"    git clone https://github.com/google/dreambooth\n"
-        f"and pass its folder (sdxl.find_data_dir(data_dir) in Python, --data-dir on the command line) or set "
-        f"$DREAMBOOTH_DIR")
-
-
-def read_classes(data_dir):
-    """{subject: class} from the 'subject_name,class' table at the top of prompts_and_classes.txt."""
-    text = (_check_data_dir(data_dir) / "prompts_and_classes.txt").read_text()
-    table = text.split("subject_name,class", 1)[1].strip().split("\n\n", 1)[0]
-    return dict(line.strip().split(",", 1) for line in table.splitlines() if "," in line)
-
-
-def prompts_for(data_dir, subject, unique_token=UNIQUE_TOKEN):
-    """The 25 DreamBooth evaluation prompts of the subject's kind (object or live), read from the dataset's file."""
-    classes = read_classes(data_dir)
-    _check_subject(data_dir, subject, classes)
-    text = (Path(data_dir) / "prompts_and_classes.txt").read_text()
-    objects, live = text.split("Live Subject Prompts", 1)
-    templates = re.findall(r"'([^']*)'\.format\(unique_token, class_token\)", live if is_live(subject) else objects)
-    if len(templates) != 25:
-        raise ValueError(f"expected 25 prompts for {subject} in {data_dir}/prompts_and_classes.txt, "
-                         f"found {len(templates)}")
-    return [t.format(unique_token, classes[subject]) for t in templates]
-
-
-def _check_subject(data_dir, subject, classes):
-    subjects = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
-    if subject not in subjects or subject not in classes:
-        raise ValueError(f"unknown subject {subject!r} in {data_dir}; the subjects are: {', '.join(subjects)}")
-
-
-def instance_images(data_dir, subject):
-    """Sorted image files of one subject; unknown subject -> error listing the subjects."""
-    data_dir = _check_data_dir(data_dir)
-    _check_subject(data_dir, subject, read_classes(data_dir))
-    paths = sorted(p for p in (data_dir / subject).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir / subject}")
-    return paths
-
-
-def load_image(path):
-    """Any file PIL reads -> upright RGB. EXIF rotation is applied (phone photos), alpha is composited on white
-    (a transparent background must not turn black), grayscale/palette become RGB. Unreadable -> error naming it."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # force the full decode here, so a truncated file fails now and names itself
-            image = ImageOps.exif_transpose(image)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(canvas, image)
-    return image.convert("RGB")
-
-
-def resize_shorter_side(image, size, resample=Image.BILINEAR):
-    """Scale so that the shorter side is `size` px, keeping the aspect ratio (the longer side is at least `size`)."""
-    scale = size / min(image.size)
-    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,6 +190,100 @@ def load_pipeline(model, dtype=torch.float32, **kwargs):
     pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DreamBooth dataset (layout of google/dreambooth's `dataset/` folder: one subfolder per subject)
+
+def _check_data_dir(data_dir):
+    data_dir = Path(data_dir)
+    if not (data_dir / "prompts_and_classes.txt").is_file():
+        raise FileNotFoundError(
+            f"DreamBooth dataset not found: {data_dir} has no prompts_and_classes.txt. Fetch it with\n"
+            f"    git clone https://github.com/google/dreambooth\n"
+            f"and pass its folder: data_dir=\"dreambooth/dataset\" in Python, --data-dir dreambooth/dataset on the "
+            f"command line")
+    return data_dir
+
+
+DATA_DIR_DEFAULTS = ("dataset", "dreambooth/dataset", "../shared/dreambooth")  # after `git clone`, in the repo
+
+
+def find_data_dir(data_dir=""):
+    """Where the dataset is: `data_dir` when given (and then it must be the dataset), else the first of
+    $DREAMBOOTH_DIR, ./dataset, ./dreambooth/dataset, ../shared/dreambooth that holds it. Returns (path, where
+    from); none -> an error listing every place looked at."""
+    if data_dir:
+        return _check_data_dir(data_dir), "--data-dir"
+    env = os.environ.get("DREAMBOOTH_DIR")
+    candidates = ([(env, "$DREAMBOOTH_DIR")] if env else []) + [(path, "./" + path) for path in DATA_DIR_DEFAULTS]
+    for path, source in candidates:
+        if (Path(path) / "prompts_and_classes.txt").is_file():
+            return Path(path), source
+    looked = ", ".join(f"{path} ({source})" if source.startswith("$") else path for path, source in candidates)
+    raise FileNotFoundError(
+        f"DreamBooth dataset not found; looked in {looked} (none has prompts_and_classes.txt). Fetch it with\n"
+        f"    git clone https://github.com/google/dreambooth\n"
+        f"and pass its folder (sdxl.find_data_dir(data_dir) in Python, --data-dir on the command line) or set "
+        f"$DREAMBOOTH_DIR")
+
+
+def read_classes(data_dir):
+    """{subject: class} from the 'subject_name,class' table at the top of prompts_and_classes.txt."""
+    text = (_check_data_dir(data_dir) / "prompts_and_classes.txt").read_text()
+    table = text.split("subject_name,class", 1)[1].strip().split("\n\n", 1)[0]
+    return dict(line.strip().split(",", 1) for line in table.splitlines() if "," in line)
+
+
+def prompts_for(data_dir, subject, unique_token=UNIQUE_TOKEN):
+    """The 25 DreamBooth evaluation prompts of the subject's kind (object or live), read from the dataset's file."""
+    classes = read_classes(data_dir)
+    _check_subject(data_dir, subject, classes)
+    text = (Path(data_dir) / "prompts_and_classes.txt").read_text()
+    objects, live = text.split("Live Subject Prompts", 1)
+    templates = re.findall(r"'([^']*)'\.format\(unique_token, class_token\)", live if is_live(subject) else objects)
+    if len(templates) != 25:
+        raise ValueError(f"expected 25 prompts for {subject} in {data_dir}/prompts_and_classes.txt, "
+                         f"found {len(templates)}")
+    return [t.format(unique_token, classes[subject]) for t in templates]
+
+
+def _check_subject(data_dir, subject, classes):
+    subjects = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
+    if subject not in subjects or subject not in classes:
+        raise ValueError(f"unknown subject {subject!r} in {data_dir}; the subjects are: {', '.join(subjects)}")
+
+
+def instance_images(data_dir, subject):
+    """Sorted image files of one subject; unknown subject -> error listing the subjects."""
+    data_dir = _check_data_dir(data_dir)
+    _check_subject(data_dir, subject, read_classes(data_dir))
+    paths = sorted(p for p in (data_dir / subject).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir / subject}")
+    return paths
+
+
+def load_image(path):
+    """Any file PIL reads -> upright RGB. EXIF rotation is applied (phone photos), alpha is composited on white
+    (a transparent background must not turn black), grayscale/palette become RGB. Unreadable -> error naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # force the full decode here, so a truncated file fails now and names itself
+            image = ImageOps.exif_transpose(image)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, image)
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image, size, resample=Image.BILINEAR):
+    """Scale so that the shorter side is `size` px, keeping the aspect ratio (the longer side is at least `size`)."""
+    scale = size / min(image.size)
+    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
 
 
 # ----------------------------------------------------------------------------------------------------------------

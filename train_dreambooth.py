@@ -8,14 +8,10 @@ One optimizer step, batch 1 x grad-accum 4, each micro-batch being
     loss = || eps - UNet(x_t, t, text("a zjw dog"), micro-conditioning) ||^2      (+ the same on a class image)
 The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation;
 bf16 autocast (bf16 frozen UNet, float32 adapters) + gradient checkpointing on CUDA, float32 on the CPU (either
-setting works on either device). A run lives in <output-dir>/<subject>-<method>-k<k> plus every option that
-changes the result (e.g. dog6-waveft-k2592-db4-lr2e-4); it is never replaced without --overwrite, nothing is
-written before everything is checked, and every file is written to a temporary file and renamed, so a crash
-or a full disk leaves the last checkpoint and the log up to it for --resume.
-Which photos a step sees (--batching epoch, the authors' schedule): shuffled passes over the photos without
-replacement, a step after every grad_accum photos and at the end of every pass, the loss always / grad_accum: with
-5 photos a pass is a step of 4 photos, then a step of 1 (loss still / 4). --batching uniform: grad_accum photos
-drawn with replacement every step. loss.csv holds each step's mean loss over the micro-batches it saw.
+setting works on either device). A step sees the next grad_accum photos of a shuffled pass over them (--batching
+epoch, the authors' schedule; see "Which images a step sees"). A run lives in <output-dir>/<subject>-<method>-k<k>
+plus every option that changes the result (e.g. dog6-waveft-k2592-db4-lr2e-4): runs.py, its files, checkpoints and
+--resume.
 
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop

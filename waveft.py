@@ -27,15 +27,11 @@ by L - 1); the k values sit at positions + (L - 2)/2 (centred), one level of dwt
 odd out, out + 1 rows; columns alike) and its first out x in block is kept. Positions are PEFT's:
 randperm(out*in, Generator seed)[:k] -> (idx // in, idx % in), so spectra are interchangeable with PEFT.
 
-The file has two halves.
-  The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above), the same
-  dW as scaling * A S B^T with explicit matrices (`delta_weight_separable`), and the forward, which with
-  `inject(..., fast=False)` is literally F.linear(x, W + delta_weight(), b), autograd through dwt.idwt2; LoRA for
-  baselines; inject, merge/unmerge/remove, save/load of this project's adapter file.
-  "How training stays as cheap as LoRA": the default forward (fast=True) gives the same y and gradients from
-  dW = scaling * A S B^T without ever building an out x in tensor: the coefficient gradient is two 1-D analyses
-  and k sampled dot products, O(tokens * (out + in + k)) instead of the dense g^T x (tokens * out * in).
-method="lora" gives plain LoRA (y = x W^T + b + scaling * x A^T B^T, B zero) for side-by-side baselines.
+Two halves. The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above),
+the same dW as scaling * A S B^T with explicit matrices (`delta_weight_separable`), and the forward, which with
+inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA (y = x W^T + b + scaling x A^T B^T)
+for baselines; inject, merge/unmerge/remove, save/load. Then "How training stays as cheap as LoRA": the default
+forward gives the same y and gradients from dW = scaling * A S B^T without ever building an out x in tensor.
 """
 import contextlib
 import json
@@ -359,10 +355,9 @@ def write_all(fd, data):
 
 
 def write_atomically(path, data):
-    """Write `data` (bytes) through <path>.<pid>.tmp and one rename: an interrupted write never leaves a half-written
-    file, a failed one (full disk) no temporary file. Plain os.open/os.write: a full disk fails as an OSError there
-    (which a caller can report in one line), and the file gets the umask's mode (safetensors' save_file makes it
-    0600). The one safe-write helper: files.write_file, for every other file of a run, writes through it too."""
+    """Write bytes through <path>.<pid>.tmp and one rename: never a half-written file, nor (full disk) a temporary
+    one. Plain os.write: a full disk is an OSError there, and the file gets the umask's mode (safetensors' save_file
+    makes it 0600). The one safe-write helper: files.write_file writes every other file of a run through it."""
     tmp = f"{path}.{os.getpid()}.tmp"  # per process: torchrun ranks may write the same file
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -490,13 +485,9 @@ def check_same_layers(path, want, have):
 # (out x in, tokens * out * in multiply-adds) only to read k entries of its wavelet analysis. The fast path below
 # gives the same y and the same gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in four steps.
 #
-# 1. dW = scaling * A S B^T (_plan). One level of IDWT2 is separable: a 1-D synthesis down the columns, then along
-#    the rows. As a matrix, synthesis-and-crop along the out axis is A (out x C_rows): column j of A is what a unit
-#    coefficient j paints, the low-pass filter for j < C_rows/2 and the high-pass one above, shifted by 2 per j,
-#    cropped; B (in x C_cols) alike. Then crop(IDWT2(C)) = A S B^T, where S is C in "band order": rows [low | high]
-#    along the out axis, columns [low | high] along the in axis. C's right half (cH, cD) is high-pass along the out
-#    axis and its bottom half (cV, cD) along the in axis, so S is C with its off-diagonal quarters swapped: the same
-#    k values, still k-sparse. Coefficient (s_row, s_col) of S paints an L x L patch of dW: its "footprint".
+# 1. dW = scaling * A S B^T, as delta_weight_separable computes it with dense matrices; here (_plan) S, A S and
+#    B S^T are index tables of their k (or k L) entries. Coefficient (s_row, s_col) of S paints an L x L patch of
+#    dW: its "footprint".
 # 2. The coefficient gradient (_WaveFTFunction.backward). With g = dL/dy (N tokens x out), dL/d(dW) = g^T x, so
 #        dL/dS = scaling * A^T g^T x B,    dL/dS[s_row, s_col] = scaling * sum_n (A^T g_n)[s_row] (B^T x_n)[s_col].
 #    A^T g and B^T x are 1-D wavelet analyses, L multiply-adds per value (_analyze); of their outer product only the

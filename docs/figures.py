@@ -255,9 +255,8 @@ def draw_rank(out_dir, n=1280):
         r = numerical_rank(s)
         s = (s[:r] / s[0]).tolist()  # normalised, only the nonzero ones: LoRA's is a single dot
         series.append((f"{label}: rank {r}", list(range(1, r + 1)), s))
-    chart = pictures.line_chart(series, title=f"singular values of dW on a {n} x {n} layer; T: a random full-rank target",
-                            x_label="index i", y_label="s_i / s_1",
-                            size=(720, 380))
+    chart = pictures.line_chart(series, title=f"singular values of dW on a {n} x {n} layer; T: a random full-rank "
+                                "target", x_label="index i", y_label="s_i / s_1", size=(720, 380))
     chart.save(out_dir / "rank.png", optimize=True)
 
 
