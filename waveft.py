@@ -90,18 +90,21 @@ class WaveFTLinear(nn.Module):
                              .to(base.weight.device, copy=True))  # (2, k) rows, cols; own copy (the cache is shared)
         self._plan_memo = None  # the fast path's index plan for the current positions (see _plan_for)
 
-    def delta_weight(self):
-        """The definition, exactly as PEFT: scaling * crop(IDWT2(C)) (or the scattered C without IDWT)."""
+    def coefficients(self):
+        """C (C_rows x C_cols): zeros, with the k values at their positions + (L - 2) // 2 (centred)."""
         spectrum, (rows, cols), (out_f, in_f) = self.waveft_spectrum, self.waveft_positions, self.base.weight.shape
         C_rows, C_cols = _padded(out_f, self.wavelet, self.use_idwt), _padded(in_f, self.wavelet, self.use_idwt)
         C = torch.zeros(C_rows, C_cols, dtype=spectrum.dtype, device=spectrum.device)
-        C = C.index_put((rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2), spectrum)  # values centred
+        return C.index_put((rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2), spectrum)
+
+    def delta_weight(self):
+        """The definition, exactly as PEFT: scaling * crop(IDWT2(C)) (or the scattered C without IDWT)."""
+        C, (out_f, in_f) = self.coefficients(), self.base.weight.shape
         if not self.use_idwt:
             return self.scaling * C
-        h, w = C_rows // 2, C_cols // 2  # C's quarters (the table above): (cA | cH) over (cV | cD), each h x w
-        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), self.wavelet)  # (C_rows-L+2, C_cols-L+2)
-        r0, c0 = (full.shape[0] - out_f) // 2, (full.shape[1] - in_f) // 2
-        return self.scaling * full[r0:r0 + out_f, c0:c0 + in_f]  # (out, in)
+        h, w = C.shape[0] // 2, C.shape[1] // 2  # C's quarters (the table above): (cA | cH) over (cV | cD)
+        full = dwt.idwt2((C[:h, :w], (C[:h, w:], C[h:, :w], C[h:, w:])), self.wavelet)  # out or out + 1 rows, ...
+        return self.scaling * full[:out_f, :in_f]  # the first out x in block
 
     def delta_weight_separable(self):
         """The same dW as the fast path (second half) sees it, with explicit dense matrices: scaling * A S B^T.
@@ -113,16 +116,13 @@ class WaveFTLinear(nn.Module):
         along the in axis. Since C's right half is high along the out axis and its bottom half along the in axis
         (the quarter table), S is C with its off-diagonal quarters swapped, (cA | cV) over (cH | cD): the same k
         values. Without IDWT, A and B are identities and S = C."""
-        spectrum, (rows, cols), (out_f, in_f) = self.waveft_spectrum, self.waveft_positions, self.base.weight.shape
-        C_rows, C_cols = _padded(out_f, self.wavelet, self.use_idwt), _padded(in_f, self.wavelet, self.use_idwt)
-        C = torch.zeros(C_rows, C_cols, dtype=spectrum.dtype, device=spectrum.device)
-        C = C.index_put((rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2), spectrum)  # as delta_weight
+        C, (out_f, in_f) = self.coefficients(), self.base.weight.shape
         if not self.use_idwt:
             return self.scaling * C
-        h, w = C_rows // 2, C_cols // 2
+        (C_rows, C_cols), h, w = C.shape, C.shape[0] // 2, C.shape[1] // 2
         S = torch.cat([torch.cat([C[:h, :w], C[h:, :w]], 1), torch.cat([C[:h, w:], C[h:, w:]], 1)])  # cA cV / cH cD
-        A = _synthesis_matrix(out_f, C_rows, self.wavelet, spectrum.dtype, spectrum.device)  # (out, C_rows)
-        B = _synthesis_matrix(in_f, C_cols, self.wavelet, spectrum.dtype, spectrum.device)  # (in, C_cols)
+        A = _synthesis_matrix(out_f, C_rows, self.wavelet, C.dtype, C.device)  # (out, C_rows)
+        B = _synthesis_matrix(in_f, C_cols, self.wavelet, C.dtype, C.device)  # (in, C_cols)
         return self.scaling * A @ S @ B.T  # (out, in)
 
     def forward(self, x):
@@ -701,23 +701,24 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
         L = taps.shape[1]
         # A value paints dW rows 2 * (r % h) + p - (L-2) with tap taps[out_band, p], p < L; columns alike.
-        out_r = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        out_c = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        tap_r, tap_c = taps[out_band], taps[in_band]  # (k, L) each: the taps along the out and in axes
+        dw_rows = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        dw_cols = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
+        row_taps, col_taps = taps[out_band], taps[in_band]  # (k, L) each: along dW's row and column index
     else:  # no IDWT: A = B = identity, S = C
-        s_row, s_col, taps, out_r, out_c = rows, cols, None, rows[:, None], cols[:, None]  # out_r, out_c: (k, 1)
-        tap_r = tap_c = torch.ones(k, 1, dtype=torch.float64, device=device)
-    in_r, in_c = (out_r >= 0) & (out_r < out_f), (out_c >= 0) & (out_c < in_f)  # (k, L): inside the crop
-    t0_row, t0_col = tap_r[:, :1], tap_c[:, :1]  # (k, 1): the first taps _analyze divides its bands by (step 4)
+        s_row, s_col, taps, dw_rows, dw_cols = rows, cols, None, rows[:, None], cols[:, None]  # (k, 1) each
+        row_taps = col_taps = torch.ones(k, 1, dtype=torch.float64, device=device)
+    rows_kept, cols_kept = (dw_rows >= 0) & (dw_rows < out_f), (dw_cols >= 0) & (dw_cols < in_f)  # inside the crop
+    t0_row, t0_col = row_taps[:, :1], col_taps[:, :1]  # (k, 1): the first taps _analyze divides its bands by (step 4)
     S = _sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (s_row * C_cols + s_col)[:, None], t0_row * t0_col,
                 (C_rows, C_cols), dtype)
-    footprint = _entries(in_r[:, :, None] & in_c[:, None, :], out_r[:, :, None] * in_f + out_c[:, None, :],
-                         tap_r[:, :, None] * tap_c[:, None, :], dtype)  # (k, L, L) patches -> entries of dW
+    footprint = _entries(rows_kept[:, :, None] & cols_kept[:, None, :],  # (k, L, L) patches -> entries of dW
+                         dw_rows[:, :, None] * in_f + dw_cols[:, None, :], row_taps[:, :, None] * col_taps[:, None, :],
+                         dtype)
     rows_at = torch.arange(out_f + 1, device=device) * in_f  # (out + 1,) where each row of W starts
     plan = Plan(C_rows=C_rows, C_cols=C_cols, taps=None if taps is None else taps.tolist(), S=S,
                 pattern=_csr(S.row_ptr, S.col, torch.zeros(k, dtype=dtype, device=device), S.size),
-                AS=_sparse(in_r, out_r * C_cols + s_col[:, None], tap_r * t0_col, (out_f, C_cols), dtype),
-                BSt=_sparse(in_c, out_c * C_rows + s_row[:, None], tap_c * t0_row, (in_f, C_rows), dtype),
+                AS=_sparse(rows_kept, dw_rows * C_cols + s_col[:, None], row_taps * t0_col, (out_f, C_cols), dtype),
+                BSt=_sparse(cols_kept, dw_cols * C_rows + s_row[:, None], col_taps * t0_row, (in_f, C_rows), dtype),
                 footprint=footprint, row_start=torch.searchsorted(footprint.index, rows_at).tolist())
     _PLANS[key] = plan
     return plan
