@@ -9,16 +9,16 @@ C is read as one level of a 2-D wavelet transform stores an image: four quarters
 height and width), named as PyWavelets and dwt.py name the sub-bands. A coefficient at (i, j) of a quarter paints
 dW around row 2i and column 2j; its quarter says which band it is along each axis of dW:
 
-    quarter  place in C              band along the out axis   band along the in axis   Haar: a coefficient c paints
-                                     (dW's row index)          (dW's column index)      c/2 times a 2 x 2 block
-    cA       C[:h, :w]  top left     low                       low                      + +   constant
-                                                                                        + +
-    cH       C[:h, w:]  top right    high                      low                      + +   top minus bottom
-                                                                                        - -
-    cV       C[h:, :w]  bottom left  low                       high                     + -   left minus right
-                                                                                        + -
-    cD       C[h:, w:]  bottom right high                      high                     + -   checkerboard
-                                                                                        - +
+    quarter  place in C               band along the out axis   band along the in axis   Haar: a coefficient c
+                                      (dW's row index)          (dW's column index)      paints c/2 times
+    cA       C[:h, :w]  top left      low                       low                      + +   constant
+                                                                                         + +
+    cH       C[:h, w:]  top right     high                      low                      + +   top minus bottom
+                                                                                         - -
+    cV       C[h:, :w]  bottom left   low                       high                     + -   left minus right
+                                                                                         + -
+    cD       C[h:, w:]  bottom right  high                      high                     + -   checkerboard
+                                                                                         - +
 
 So the band along the out axis is read from C's column half (right: high), the band along the in axis from C's row
 half (bottom: high); longer filters (db2, db4, ...: length L) paint overlapping L x L patches of the same kinds.
