@@ -12,6 +12,7 @@
     interop.load_adapter(unet, "outputs/<run>/adapter.safetensors" or "a_peft_folder")
     interop.export_merged("outputs/<run>")            # -> outputs/<run>/merged_unet/
 """
+import contextlib
 import json
 import os
 import re
@@ -169,8 +170,25 @@ def load_peft(model, folder):
     config selects (PEFT's matching rule) if the model has no adapters, rebuild the positions from random_loc_seed
     as PEFT does, load the spectra (or A, B). Returns the metadata.
     All or nothing, as waveft.load; layer shapes are checked where save_peft recorded them (PEFT records none)."""
-    with waveft.undone_if_refused(model):
+    with undone_if_refused(model):
         return _load_peft_folder(model, folder)
+
+
+@contextlib.contextmanager
+def undone_if_refused(model):
+    """load_peft injects before its checks (its config selects the layers by PEFT's matching rule, which inject
+    applies), so a refused load takes the adapters it injected out again: remove() puts the original nn.Linear
+    objects back, and the requires_grad flags that inject cleared are restored."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    injected_here = not waveft.adapted_layers(model)
+    try:
+        yield
+    except BaseException:
+        if injected_here and waveft.adapted_layers(model):
+            waveft.remove(model)
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable[name])
+        raise
 
 
 def _load_peft_folder(model, folder):

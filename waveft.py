@@ -21,19 +21,17 @@ dW around row 2i and column 2j; its quarter says which band it is along each axi
                                                                                          - +
 
 So the band along the out axis is read from C's column half (right: high), the band along the in axis from C's row
-half (bottom: high); longer filters (db2, db4, ...: length L) paint overlapping L x L patches of the same kinds.
-C has out + L - 2 rows and in + L - 2 columns, each rounded up to even (an even side is padded by L - 2, an odd one
-by L - 1); the k values sit at positions + (L - 2)/2 (centred), one level of dwt.idwt2 inverts it (out or, for an
-odd out, out + 1 rows; columns alike) and its first out x in block is kept. Positions are PEFT's:
-randperm(out*in, Generator seed)[:k] -> (idx // in, idx % in), so spectra are interchangeable with PEFT.
+half (bottom: high); longer filters (db2, db4, ...: length L) paint overlapping L x L patches of the same kinds. For
+them, and for odd sides, C is padded, the positions centred and the IDWT cropped to out x in, exactly as PEFT does
+(`_padded`, `coefficients`; docs/waveft.md, "Padding and centring"). The positions are PEFT's too (`draw_positions`),
+so spectra move between the two.
 
 Two halves. The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above),
 the same dW as scaling * A S B^T with explicit matrices (`delta_weight_separable`), and the forward, which with
-inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA (y = x W^T + b + scaling x A^T B^T)
-for baselines; inject, merge/unmerge/remove, save/load. Then "How training stays as cheap as LoRA": the default
-forward gives the same y and gradients from dW = scaling * A S B^T without ever building an out x in tensor.
+inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA for baselines; inject,
+merge/unmerge/remove, save/load. Then "How training stays as cheap as LoRA": the default forward gives the same y
+and gradients without ever building an out x in tensor.
 """
-import contextlib
 import json
 import os
 import re
@@ -63,11 +61,9 @@ def draw_positions(out_features, in_features, k, seed):
 
 
 def _padded(n, wavelet, use_idwt):
-    """Length of C along an axis whose output has length n: n + L - 2, rounded up to even.
-
-    One level of IDWT turns two bands of m coefficients into 2m - L + 2 samples (PyWavelets keeps the central
-    ones: the L - 2 at the ends are where the length-L filters hang over the border). So n outputs need
-    2m >= n + L - 2, and 2m is even because the two bands split the axis in halves. Without IDWT, C is dW."""
+    """Length of C along an axis whose output has length n: n + L - 2, rounded up to even (without IDWT, C is dW).
+    One level of IDWT turns two bands of m coefficients into 2m - L + 2 samples (PyWavelets drops the L - 2 where
+    the filters hang over the border), so n outputs need 2m >= n + L - 2 coefficients, in two equal bands."""
     if not use_idwt:
         return n
     n = n + len(dwt.wavelet_filters(wavelet)[2]) - 2
@@ -108,17 +104,14 @@ class WaveFTLinear(nn.Module):
 
     def delta_weight_separable(self):
         """The same dW as the fast path (second half) sees it, with explicit dense matrices: scaling * A S B^T.
-        A reference to read and test (it builds out x C_rows and in x C_cols matrices), never used to train.
+        A reference to read and test against delta_weight (it builds out x C_rows and in x C_cols matrices).
 
-        IDWT2 is separable: a 1-D synthesis along the out axis, then along the in axis. A (out x C_rows) is the
-        first: its column j is what a unit coefficient j paints along the out axis (_synthesis_matrix); B
-        (in x C_cols) the second. S is C in band order: rows [low | high] along the out axis, columns [low | high]
-        along the in axis. Since C's right half is high along the out axis and its bottom half along the in axis
-        (the quarter table), S is C with its off-diagonal quarters swapped, (cA | cV) over (cH | cD): the same k
-        values. Without IDWT, A and B are identities and S = C."""
+        IDWT2 is separable: A (out x C_rows) is the 1-D synthesis along the out axis (its column j: what a unit
+        coefficient j paints there, _synthesis_matrix), B (in x C_cols) the one along the in axis. S is C in band
+        order, [low | high] along each axis: by the quarter table, C with its off-diagonal quarters swapped."""
         C, (out_f, in_f) = self.coefficients(), self.base.weight.shape
         if not self.use_idwt:
-            return self.scaling * C
+            return self.scaling * C  # A and B are identities, S = C
         (C_rows, C_cols), h, w = C.shape, C.shape[0] // 2, C.shape[1] // 2
         S = torch.cat([torch.cat([C[:h, :w], C[h:, :w]], 1), torch.cat([C[:h, w:], C[h:, w:]], 1)])  # cA cV / cH cD
         A = _synthesis_matrix(out_f, C_rows, self.wavelet, C.dtype, C.device)  # (out, C_rows)
@@ -231,15 +224,12 @@ def _matches(name, patterns):
 
 def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777, use_idwt=True, rank=1,
            target_modules=DEFAULT_TARGETS, exclude_modules=(), verbose=False, init_seed=None, fast=True):
-    """Replace every matching nn.Linear by a WaveFT (or LoRA) layer, freeze the rest, return the trainables.
-
-    scaling=None means 25.0 for WaveFT (the authors' SDXL value) and 1.0 for LoRA (alpha = rank, as in
-    the paper's LoRA baseline). init_seed seeds LoRA's random A (layer i uses init_seed + i); None draws it
-    from torch's global RNG. WaveFT starts at zero and needs no init seed (`seed` places its coefficients).
-    fast=True computes WaveFT layers by the second half of this file; fast=False by the definition (autograd
-    through dW: the teaching path, slower and out x in memory per layer). Same results; a runtime choice, not
-    saved in adapter files (change it later with `layer.fast`); on devices without sparse CSR kernels (e.g. mps)
-    layers use the definition anyway and say so once."""
+    """Replace every matching nn.Linear (PEFT's rule: _matches) by a WaveFT (or LoRA) layer, freeze the rest, return
+    the trainables. scaling=None: 25.0 for WaveFT (the authors' SDXL value), 1.0 for LoRA (alpha = rank, the paper's
+    baseline). init_seed seeds LoRA's random A (layer i: init_seed + i; None: torch's global RNG); WaveFT starts at
+    zero (`seed` places its coefficients). fast: the second half of this file, or (False) the definition, autograd
+    through dW (slower, out x in memory per layer); the same results, a runtime choice that files do not keep
+    (`layer.fast`). See docs/waveft.md, "The API"."""
     if method not in ("waveft", "lora"):
         raise ValueError(f"unknown method {method!r}; use 'waveft' or 'lora'")
     if method == "waveft" and wavelet not in dwt.WAVELETS:
@@ -316,9 +306,8 @@ def unmerge(model):
 
 @torch.no_grad()
 def remove(model):
-    """Undo inject: put every adapted layer's original nn.Linear back, unmerged (W exactly as before inject when the
-    layer was never merged; merged layers are unmerged first). The model can then take another inject or load;
-    the rest of the model stays frozen, as inject left it."""
+    """Undo inject: put every adapted layer's original nn.Linear back, unmerged first (W exactly as before inject if
+    never merged), so that the model can take another inject or load; the rest stays frozen, as inject left it."""
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("model has no adapters to remove")
@@ -360,11 +349,8 @@ def write_atomically(path, data):
     makes it 0600). The one safe-write helper: files.write_file writes every other file of a run through it."""
     tmp = f"{path}.{os.getpid()}.tmp"  # per process: torchrun ranks may write the same file
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
+        with open(tmp, "wb", buffering=0) as f:
+            write_all(f.fileno(), data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -387,74 +373,58 @@ def read_metadata(path):
 def load(model, path, fast=True):
     """Load an adapter file into the model, injecting the adapters first if it has none. Returns the metadata.
 
-    All or nothing: every check (names, shapes, config, merged layers, each tensor's shape, positions in range) comes
-    before the first value is copied, and a refused load into a model without adapters takes out the adapters it
-    injected, so a refused load leaves the model as it was. Saved positions are trusted (they define the adapter);
-    index plans are cached by the positions' values, so layers loaded with equal positions still share one. fast: as
-    in inject, when load injects. A PEFT adapter folder is not this project's file: interop.load_peft reads it."""
+    All or nothing: every check (layer names and shapes, config, merged layers, each tensor's shape, positions inside
+    the weight) comes before the model changes, inject included, so a refused load leaves the model as it was. Saved
+    positions are used as they are. fast: as in inject, when load injects. A PEFT adapter folder is not this
+    project's file: interop.load_peft reads it."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder; waveft.load reads this project's adapter files (.safetensors). For a "
                          f"PEFT adapter folder use interop.load_peft(model, folder), or interop.load_adapter(model, "
                          f"path), which takes either")
-    with undone_if_refused(model):
-        return _load_file(model, path, fast)
-
-
-@contextlib.contextmanager
-def undone_if_refused(model):
-    """A load that injects adapters into a model without any and is then refused takes them out again: remove() puts
-    the original nn.Linear objects back, and the requires_grad flags that inject cleared are restored."""
-    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    injected_here = not adapted_layers(model)
-    try:
-        yield
-    except BaseException:
-        if injected_here and adapted_layers(model):
-            remove(model)
-            for name, p in model.named_parameters():
-                p.requires_grad_(trainable[name])
-        raise
-
-
-def _load_file(model, path, fast):
     meta = read_metadata(path)
-    want = {name: tuple(shape) for name, shape in meta["layers"].items()}
-    if not adapted_layers(model):
-        modules = dict(model.named_modules())
-        have = {n: (m.out_features, m.in_features) for n, m in modules.items()
-                if n in want and isinstance(m, nn.Linear)}
-        check_same_layers(path, want, have)
+    want = {name: tuple(shape) for name, shape in meta["layers"].items()}  # {layer: (out, in)}
+    layers = dict(adapted_layers(model))
+    if layers:  # into the adapters the model has: the same layers and config, none merged
+        check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
+        keys = ("method", "scaling") + (("k", "wavelet", "use_idwt") if meta["method"] == "waveft" else ("rank",))
+        differ = [f"{key}: file {meta[key]!r}, model {model._waveft_config[key]!r}" for key in keys
+                  if meta[key] != model._waveft_config[key]]
+        if differ:
+            raise ValueError(f"{path} was saved with another adapter config than this model's: {'; '.join(differ)}")
+        for name, m in layers.items():
+            if m.merged:
+                raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
+    else:  # the file's layers must be nn.Linear layers of its shapes; inject comes after all checks
+        check_same_layers(path, want, {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+                                       if n in want and isinstance(m, nn.Linear)})
+    values = _read_adapter_tensors(path, meta, want)
+    if not layers:
         inject(model, method=meta["method"], k=meta["k"], scaling=meta["scaling"], wavelet=meta["wavelet"],
                seed=meta["seed"], use_idwt=meta["use_idwt"], rank=meta["rank"],
                target_modules="|".join(re.escape(n) for n in want), fast=fast)
         model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
-    layers = dict(adapted_layers(model))
-    check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
-    keys = ("method", "scaling") + (("k", "wavelet", "use_idwt") if meta["method"] == "waveft" else ("rank",))
-    differ = [f"{key}: file {meta[key]!r}, model {model._waveft_config[key]!r}" for key in keys
-              if meta[key] != model._waveft_config[key]]
-    if differ:
-        raise ValueError(f"{path} was saved with another adapter config than this model's: {'; '.join(differ)}")
-    values, saved_positions = {}, {}  # all checks first, then the copies: a refused file changes nothing
-    with safe_open(str(path), framework="pt") as f:
-        for name, m in layers.items():
-            if m.merged:
-                raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
-            for attr in m.adapter_names:
-                values[name, attr] = read_tensor(f, path, f"{name}.{attr}", getattr(m, attr).shape)
-            if isinstance(m, WaveFTLinear) and f"{name}.waveft_positions" in f.keys():
-                positions = read_tensor(f, path, f"{name}.waveft_positions", m.waveft_positions.shape).long()
-                rows_ok = positions[0].lt(m.base.out_features).all() and positions[1].lt(m.base.in_features).all()
-                if not (rows_ok and positions.ge(0).all()):
-                    raise ValueError(f"{path}: positions of layer {name!r} fall outside its {tuple(want[name])} weight")
-                saved_positions[name] = positions
+        layers = dict(adapted_layers(model))
     for (name, attr), value in values.items():
-        getattr(layers[name], attr).copy_(value)
-    for name, positions in saved_positions.items():
-        m = layers[name]
-        if not torch.equal(positions, m.waveft_positions.cpu()):
-            m.waveft_positions = positions.to(m.waveft_positions.device)
+        getattr(layers[name], attr).copy_(value)  # new positions: the layer's index plan follows (_plan_for)
     return meta
+
+
+def _read_adapter_tensors(path, meta, want):
+    """{(layer, attribute): tensor} of every layer the file names, each shape checked against the file's own config
+    and layer shapes (what inject builds from them), and the positions inside the weight."""
+    values, k, rank = {}, meta["k"], meta["rank"]
+    with safe_open(str(path), framework="pt") as f:
+        for name, (out_f, in_f) in want.items():
+            shapes = ({"waveft_spectrum": (k,), "waveft_positions": (2, k)} if meta["method"] == "waveft"
+                      else {"lora_A": (rank, in_f), "lora_B": (out_f, rank)})
+            for attr, shape in shapes.items():
+                if attr != "waveft_positions" or f"{name}.{attr}" in f.keys():  # without them: seed's positions
+                    values[name, attr] = read_tensor(f, path, f"{name}.{attr}", shape)
+            positions = values.get((name, "waveft_positions"))
+            if positions is not None and not (positions.ge(0).all() and positions[0].lt(out_f).all()
+                                              and positions[1].lt(in_f).all()):
+                raise ValueError(f"{path}: positions of layer {name!r} fall outside its {(out_f, in_f)} weight")
+    return values
 
 
 def read_tensor(f, path, key, shape):

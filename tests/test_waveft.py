@@ -290,6 +290,44 @@ def test_refused_load_changes_nothing(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
 
 
+def test_load_checks_lora_shapes_and_takes_positions_into_adapted_layers(tmp_path):
+    """load checks each tensor's shape before it changes the model (a LoRA file with a wrong lora_B changes nothing,
+    with or without adapters in the model); a file without positions gets the seed's; and positions loaded into a
+    layer that held others are what its forward (its index plan) uses from then on."""
+    lora = three_linears()
+    waveft.inject(lora, method="lora", rank=2, target_modules=["0", "1", "2"])
+    good = tmp_path / "lora.safetensors"
+    waveft.save(lora, good)
+    bad = rewritten(good, tmp_path / "bad.safetensors", lambda t: t.update({"1.lora_B": torch.zeros(5, 3)}))
+    adapted = three_linears()
+    waveft.inject(adapted, method="lora", rank=2, target_modules=["0", "1", "2"])
+    for model in (three_linears(), adapted):
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        trainable = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"'1.lora_B' has shape \(5, 3\), the model expects \(5, 2\)"):
+            waveft.load(model, bad)
+        after = model.state_dict()
+        assert list(after) == list(before) and all(torch.equal(after[key], before[key]) for key in before)
+        assert [p.requires_grad for p in model.parameters()] == trainable
+    source = nn.Sequential(nn.Linear(10, 12))
+    waveft.inject(source, k=7, target_modules=["0"])
+    randomize(source, std=1.0)
+    saved = tmp_path / "a.safetensors"
+    waveft.save(source, saved)
+    fresh = nn.Sequential(nn.Linear(10, 12))
+    waveft.load(fresh, rewritten(saved, tmp_path / "unplaced.safetensors", lambda t: t.pop("0.waveft_positions")))
+    assert torch.equal(fresh[0].waveft_positions, source[0].waveft_positions)  # the seed's
+    custom = nn.Sequential(nn.Linear(10, 12))
+    custom.load_state_dict({"0.weight": source[0].base.weight, "0.bias": source[0].base.bias})
+    waveft.inject(custom, k=7, target_modules=["0"])
+    with torch.no_grad():
+        custom[0].waveft_positions = torch.tensor([[0, 1, 2, 3, 4, 5, 11], [9, 8, 7, 6, 5, 4, 0]])
+    x = torch.randn(40, 10)
+    custom(x)  # builds (and remembers) the index plan of these positions
+    waveft.load(custom, saved)
+    torch.testing.assert_close(custom(x), source(x), rtol=0, atol=0)
+
+
 def test_load_uses_saved_positions(tmp_path):
     model = nn.Sequential(nn.Linear(10, 12))
     waveft.inject(model, k=7, target_modules=["0"])
