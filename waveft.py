@@ -184,11 +184,9 @@ class LoRALinear(nn.Module):
 
 
 def _apply_keeping_adapters_float32(layer, fn, recurse):
-    """nn.Module._apply (what .to, .half, .bfloat16 and .cuda run), except that adapter parameters that a bf16/fp16
-    cast would round keep their exact float32 values: pipe.to(torch.bfloat16) after inject must neither round
-    trained values to ~3 digits nor hand the fast path a bf16 spectrum. The Parameter objects stay the same, so
-    an optimizer made before keeps training them (its float32 state still fits); grads are kept alike. A float64
-    cast still gives float64 adapters (float64 models train float64 adapters)."""
+    """nn.Module._apply (behind .to, .half, .bfloat16, .cuda), except that adapter values (and grads) that a bf16/fp16
+    cast would round keep their float32 values, in the same Parameter objects: pipe.to(torch.bfloat16) after inject
+    must neither round trained values to ~3 digits nor break an optimizer made before. .double() gives float64."""
     kept = [(name, p.detach().clone(), None if p.grad is None else p.grad.clone())
             for name, p in zip(layer.adapter_names, _adapter_params(layer))]  # k (or r (in + out)) values: cheap
     nn.Module._apply(layer, fn, recurse)

@@ -46,8 +46,9 @@ def test_weight_domain_baseline_equals_peft():
 
 @pytest.mark.parametrize("wavelet", ["db1", "db2", "db4"])
 def test_padding_and_centring_as_the_readme_states(wavelet):
-    """README "Padding and centring": C pads an even side by L - 2 and an odd one by L - 1, the positions move by
-    (L - 2) / 2, and of the IDWT (n rows for an even n, n + 1 for an odd one) the first n rows (columns) are kept."""
+    """docs/waveft.md, "Padding and centring": C pads an even side by L - 2 and an odd one by L - 1, the positions
+    move by (L - 2) / 2, and of the IDWT (n rows for an even n, n + 1 for an odd one) the first n rows (columns) are
+    kept."""
     L = len(dwt.wavelet_filters(wavelet)[0])
     for out_f, in_f in [(8, 9), (9, 8)]:
         layer = waveft.WaveFTLinear(nn.Linear(in_f, out_f).double(), 6, 1.0, wavelet, 3, True)
