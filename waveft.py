@@ -369,18 +369,18 @@ def read_metadata(path):
 
 @torch.no_grad()
 def load(model, path, fast=True):
-    """Load an adapter file into the model, injecting the adapters first if it has none. Returns the metadata.
+    """Load an adapter file into the model (injecting its adapters if the model has none). Returns the metadata.
 
     All or nothing: every check (layer names and shapes, config, merged layers, each tensor's shape, positions inside
     the weight) comes before the model changes, inject included, so a refused load leaves the model as it was. Saved
-    positions are used as they are. fast: as in inject, when load injects. A PEFT adapter folder is not this
-    project's file: interop.load_peft reads it."""
+    positions are used as they are; fast: as in inject. A PEFT adapter folder is read by interop.load_peft."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder; waveft.load reads this project's adapter files (.safetensors). For a "
                          f"PEFT adapter folder use interop.load_peft(model, folder), or interop.load_adapter(model, "
                          f"path), which takes either")
     meta = read_metadata(path)
     want = {name: tuple(shape) for name, shape in meta["layers"].items()}  # {layer: (out, in)}
+    values = _read_adapter_tensors(path, meta, want)  # the file checked against its own config and shapes
     layers = dict(adapted_layers(model))
     if layers:  # into the adapters the model has: the same layers and config, none merged
         check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
@@ -392,11 +392,9 @@ def load(model, path, fast=True):
         for name, m in layers.items():
             if m.merged:
                 raise ValueError(f"layer {name!r} is merged; call waveft.unmerge(model) before loading")
-    else:  # the file's layers must be nn.Linear layers of its shapes; inject comes after all checks
+    else:  # inject, once the file's layers are known to be nn.Linear layers of its shapes
         check_same_layers(path, want, {n: (m.out_features, m.in_features) for n, m in model.named_modules()
                                        if n in want and isinstance(m, nn.Linear)})
-    values = _read_adapter_tensors(path, meta, want)
-    if not layers:
         inject(model, method=meta["method"], k=meta["k"], scaling=meta["scaling"], wavelet=meta["wavelet"],
                seed=meta["seed"], use_idwt=meta["use_idwt"], rank=meta["rank"],
                target_modules="|".join(re.escape(n) for n in want), fast=fast)
@@ -409,7 +407,8 @@ def load(model, path, fast=True):
 
 def _read_adapter_tensors(path, meta, want):
     """{(layer, attribute): tensor} of every layer the file names, each shape checked against the file's own config
-    and layer shapes (what inject builds from them), and the positions inside the weight."""
+    and layer shapes (what inject builds from them; load then checks those against the model), and the positions
+    inside the weight."""
     values, k, rank = {}, meta["k"], meta["rank"]
     with safe_open(str(path), framework="pt") as f:
         for name, (out_f, in_f) in want.items():
