@@ -541,8 +541,8 @@ def _fast_forward(layer, x):
 
 def _plan_for(layer, device):
     """The layer's plan, remembered between steps and rebuilt when the positions change: replaced (another
-    tensor, e.g. by load or .to(device)), edited in place (load_state_dict copies into the buffer: its version
-    counter moves) or given new storage (.data = ...). O(1) per forward when nothing changed."""
+    tensor, e.g. by load_peft or .to(device)), edited in place (load and load_state_dict copy into the buffer: its
+    version counter moves) or given new storage (.data = ...). O(1) per forward when nothing changed."""
     positions, dtype = layer.waveft_positions, layer.waveft_spectrum.dtype
     key = (positions._version, positions.data_ptr(), device, dtype)
     memo = layer._plan_memo  # (positions, key, plan); holding positions keeps `is` meaningful
