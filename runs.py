@@ -4,8 +4,10 @@ A run lives in <output-dir>/<run name> (run_name: the subject, the method and bu
 the result and differs from its default) and holds RUN_FILES: config.json (every option, the "setting"), loss.csv
 (one row per step: its mean loss over the step's micro-batches, appended as the step ends), loss.png, checkpoint.pt
 (adapter + optimizer + step + RNG states: --resume continues bit for bit), adapter.safetensors, validation.png and,
-with --save-merged, merged_unet/. A run is never replaced without --overwrite (check_run_dir), and every file goes
-through files.py, so a crash or a full disk leaves the last checkpoint and the log up to it for --resume.
+with --save-merged, merged_unet/; prior preservation's class images live beside the runs (class_images). A run is
+never replaced without --overwrite (check_run_dir), every file goes through files.py, and Ctrl-C finishes the step
+and saves a checkpoint (ctrl_c_finishes_the_step), so a crash, a full disk or Ctrl-C leaves the last checkpoint and
+the log up to it for --resume.
 evaluate.py reads each run back as a `Run` (read_runs: our run folders, PEFT adapter folders, or --metrics-only
 images), checked before any model is loaded. Nothing here imports a script: what a script knows (its option
 defaults, which options cannot change the result) comes in as arguments.

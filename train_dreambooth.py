@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import cli
@@ -299,26 +298,13 @@ def cache_inputs(pipe, opts, images, image_paths, instance_prompt, class_name, g
     return Cached(instance, prior, prompt_embeds, pooled, vae.scaling_factor, getattr(vae, "shift_factor", 0) or 0)
 
 
-def crop_image(image, resolution, generator):
-    """Resize the shorter side to `resolution`, then one random square crop. Returns the crop as a (3, R, R) tensor
-    in [-1, 1] and SDXL's time ids (original h, w, crop top, left, target h, w) that describe what was done."""
-    original_size = (image.height, image.width)
-    image = sdxl.resize_shorter_side(image, resolution, Image.BILINEAR)
-    top = int(torch.randint(image.height - resolution + 1, (1,), generator=generator))
-    left = int(torch.randint(image.width - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1
-    return pixels, sdxl.time_ids(original_size, (top, left), (resolution, resolution))
-
-
 @torch.no_grad()
 def encode_images(vae, images, paths, resolution, generator, device):
     """Cache each image's VAE posterior N(mean, std^2) once (fp32 VAE: fp16 overflows to NaN). Training samples
     from it every step, as encoding every step would, at none of the cost."""
     means, stds, ids = [], [], []
     for image, path in zip(images, paths):
-        pixels, time_ids = crop_image(image, resolution, generator)
+        pixels, time_ids = sdxl.crop_image(image, resolution, generator)  # one random crop, and its time ids
         posterior = vae.encode(pixels[None].to(device, torch.float32)).latent_dist
         if not (torch.isfinite(posterior.mean).all() and torch.isfinite(posterior.std).all()):
             raise ValueError(f"VAE latents of {path} are not finite: run the VAE in float32 (fp16 SDXL VAE overflows)")

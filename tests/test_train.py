@@ -846,7 +846,7 @@ def test_load_image_handles_rgba_grayscale_exif_and_names_corrupt_files(tmp_path
 
 def test_crop_records_sdxl_micro_conditioning():
     image = Image.new("RGB", (300, 200), "white")  # landscape: the height becomes 64, one crop along the width
-    pixels, ids = train_dreambooth.crop_image(image, 64, torch.Generator().manual_seed(0))
+    pixels, ids = sdxl.crop_image(image, 64, torch.Generator().manual_seed(0))
     assert pixels.shape == (3, 64, 64) and pixels.min() == pixels.max() == 1.0
     orig_h, orig_w, top, left, target_h, target_w = ids.tolist()
     assert (orig_h, orig_w, top, target_h, target_w) == (200, 300, 0, 64, 64) and 0 <= left <= 96 - 64
