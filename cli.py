@@ -12,6 +12,8 @@ import inspect
 import re
 import sys
 
+import torch
+
 
 def flag_of(name):
     """An option's flag: grad_accum -> --grad-accum."""
@@ -21,6 +23,40 @@ def flag_of(name):
 def bad_value(opts, name, rule):
     """The one-line error for a bad option value: ValueError("--k 0: must be positive")."""
     return ValueError(f"{flag_of(name)} {getattr(opts, name)}: {rule}")
+
+
+def no_effect(opts, table):
+    """{option: why it has no effect} for `opts`: `table` maps (option, value) to the options that this value makes
+    ineffective; why reads "with --method lora", or "without --prior-preservation" for a flag that is off."""
+    ignored = {}
+    for (name, value), names in table.items():
+        if getattr(opts, name) == value:
+            why = f"without {flag_of(name)}" if value is False else f"with {flag_of(name)} {value}"
+            ignored.update(dict.fromkeys(names, why))
+    return ignored
+
+
+def check_values(opts, choices, positive, ignored=()):
+    """Raise bad_value for the first option (in table order) whose value is not among its `choices` ({name:
+    allowed values}), then for the first of `positive` (names; None counts as unset) that is not > 0. Options in
+    `ignored` are not checked: they have no effect."""
+    for name, allowed in choices.items():
+        if name not in ignored and getattr(opts, name) not in allowed:
+            raise bad_value(opts, name, f"must be one of {', '.join(allowed)}")
+    for name in positive:
+        value = getattr(opts, name)
+        if name not in ignored and value is not None and value <= 0:
+            raise bad_value(opts, name, "must be positive")
+
+
+def check_device(opts, name="device"):
+    """Raise bad_value unless the option is "auto" or a torch device this machine has (CUDA only where available)."""
+    try:
+        device = torch.device("cuda" if getattr(opts, name) == "auto" else getattr(opts, name))
+    except RuntimeError:
+        raise bad_value(opts, name, "not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if getattr(opts, name) != "auto" and device.type == "cuda" and not torch.cuda.is_available():
+        raise bad_value(opts, name, "CUDA is not available here")
 
 
 def warn_if_given(argv, ignored):

@@ -13,6 +13,7 @@ wrapper: one flattened all-reduce per step is all that adapters of a million par
 Evaluation: each rank generates its share of the images, waits at a barrier, and rank 0 alone scores them.
 """
 import os
+import sys
 
 import torch
 
@@ -32,6 +33,15 @@ def init_distributed(device, backend=None, timeout=None):
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def start(device, timeout=None):
+    """init_distributed, then only rank 0 prints: the other ranks' stdout goes to os.devnull (their errors still
+    reach stderr). Returns (rank, world_size, device)."""
+    rank, world_size, device = init_distributed(device, timeout=timeout)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world_size, device
 
 
 def broadcast_from_rank0(params, world_size):

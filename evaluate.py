@@ -20,19 +20,15 @@ Metric scores are means over a run's images; the comparison table gives mean +- 
 
     python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
     torchrun --nproc-per-node 8 evaluate.py --runs outputs/*    # the same, images generated on 8 GPUs
-    python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (layouts below)
+    python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (ours or the authors')
     python evaluate.py --runs outputs/dog6-waveft-k2000-tiny-steps4 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
         --resolution 64 --dino tiny --clip tiny --cmmd-clip tiny  # CPU smoke run: tiny models, meaningless numbers
 
-Layout: <output-dir>/<run>/images/<prompt_idx>_<slug>/seed<seed>.png plus prompt.txt (the exact prompt) per folder
-and images/generation.json (settings + adapter hash: a rerun skips existing images only if they match), then
-scores.csv (one row per image), metrics.json, grid.png; <output-dir>/comparison.{md,csv} over all runs, one row per
-setting (the run's options without its subject) and prompt set. Every file is written whole (files.py): a full disk
-or Ctrl-C leaves whole files only, and the same command continues, writing the bytes an uninterrupted evaluation
-writes. Under torchrun every rank generates its share of the (run, prompt) folders, then rank 0 alone scores; the
-images and numbers are those of one process. One pipeline per base model serves all its runs (the adapter is
-swapped, the weights restored bit for bit). `--metrics-only DIR` reads one folder per prompt, in our layout or the
-authors' (interop.read_image_folder).
+Output: <output-dir>/<run>/images/ (one folder per prompt), scores.csv, metrics.json, grid.png, and comparison.md
+and .csv over all runs, one row per setting (the run's options without its subject) and prompt set: see
+docs/evaluation.md, "Outputs". The images are made once and kept (eval_images.py): Ctrl-C or a full disk leaves whole
+files, and the same command continues with the bytes an uninterrupted evaluation writes; under torchrun each rank
+makes its share, and rank 0 alone scores.
 """
 
 import datetime
@@ -50,20 +46,18 @@ from tqdm import tqdm
 
 import cli
 import distributed
+import eval_images
 import files
-import hub
 import interop
+import metric_models
 import pictures
 import runs
 import sdxl
-import waveft
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO was trained with these
 METRICS = dict(dino="DINO ↑", clip_i="CLIP-I ↑", clip_t="CLIP-T ↑", cmmd="CMMD ↓",  # comparison table headers
                lpips_diversity="LPIPS diversity ↑", dino_diversity="DINO diversity ↑")
-# Every file is written whole (files.write_file); a full disk is one line naming the file (files.WriteError), ending:
-AFTER_A_WRITE_ERROR = "the files written before are intact: make room and run the same command again (it continues)"
 
 
 @dataclass
@@ -95,7 +89,8 @@ def main(argv=None):
     rank, world_size, device = distributed.init_distributed("cuda" if torch.cuda.is_available() else "cpu",
                                                             backend="gloo", timeout=datetime.timedelta(days=7))
     if rank == 0:  # only rank 0 scores; loaded first so that a missing metric model fails before hours of sampling
-        models, lpips_model = load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device), load_lpips()
+        models = metric_models.load_metric_models(opts.dino, opts.clip, opts.cmmd_clip, device)
+        lpips_model = metric_models.load_lpips()
     gen_cfg = sdxl.GenerationConfig()
     gen_cfg = replace(gen_cfg, num_inference_steps=opts.steps or gen_cfg.num_inference_steps,
                       resolution=opts.resolution or gen_cfg.resolution)
@@ -148,8 +143,8 @@ def prompt_set(opts):
 
 def generate_images(to_evaluate, opts, gen_cfg, seeds, out_dir, rank, world_size, device):
     """Every run's missing images (this rank's share), and what each run is to be scored on: [(run, entries,
-    settings)] (see generate_missing), and how many images this rank made. --metrics-only images are read as they
-    are. The n-th (run, prompt) folder over all runs belongs to rank n % world_size: a fixed rule that needs no
+    settings)] (eval_images.generate_missing), and how many images this rank made. --metrics-only images are read as
+    they are. The n-th (run, prompt) folder over all runs belongs to rank n % world_size: a fixed rule that needs no
     communication, and a prompt's seeds are made in their usual batches, so every image is the one 1 process makes."""
     pipelines, plans, generated, n = {}, [], 0, 0
     for run in to_evaluate:
@@ -159,112 +154,11 @@ def generate_images(to_evaluate, opts, gen_cfg, seeds, out_dir, rank, world_size
         prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:opts.max_prompts]
         mine = [i for i in range(len(prompts)) if (n + i) % world_size == rank]
         n += len(prompts)
-        entries, settings, count = generate_missing(run, out_dir / run.name / "images", prompts, seeds, gen_cfg,
-                                                    device, mine, pipelines)
+        entries, settings, count = eval_images.generate_missing(run, out_dir / run.name / "images", prompts, seeds,
+                                                                gen_cfg, device, mine, pipelines)
         plans.append((run, entries, settings))
         generated += count
     return plans, generated  # the pipeline (in `pipelines`) goes: its memory is free for scoring
-
-
-def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None, pipelines=None):
-    """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes, byte for
-    byte; under torchrun only those of the prompts `mine` (indices; default all), this rank's share. Returns
-    [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
-    depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
-    settings or another adapter (by its hash) are an error, never silently reused."""
-    settings = dict(model=run.config["model"], adapter_sha256=runs.adapter_hash(run.adapter),
-                    steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
-                    solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
-    record = images_dir / "generation.json"
-    old = json.loads(record.read_text()) if record.is_file() else settings
-    if old != settings:
-        changed = [key for key in settings if old.get(key) != settings[key]]
-        raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
-                         f"that folder or pass another --output-dir")
-    folders = [images_dir / (f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60])  # a safe name
-               for i, prompt in enumerate(prompts)]
-    entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
-    missing = {i: [seed for seed in seeds if not (folders[i] / f"seed{seed}.png").is_file()]
-               for i in (range(len(prompts)) if mine is None else mine)}
-    missing = {i: todo for i, todo in missing.items() if todo}
-    if not missing:
-        return entries, settings, 0  # nothing to do: not even the pipeline is loaded
-    # the adapter first: one that does not fit the model is refused before any file is written
-    pipe = adapted_pipeline({} if pipelines is None else pipelines, run.config["model"], run.adapter, device)
-    images_dir.mkdir(parents=True, exist_ok=True)
-    save(record, json.dumps(settings, indent=2) + "\n")  # every rank writes the same text
-    # A seed's image can differ in the last bits between batches of other seeds (batched kernels sum in another
-    # order), so a missing image is made in the batch an uninterrupted run makes it in: the prompt's seeds in
-    # batches of gen_cfg.batch_size, and only the batches with a missing seed. A resumed evaluation (or a torchrun
-    # rank) then writes exactly the bytes one uninterrupted process writes.
-    batches = [seeds[start:start + gen_cfg.batch_size] for start in range(0, len(seeds), gen_cfg.batch_size)]
-    with tqdm(total=sum(map(len, missing.values())), desc=f"{run.name}: generating", unit="image") as bar:
-        for i, todo in missing.items():
-            folders[i].mkdir(parents=True, exist_ok=True)
-            save(folders[i] / "prompt.txt", prompts[i] + "\n")
-            for batch in [batch for batch in batches if set(batch) & set(todo)]:
-                for seed, image in zip(batch, sdxl.generate(pipe, [prompts[i]], batch, gen_cfg)):
-                    if seed in todo:  # the batch's other images are on disk already, the same bytes
-                        save(folders[i] / f"seed{seed}.png", image)
-                        bar.update(1)
-    return entries, settings, sum(map(len, missing.values()))
-
-
-@torch.no_grad()
-def adapted_pipeline(pipelines, model, adapter, device):
-    """The pipeline of `model` with `adapter` loaded and merged (the update folded into W: sampling costs what the
-    base model costs). `pipelines` ({model: (pipeline, originals)}) keeps one pipeline for the next run of the same
-    model: its adapter is taken out (waveft.remove) and every weight entry the merge changed is put back bit for
-    bit, because merge + unmerge is exact only up to rounding, and an image must not depend on which run came
-    before it (resuming, torchrun). The CPU copy this takes is at most the adapted weights once (keep_original)."""
-    if model not in pipelines:
-        pipelines.clear()  # one model in memory at a time
-        pipe = hub.from_pretrained(sdxl.load_pipeline, model)  # float32; generate() autocasts on CUDA
-        pipelines[model] = (pipe.to(device), {})
-    pipe, originals = pipelines[model]
-    if waveft.adapted_layers(pipe.unet):
-        waveft.remove(pipe.unet)
-        for name, kept in originals.items():
-            put_back(pipe.unet.get_submodule(name).weight, kept)
-    try:
-        interop.load_adapter(pipe.unet, adapter)
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
-    originals.clear()
-    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's extra copy at most
-        before = layer.base.weight.clone()
-        waveft.merge(layer)
-        originals[name] = keep_original(before, layer.base.weight)
-    return pipe
-
-
-def keep_original(before, after):
-    """What puts a merged layer's weight back to `before` bit for bit, on the CPU: the smaller of its sparse diff,
-    (int64 index, value) of every entry the merge changed, and a dense copy of `before` in its own dtype, as
-    (None, copy). WaveFT changes k footprints per layer: its diff is small (~70 MB over SDXL's 560 layers at
-    k = 2592). LoRA changes every entry: its diff would be 3x the weight in float32 (12 bytes an entry; 11.5 GB for
-    SDXL), the dense copy is 1x. So what is kept over all layers is at most one copy of the adapted weights in their
-    dtype (SDXL: 955 M entries, 3.8 GB in float32), whatever the method."""
-    changed = (after != before) | (torch.signbit(after) != torch.signbit(before))  # -0.0 vs 0.0 counts too
-    where = changed.view(-1).nonzero().squeeze(1)
-    if where.numel() * (where.element_size() + before.element_size()) < before.numel() * before.element_size():
-        return where.cpu(), before.view(-1)[where].cpu()
-    return None, before.cpu()
-
-
-def put_back(weight, kept):
-    """Undo a merge exactly from keep_original's record."""
-    where, values = kept
-    if where is None:
-        weight.copy_(values)
-    else:
-        weight.view(-1).index_copy_(0, where.to(weight.device), values.to(weight.device))
-
-
-def save(path, data):
-    """files.write_file(path, data): str, bytes or a PIL image (as PNG), written whole; a full disk is one line. An
-    interrupted evaluation leaves no half-written image to be taken as finished."""
-    return files.write_file(path, data, advice=AFTER_A_WRITE_ERROR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,9 +179,9 @@ def score_run(run, entries, settings, models, lpips_model, opts, seeds, out_dir)
                    **metrics, metric_models=models.names, meaningless_tiny_models="tiny" in models.names.values(),
                    generation=dict(settings, seeds=seeds) if run.adapter else None)
     files.write_csv(run_out / "scores.csv", [dict(run=run.name, subject=run.subject, **row) for row in rows],
-                    AFTER_A_WRITE_ERROR)
-    save(run_out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    pictures.write_grid(run_out / "grid.png", real_images, entries, images, advice=AFTER_A_WRITE_ERROR)
+                    eval_images.AFTER_A_WRITE_ERROR)
+    eval_images.save(run_out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    pictures.write_grid(run_out / "grid.png", real_images, entries, images, advice=eval_images.AFTER_A_WRITE_ERROR)
     return metrics
 
 
@@ -394,7 +288,7 @@ def strip_token(prompt, unique_token):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metric models: transformers' from_pretrained (hub id or local folder), or `tiny` random models for smoke runs
+# Embeddings: what each metric model sees of an image or a prompt (the models: metric_models.py)
 
 def preprocess(images, size, mean, std):
     """PIL images -> (N, 3, size, size): shorter side resized to `size` (bicubic), centre crop, [0, 1], normalised.
@@ -406,62 +300,6 @@ def preprocess(images, size, mean, std):
         squares.append(image.crop((left, top, left + size, top + size)))
     x = pixels(squares) / 255
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-
-def tiny_dino(seed=0):
-    from transformers import ViTConfig, ViTModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64), add_pooling_layer=False).eval()
-
-
-def tiny_clip(seed=0):
-    """A random CLIP (32 px images, 32-wide, 2 layers) with the tiny in-memory tokenizer of the tiny SDXL."""
-    from transformers import CLIPConfig, CLIPModel
-    tokenizer = sdxl.tiny_tokenizer()
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(small, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=32, patch_size=8),
-                                     projection_dim=16))
-    return model.eval(), tokenizer
-
-
-@dataclass
-class MetricModels:
-    dino: torch.nn.Module  # ViTModel: DINO
-    clip: torch.nn.Module  # CLIPModel: CLIP-I and CLIP-T
-    tokenizer: object  # CLIPTokenizer of `clip`
-    cmmd_clip: torch.nn.Module  # CLIPModel: CMMD
-    names: dict  # what was loaded, for metrics.json
-
-
-def load_metric_models(dino="facebook/dino-vits16", clip="openai/clip-vit-base-patch32",
-                       cmmd_clip="openai/clip-vit-large-patch14-336", device="cpu"):
-    """Each model by hub id or local folder (hub.from_pretrained: a missing one fails in seconds), or `tiny`."""
-    from transformers import CLIPModel, CLIPTokenizer, ViTModel
-    smoke = "a smoke run (meaningless numbers)"
-    if dino == "tiny":
-        dino_model = tiny_dino()
-    else:
-        dino_model = hub.from_pretrained(ViTModel.from_pretrained, dino, "DINO model", "--dino", smoke,
-                                         add_pooling_layer=False)
-    if clip == "tiny":
-        clip_model, tokenizer = tiny_clip()
-    else:
-        clip_model = hub.from_pretrained(CLIPModel.from_pretrained, clip, "CLIP model", "--clip", smoke)
-        tokenizer = hub.from_pretrained(CLIPTokenizer.from_pretrained, clip, "CLIP tokenizer", "--clip", smoke)
-    if cmmd_clip == clip:  # one model for CLIP-I, CLIP-T and CMMD: embedded once
-        cmmd_model = clip_model
-    elif cmmd_clip == "tiny":
-        cmmd_model = tiny_clip(seed=1)[0]
-    else:
-        cmmd_model = hub.from_pretrained(CLIPModel.from_pretrained, cmmd_clip, "CMMD CLIP model", "--cmmd-clip", smoke)
-    return MetricModels(dino_model.to(device).eval(), clip_model.to(device).eval(), tokenizer,
-                        cmmd_model.to(device).eval(), dict(dino=dino, clip=clip, cmmd_clip=cmmd_clip))
 
 
 def features(output):
@@ -487,15 +325,6 @@ def embed_texts(model, tokenizer, texts):
     tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(model.device)
     output = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
     return features(output).float().cpu()
-
-
-def load_lpips():
-    """LPIPS (AlexNet) if the optional `lpips` package is installed, else None (diversity then uses DINO)."""
-    try:
-        import lpips
-    except ImportError:
-        return None
-    return lpips.LPIPS(net="alex", verbose=False).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,8 +365,8 @@ def write_comparison(all_metrics, out_dir):
             cells.append(f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}") + count)
         rows.append(row)
         md.append("| " + " | ".join(cells) + " |")
-    save(out_dir / "comparison.md", "\n".join(md) + "\n")
-    files.write_csv(out_dir / "comparison.csv", rows, AFTER_A_WRITE_ERROR)
+    eval_images.save(out_dir / "comparison.md", "\n".join(md) + "\n")
+    files.write_csv(out_dir / "comparison.csv", rows, eval_images.AFTER_A_WRITE_ERROR)
     return "\n".join(md)
 
 

@@ -4,12 +4,15 @@ A run lives in <output-dir>/<run name> (run_name: the subject, the method and bu
 the result and differs from its default) and holds RUN_FILES: config.json (every option, the "setting"), loss.csv
 (one row per step: its mean loss over the step's micro-batches, appended as the step ends), loss.png, checkpoint.pt
 (adapter + optimizer + step + RNG states: --resume continues bit for bit), adapter.safetensors, validation.png and,
-with --save-merged, merged_unet/. A run is never replaced without --overwrite (check_run_dir), and every file goes
-through files.py, so a crash or a full disk leaves the last checkpoint and the log up to it for --resume.
+with --save-merged, merged_unet/; prior preservation's class images live beside the runs (class_images). A run is
+never replaced without --overwrite (check_run_dir), every file goes through files.py, and Ctrl-C finishes the step
+and saves a checkpoint (ctrl_c_finishes_the_step), so a crash, a full disk or Ctrl-C leaves the last checkpoint and
+the log up to it for --resume.
 evaluate.py reads each run back as a `Run` (read_runs: our run folders, PEFT adapter folders, or --metrics-only
 images), checked before any model is loaded. Nothing here imports a script: what a script knows (its option
 defaults, which options cannot change the result) comes in as arguments.
 """
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -17,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 import files
 import interop
@@ -101,11 +106,63 @@ def append_loss(log, loss_path, step, loss, prior_loss):
     files.append_bytes(log, loss_path, files.csv_text([[step, f"{loss:.6f}", f"{prior_loss:.6f}"]]).encode())
 
 
+@contextlib.contextmanager
+def closing_log(log):
+    """Close loss.csv's descriptor (rank 0's; None on the others) when training ends, however it ends: a failed
+    append was reported already, and the file keeps its rows."""
+    try:
+        yield
+    finally:
+        if log is not None:
+            with contextlib.suppress(OSError):
+                os.close(log)
+
+
 def plot_losses(run_dir):
     """loss.png from loss.csv: the loss of every step and its moving average (pictures.plot_loss)."""
     png = io.BytesIO()
     pictures.plot_loss(run_dir / "loss.csv", png)
     files.write_file(run_dir / "loss.png", png.getvalue())
+
+
+def save_adapter(unet, run_dir, config):
+    """adapter.safetensors describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed,
+    ...) plus what evaluate.py needs to rebuild the prompts, and the training config (`config`, config.json's
+    contents) under "training"."""
+    training = {key: value for key, value in config.items() if key not in ("argv", "resume", "overwrite", "device")}
+    metadata = {key: config[key] for key in ("model", "subject", "class_name", "unique_token", "instance_prompt",
+                                             "resolution")}
+    with files.reported_write(run_dir / "adapter.safetensors"):  # waveft.save writes through a temporary file itself
+        waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={**metadata, "training": training})
+
+
+def save_validation_grid(pipe, run_dir, prompts, gen_cfg, device):
+    """validation.png: each prompt with two seeds, made by the function (and settings) evaluate.py uses; the
+    adapter is live in the UNet, exactly as trained."""
+    pipe.unet.eval()
+    pipe.to(device)
+    seeds = gen_cfg.seeds[:2]
+    images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
+    grid = pictures.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
+    files.write_file(run_dir / "validation.png", grid)
+
+
+def class_images(class_dir, count, make_image):
+    """Prior preservation's class images <class_dir>/0000.png, 0001.png, ... (`count` of them): each missing one is
+    make_image(i) (seeded by its index, so an interrupted generation continues where it stopped), written whole
+    (files.write_file); one that does not decode (cut short by an older version's crash) is made again."""
+    with files.reported_write(class_dir):
+        class_dir.mkdir(parents=True, exist_ok=True)
+    paths = [class_dir / f"{i:04d}.png" for i in range(count)]
+    for i, path in enumerate(tqdm(paths, desc=f"class images in {class_dir}")):
+        if path.exists():
+            try:
+                sdxl.load_image(path)
+                continue
+            except ValueError as error:  # "cannot read image <path>: ..."
+                tqdm.write(f"note: {error}; generating it again")
+        files.write_file(path, make_image(i))
+    return paths
 
 
 def check_run_dir(run_dir, opts, may_differ):
@@ -169,6 +226,32 @@ def restore_checkpoint(state, params, optimizer, generator, passes):
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"]
+
+
+# Ctrl-C during training: the step finishes, a checkpoint is saved, the run exits with 130
+
+@contextlib.contextmanager
+def ctrl_c_finishes_the_step():
+    """Inside, a first Ctrl-C only appends to the list this yields (true from then on): the loop finishes its step,
+    saves a checkpoint and calls exit_interrupted. A second Ctrl-C interrupts at once. The old handler is restored
+    on leaving."""
+    requested = []
+
+    def request_stop(*_):
+        requested.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+def exit_interrupted(step, checkpoint_path):
+    """The one line after a Ctrl-C, then exit status 130 (as for any SIGINT)."""
+    print(f"\ninterrupted after step {step}; checkpoint saved to {checkpoint_path}, continue with the same command "
+          f"plus --resume", file=sys.stderr)
+    raise SystemExit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------------

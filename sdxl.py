@@ -287,7 +287,7 @@ def resize_shorter_side(image, size, resample=Image.BILINEAR):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SDXL text conditioning
+# SDXL conditioning: the text, and the micro-conditioning time ids (of a training crop: crop_image)
 
 TEXT_CONDITIONINGS = ("pipeline", "authors")
 
@@ -321,6 +321,19 @@ def encode_prompt(pipe, prompts, conditioning="pipeline"):
 def time_ids(original_size, crop_top_left, target_size):
     """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) as a float tensor."""
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def crop_image(image, resolution, generator):
+    """A training crop: the shorter side resized to `resolution`, then one random square crop. Returns the crop as a
+    (3, R, R) tensor in [-1, 1] and the time ids (original h, w, crop top, left, target h, w) that describe it."""
+    original_size = (image.height, image.width)
+    image = resize_shorter_side(image, resolution, Image.BILINEAR)
+    top = int(torch.randint(image.height - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(image.width - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1
+    return pixels, time_ids(original_size, (top, left), (resolution, resolution))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,11 +7,8 @@ One optimizer step, batch 1 x grad-accum 4, each micro-batch being
     x0 = VAE latent of an instance photo,  eps ~ N(0, I),  t ~ U{0..999},  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     loss = || eps - UNet(x_t, t, text("a zjw dog"), micro-conditioning) ||^2      (+ the same on a class image)
 The defaults are the paper's recipe (the authors' configs): 500 steps, AdamW 1e-4, 1024 px, no prior preservation;
-bf16 autocast (bf16 frozen UNet, float32 adapters) + gradient checkpointing on CUDA, float32 on the CPU (either
-setting works on either device). A step sees the next grad_accum photos of a shuffled pass over them (--batching
-epoch, the authors' schedule; see "Which images a step sees"). A run lives in <output-dir>/<subject>-<method>-k<k>
-plus every option that changes the result (e.g. dog6-waveft-k2592-db4-lr2e-4): runs.py, its files, checkpoints and
---resume.
+bf16 autocast + gradient checkpointing on CUDA, float32 on the CPU. Every option, the run folder and its files,
+--resume: docs/training.md (run folders, checkpoints, safe writes: runs.py and files.py).
 
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop
@@ -20,12 +17,9 @@ plus every option that changes the result (e.g. dog6-waveft-k2592-db4-lr2e-4): r
 
 Deliberately not here: accelerate, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
 """
-import contextlib
 import dataclasses
 import datetime
 import math
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +27,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import cli
@@ -42,7 +35,6 @@ import dwt
 import files
 import hub
 import interop
-import pictures
 import runs
 import sdxl
 import waveft
@@ -139,13 +131,13 @@ def main(argv=None):
     # The run's final files: the last checkpoint and loss.png, the adapter, the validation grid, the merged UNet
     runs.save_checkpoint(run_dir / "checkpoint.pt", opts.steps, params, optimizer, generator, opts, passes)
     runs.plot_losses(run_dir)
-    save_adapter(pipe.unet, run_dir, opts, config)
-    if opts.validation_prompts:
-        save_validation_grid(pipe, run_dir, opts, instance_prompt, gen_cfg, device)
+    runs.save_adapter(pipe.unet, run_dir, config)  # with what evaluate.py needs in its metadata
+    if opts.validation_prompts:  # the instance prompt, then evaluation prompts, sampled as evaluate.py samples
+        prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
+        runs.save_validation_grid(pipe, run_dir, prompts[:opts.validation_prompts], gen_cfg, device)
     if opts.save_merged:
-        # W + dW in float32, as load_pipeline loads the base: from the base UNet loaded again in float32 on the CPU
-        # (the training UNet's W may be bf16-rounded, and a float32 SDXL UNet, 10 GB, has no place on the training
-        # GPU) and the adapter just saved; shard by shard into a temporary folder that then replaces merged_unet/.
+        # From the base UNet loaded again in float32 on the CPU, not the training UNet (bf16-rounded W, on the GPU):
+        # see docs/training.md, "The files of a run"
         interop.export_merged(run_dir, model=opts.model, overwrite=True)
     print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}"
           f"{' and merged_unet/' if opts.save_merged else ''}")
@@ -166,40 +158,32 @@ def parse_options(argv=None):
     return resolve(opts)
 
 
+# (option, value): the options that have no effect when it has that value (not checked; a warning when given)
+NO_EFFECT_WITH = {("method", "waveft"): ("rank",), ("method", "lora"): ("k", "wavelet", "use_idwt", "position_seed"),
+                  ("prior_preservation", False): ("class_images", "prior_loss_weight", "class_dir")}
+
+
 def ignored_options(opts):
     """{option: why} for the options that have no effect with this method or without prior preservation."""
-    by_method = ("rank",) if opts.method == "waveft" else ("k", "wavelet", "use_idwt", "position_seed")
-    ignored = dict.fromkeys(by_method, f"with --method {opts.method}")
-    if not opts.prior_preservation:
-        ignored.update(dict.fromkeys(("class_images", "prior_loss_weight", "class_dir"),
-                                     "without --prior-preservation"))
-    return ignored
+    return cli.no_effect(opts, NO_EFFECT_WITH)
+
+
+CHOICES = dict(method=("waveft", "lora"), mixed_precision=("auto", "bf16", "no"), wavelet=dwt.WAVELETS,
+               batching=("epoch", "uniform"), text_conditioning=sdxl.TEXT_CONDITIONINGS)
+POSITIVE = ("k", "rank", "steps", "grad_accum", "checkpoint_every", "class_images", "sample_steps", "lr",
+            "max_grad_norm", "resolution")
 
 
 def check_options(opts, ignored):
     """Raise ValueError naming the first bad option and its value."""
-    for name, allowed in (("method", ("waveft", "lora")), ("mixed_precision", ("auto", "bf16", "no")),
-                          ("wavelet", dwt.WAVELETS), ("batching", BATCHING),
-                          ("text_conditioning", sdxl.TEXT_CONDITIONINGS)):
-        if name not in ignored and getattr(opts, name) not in allowed:
-            raise cli.bad_value(opts, name, f"must be one of {', '.join(allowed)}")
-    for name in ("k", "rank", "steps", "grad_accum", "checkpoint_every", "class_images", "sample_steps", "lr",
-                 "max_grad_norm", "resolution"):
-        value = getattr(opts, name)
-        if name not in ignored and value is not None and value <= 0:
-            raise cli.bad_value(opts, name, "must be positive")
+    cli.check_values(opts, CHOICES, POSITIVE, ignored)
     if opts.resolution is not None and opts.resolution % 64:
         raise cli.bad_value(opts, "resolution", "must be a multiple of 64")
     if opts.validation_prompts < 0:
         raise cli.bad_value(opts, "validation_prompts", "must be 0 or more")
     if opts.resume and opts.overwrite:
         raise ValueError("--resume continues the run in its folder, --overwrite starts it again: give one of them")
-    try:
-        device = torch.device("cuda" if opts.device == "auto" else opts.device)
-    except RuntimeError:
-        raise cli.bad_value(opts, "device", "not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if opts.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
-        raise cli.bad_value(opts, "device", "CUDA is not available here")
+    cli.check_device(opts)
 
 
 def resolve(opts):
@@ -241,19 +225,16 @@ def read_photos(opts):
     return sdxl.read_classes(opts.data_dir).get(opts.subject), image_paths, images, source
 
 
-CLASS_IMAGES_WAIT = datetime.timedelta(days=7)  # torchrun: the ranks wait this long for rank 0's class images
+# torchrun with --prior-preservation: the other ranks wait at a barrier while rank 0 makes the class images (an hour
+# on a slow GPU): evaluate.py's long timeout, not torch's default (10 minutes with NCCL, which would stop them)
+CLASS_IMAGES_WAIT = datetime.timedelta(days=7)
 
 
 def start_processes(opts, data_source):
     """Join torchrun's ranks, if any (rank 0 alone prints from here on), and say where the data is. Returns (rank,
     world_size, device): (0, 1, device) without torchrun."""
-    # With --prior-preservation the other ranks wait at a barrier while rank 0 makes the class images (up to 100, an
-    # hour on a slow GPU): the long timeout evaluate.py uses, not torch's default (10 minutes with NCCL), which
-    # otherwise keeps catching a hung rank.
-    rank, world_size, device = distributed.init_distributed(
-        opts.device, timeout=CLASS_IMAGES_WAIT if opts.prior_preservation else None)
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+    rank, world_size, device = distributed.start(opts.device,
+                                                 timeout=CLASS_IMAGES_WAIT if opts.prior_preservation else None)
     print(f"dataset: {opts.data_dir} ({data_source})")
     if opts.model != "tiny" and device.type == "cpu":
         print(f"note: training {opts.model} on the CPU takes hours per run; --model tiny runs the whole loop in "
@@ -317,26 +298,13 @@ def cache_inputs(pipe, opts, images, image_paths, instance_prompt, class_name, g
     return Cached(instance, prior, prompt_embeds, pooled, vae.scaling_factor, getattr(vae, "shift_factor", 0) or 0)
 
 
-def crop_image(image, resolution, generator):
-    """Resize the shorter side to `resolution`, then one random square crop. Returns the crop as a (3, R, R) tensor
-    in [-1, 1] and SDXL's time ids (original h, w, crop top, left, target h, w) that describe what was done."""
-    original_size = (image.height, image.width)
-    image = sdxl.resize_shorter_side(image, resolution, Image.BILINEAR)
-    top = int(torch.randint(image.height - resolution + 1, (1,), generator=generator))
-    left = int(torch.randint(image.width - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1
-    return pixels, sdxl.time_ids(original_size, (top, left), (resolution, resolution))
-
-
 @torch.no_grad()
 def encode_images(vae, images, paths, resolution, generator, device):
     """Cache each image's VAE posterior N(mean, std^2) once (fp32 VAE: fp16 overflows to NaN). Training samples
     from it every step, as encoding every step would, at none of the cost."""
     means, stds, ids = [], [], []
     for image, path in zip(images, paths):
-        pixels, time_ids = crop_image(image, resolution, generator)
+        pixels, time_ids = sdxl.crop_image(image, resolution, generator)  # one random crop, and its time ids
         posterior = vae.encode(pixels[None].to(device, torch.float32)).latent_dist
         if not (torch.isfinite(posterior.mean).all() and torch.isfinite(posterior.std).all()):
             raise ValueError(f"VAE latents of {path} are not finite: run the VAE in float32 (fp16 SDXL VAE overflows)")
@@ -347,22 +315,11 @@ def encode_images(vae, images, paths, resolution, generator, device):
 
 
 def ensure_class_images(pipe, opts, class_name, gen_cfg):
-    """Prior preservation needs images of the class from the *base* model; generate the missing ones (seeded by
-    index, so an interrupted generation continues) while no adapter is in the UNet. Each is written whole
-    (files.write_file); one that does not decode (cut short by an older version's crash) is generated again."""
+    """Prior preservation needs images of the class from the *base* model: the missing ones are generated while no
+    adapter is in the UNet, image i from seed i (runs.class_images: files, resuming, redoing a broken one)."""
     class_dir = Path(opts.class_dir or Path(opts.output_dir) / "class-images" / Path(opts.model).name / class_name)
-    with files.reported_write(class_dir):
-        class_dir.mkdir(parents=True, exist_ok=True)
-    paths = [class_dir / f"{i:04d}.png" for i in range(opts.class_images)]
-    for i, path in enumerate(tqdm(paths, desc=f"class images in {class_dir}")):
-        if path.exists():
-            try:
-                sdxl.load_image(path)
-                continue
-            except ValueError as error:  # "cannot read image <path>: ..."
-                tqdm.write(f"note: {error}; generating it again")
-        files.write_file(path, sdxl.generate(pipe, [f"a {class_name}"], seeds=[i], cfg=gen_cfg)[0])
-    return paths
+    return runs.class_images(class_dir, opts.class_images,
+                             lambda i: sdxl.generate(pipe, [f"a {class_name}"], seeds=[i], cfg=gen_cfg)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,14 +355,9 @@ def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_d
     from diffusers import DDPMScheduler  # here, not at the top: a bad command line fails before its seconds of import
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.mixed_precision == "bf16")
-    checkpoint_path, stop_requested = run_dir / "checkpoint.pt", []
-
-    def request_stop(*_):
-        stop_requested.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    checkpoint_path = run_dir / "checkpoint.pt"
     progress = tqdm(total=opts.steps, initial=start, desc=run_dir.name, disable=rank != 0)  # counts finished steps
-    try:
+    with runs.ctrl_c_finishes_the_step() as stop_requested, progress, runs.closing_log(log):
         for step in range(start, opts.steps):
             # Every rank plans the whole step (the same plan); each computes its share of the micro-batches.
             plan = plan_step(opts.batching, passes, len(cached.instance[0]), len(cached.prior[0]) if cached.prior
@@ -436,15 +388,7 @@ def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_d
                 runs.save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
                 runs.plot_losses(run_dir)
             if stop:
-                print(f"\ninterrupted after step {step + 1}; checkpoint saved to {checkpoint_path}, "
-                      f"continue with the same command plus --resume", file=sys.stderr)
-                raise SystemExit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        progress.close()
-        if log is not None:  # rank 0's; a failed append was reported already, and the file keeps its rows
-            with contextlib.suppress(OSError):
-                os.close(log)
+                runs.exit_interrupted(step + 1, checkpoint_path)
 
 
 def micro_batch_losses(unet, scheduler, cached, photo, class_image, seed, device, autocast):
@@ -487,24 +431,15 @@ def diffusion_losses(unet, scheduler, latents, prompt_embeds, pooled, time_ids, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Which images a step sees (--batching)
+# Which images a step sees (--batching; see docs/training.md, "Which photos a step sees")
 #
-# epoch (default; the authors' code and diffusers' DreamBooth scripts, through accelerate's `accumulate`): shuffled
-#   passes over the n photos without replacement. A step takes the next grad_accum photos of the pass, or what is
-#   left of it, so a pass is ceil(n / grad_accum) steps: with grad_accum 4, n = 4 gives 4 | 4 | ...; n = 5 gives
-#   4, 1 | 4, 1 | ...; n = 6 gives 4, 2 | .... The loss is divided by grad_accum in every step, short ones too (a
-#   step of 1 photo moves the adapter by a quarter-weight gradient), so 500 steps see 2,000 / 1,250 / 1,500 photos.
-# uniform: every step draws grad_accum photos uniformly with replacement.
-# Prior preservation pairs every instance micro-batch with one class image: the next of its own shuffled passes
-# over the class images (epoch) or one drawn with replacement (uniform).
-#
-# A step is planned before anything is computed: a list of micro-batches (photo, class image, seed), drawn from the
-# run's generator in one fixed order. Everything random inside a micro-batch (its latent sample, noise, timestep)
-# comes from its own seed, so any process can compute any micro-batch and get the same numbers: that is what lets
-# torchrun split a step across GPUs without changing the result. The position in the current pass (and the pass's
-# order) is kept in `passes`, which the checkpoint stores, so --resume continues mid-pass exactly.
-
-BATCHING = ("epoch", "uniform")
+# epoch (the authors' schedule): shuffled passes over the n photos; a step takes the next grad_accum photos of the
+#   pass, or what is left of it (n = 5: steps of 4, 1, 4, 1, ...), its loss still / grad_accum. uniform: grad_accum
+#   photos drawn with replacement. With prior preservation each micro-batch also gets one class image, the same way.
+# A step is planned before anything is computed: micro-batches (photo, class image, seed) drawn from the run's
+# generator in one fixed order, everything random inside one from its own seed. So any process can compute any
+# micro-batch and get the same numbers (torchrun splits a step without changing the result), and `passes`, stored in
+# the checkpoint, lets --resume continue mid-pass exactly.
 
 
 def new_passes():
@@ -542,32 +477,6 @@ def plan_step(batching, passes, n_images, n_class_images, grad_accum, generator,
             photo, class_image, seed = 0, None if class_image is None else 0, fixed_noise_seed
         plan.append((photo, class_image, seed))
     return plan
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# After training: the adapter file and the validation grid
-
-def save_adapter(unet, run_dir, opts, config):
-    """adapter.safetensors describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed,
-    ...) plus what evaluate.py needs to rebuild the prompts, and the whole training config under "training"."""
-    training = {key: value for key, value in config.items() if key not in ("argv", "resume", "overwrite", "device")}
-    with files.reported_write(run_dir / "adapter.safetensors"):  # waveft.save writes through a temporary file itself
-        waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={
-            "model": opts.model, "subject": opts.subject, "class_name": config["class_name"],
-            "unique_token": opts.unique_token, "instance_prompt": config["instance_prompt"],
-            "resolution": opts.resolution, "training": training})
-
-
-def save_validation_grid(pipe, run_dir, opts, instance_prompt, gen_cfg, device):
-    """validation.png: the instance prompt and the first evaluation prompts, two seeds each, made by the same
-    function (and settings) evaluate.py uses; the adapter is live in the UNet, exactly as trained."""
-    pipe.unet.eval()
-    pipe.to(device)
-    prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
-    prompts, seeds = prompts[:opts.validation_prompts], gen_cfg.seeds[:2]
-    images = sdxl.generate(pipe, prompts, seeds=seeds, cfg=gen_cfg)
-    grid = pictures.image_grid(images, cols=len(seeds), labels=[f"{p} (seed {s})" for p in prompts for s in seeds])
-    files.write_file(run_dir / "validation.png", grid)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ import torch
 from PIL import Image, ImageOps
 
 import cli
+import eval_images
 import evaluate
 import interop
+import metric_models
 import runs
 import sdxl
 import waveft
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see confte
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    return evaluate.load_metric_models("tiny", "tiny", "tiny")
+    return metric_models.load_metric_models("tiny", "tiny", "tiny")
 
 
 def numpy_mmd2(x, y, sigma, unbiased):
@@ -166,14 +168,14 @@ def test_each_metric_model_gets_its_own_normalisation_and_features(tiny_models, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# model loading
+# model loading (metric_models.py)
 
 
 def test_metric_models_load_from_local_folders_through_from_pretrained(tiny_models, tmp_path, dreambooth_dir):
     tiny_models.dino.save_pretrained(tmp_path / "dino")
     tiny_models.clip.save_pretrained(tmp_path / "clip")
     tiny_models.tokenizer.save_pretrained(tmp_path / "clip")
-    loaded = evaluate.load_metric_models(str(tmp_path / "dino"), str(tmp_path / "clip"), str(tmp_path / "clip"))
+    loaded = metric_models.load_metric_models(str(tmp_path / "dino"), str(tmp_path / "clip"), str(tmp_path / "clip"))
     images = [sdxl.load_image(dreambooth_dir / "dog6" / "00.jpg")]
     for a, b in ((tiny_models.dino, loaded.dino), (tiny_models.clip, loaded.clip)):
         torch.testing.assert_close(evaluate.embed_images(a, images), evaluate.embed_images(b, images))
@@ -189,10 +191,10 @@ def test_missing_metric_model_fails_fast_naming_it(flag, monkeypatch):
     names[flag[2:].replace("-", "_")] = "nobody/no-such-model"
     start = time.time()
     with pytest.raises(FileNotFoundError, match=f"'nobody/no-such-model' is not available.*pass {flag} DIR"):
-        evaluate.load_metric_models(**names)
+        metric_models.load_metric_models(**names)
     assert time.time() - start < 30  # not a minute of hub retries (generous: the test machine may be loaded)
     with pytest.raises(FileNotFoundError, match=f"folder /no/such/dir does not exist .*{flag}"):
-        evaluate.load_metric_models(**{**names, flag[2:].replace("-", "_"): "/no/such/dir"})
+        metric_models.load_metric_models(**{**names, flag[2:].replace("-", "_"): "/no/such/dir"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -543,7 +545,7 @@ def test_weight_restore_keeps_the_smaller_copy_and_puts_every_weight_back_bit_ex
     sparse = random_adapter(tmp_path / "sparse.safetensors", k=8, use_idwt=False)  # 8 entries change per layer
     pipelines, base = {}, sdxl.load_pipeline("tiny").unet.state_dict()
     for adapter in (lora, sparse, tiny_run_dir / "adapter.safetensors", lora):  # restores: dense, sparse, either
-        pipe = evaluate.adapted_pipeline(pipelines, "tiny", adapter, "cpu")
+        pipe = eval_images.adapted_pipeline(pipelines, "tiny", adapter, "cpu")
         fresh = sdxl.load_pipeline("tiny")
         waveft.load(fresh.unet, adapter)
         waveft.merge(fresh.unet)
@@ -595,6 +597,7 @@ def test_ctrl_c_stops_in_one_line_with_130_and_a_rerun_finishes_the_same_files(e
         return real_generate(*args)
     monkeypatch.setattr(sdxl, "generate", interrupted_generate)
     monkeypatch.setattr(evaluate, "tqdm", functools.partial(evaluate.tqdm, disable=True))  # stderr without the bars
+    monkeypatch.setattr(eval_images, "tqdm", functools.partial(eval_images.tqdm, disable=True))
     argv = ["--runs", str(again), "--output-dir", str(cut)] + SMOKE
     capsys.readouterr()
     assert evaluate.run_command(argv) == 130
@@ -629,6 +632,7 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_earlier_files(evaluated, tm
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "write", full_disk)
     monkeypatch.setattr(evaluate, "tqdm", functools.partial(evaluate.tqdm, disable=True))  # stderr without the bars
+    monkeypatch.setattr(eval_images, "tqdm", functools.partial(eval_images.tqdm, disable=True))
     capsys.readouterr()
     assert evaluate.run_command(["--runs", str(again), "--output-dir", str(full)] + SMOKE) == 1
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 LIBRARY = {"dwt", "waveft", "sdxl"}
-SUPPORT = {"cli", "distributed", "files", "hub", "interop", "pictures", "runs"}
+SUPPORT = {"cli", "distributed", "eval_images", "files", "hub", "interop", "metric_models", "pictures", "runs"}
 SCRIPTS = {"train_dreambooth", "evaluate"}
 MODULES = LIBRARY | SUPPORT | SCRIPTS
 

@@ -236,6 +236,30 @@ def _loaded(run_dir):
     return unet
 
 
+def test_a_first_ctrl_c_waits_for_the_step_a_second_interrupts_and_the_old_handler_returns(capsys):
+    """runs.ctrl_c_finishes_the_step: the first SIGINT only sets the flag (the step goes on), the second raises
+    KeyboardInterrupt at once; leaving, even by that exception, puts the previous handler back. exit_interrupted:
+    the one line and status 130."""
+    def previous(*_):
+        pass
+    original = signal.signal(signal.SIGINT, previous)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with runs.ctrl_c_finishes_the_step() as stop_requested:
+                assert not stop_requested
+                signal.raise_signal(signal.SIGINT)
+                assert stop_requested  # no exception: the step finishes
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is previous
+    finally:
+        signal.signal(signal.SIGINT, original)
+    with pytest.raises(SystemExit) as exit_info:
+        runs.exit_interrupted(7, Path("run/checkpoint.pt"))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("\ninterrupted after step 7; checkpoint saved to run/checkpoint.pt, continue "
+                                       "with the same command plus --resume\n")
+
+
 def fixture_argv(dreambooth_dir, out, *extra):
     """The command line of the `tiny_run_dir` fixture's run (4 steps), with its folder under `out`."""
     return ["--subject", "dog6", "--k", "2000", "--model", "tiny", "--data-dir", str(dreambooth_dir), "--output-dir",
@@ -846,7 +870,7 @@ def test_load_image_handles_rgba_grayscale_exif_and_names_corrupt_files(tmp_path
 
 def test_crop_records_sdxl_micro_conditioning():
     image = Image.new("RGB", (300, 200), "white")  # landscape: the height becomes 64, one crop along the width
-    pixels, ids = train_dreambooth.crop_image(image, 64, torch.Generator().manual_seed(0))
+    pixels, ids = sdxl.crop_image(image, 64, torch.Generator().manual_seed(0))
     assert pixels.shape == (3, 64, 64) and pixels.min() == pixels.max() == 1.0
     orig_h, orig_w, top, left, target_h, target_w = ids.tolist()
     assert (orig_h, orig_w, top, target_h, target_w) == (200, 300, 0, 64, 64) and 0 <= left <= 96 - 64
