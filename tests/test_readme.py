@@ -150,3 +150,16 @@ def test_pyproject_installs_the_modules_with_the_pinned_requirements():
         source = (REPO / f"{module}.py").read_text()
         imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", source, re.M))
         assert imported & local <= set(modules), f"{module}.py imports {sorted(imported & local)} from the checkout"
+
+
+def test_the_line_counts_the_readme_states_are_the_files_own():
+    """"Reading the code" gives each core file's and support module's length: a file that grows or shrinks must
+    take its number in the README along (the core's budget is part of what the README promises a learner)."""
+    stated = dict(re.findall(r"^\| (?:\[)?`(\w+\.py)`(?:\]\([^)]*\))? \|(?: [\d,]+ \|)? ([\d,]+) \|", README, re.M))
+    assert {"dwt.py", "waveft.py", "sdxl.py", "train_dreambooth.py", "evaluate.py", "files.py"} <= set(stated)
+    for name, lines in stated.items():
+        actual = len((REPO / name).read_text().splitlines())
+        assert int(lines.replace(",", "")) == actual, f"README says {name} has {lines} lines; it has {actual}"
+    core = ["dwt.py", "waveft.py", "sdxl.py", "train_dreambooth.py", "evaluate.py"]
+    total = re.search(r"^\| \*\*the core\*\* \| \*\*[\d,]+\*\* \| \*\*([\d,]+)\*\* \|", README, re.M).group(1)
+    assert int(total.replace(",", "")) == sum(int(stated[name].replace(",", "")) for name in core)
