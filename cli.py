@@ -49,6 +49,19 @@ def check_values(opts, choices, positive, ignored=()):
             raise bad_value(opts, name, "must be positive")
 
 
+def check_subject_or_images(opts):
+    """train_dreambooth.py learns a DreamBooth subject (--subject) or your own (--images, with --class-name): exactly
+    one of them, each with what it needs; else a ValueError saying which to give."""
+    if bool(opts.subject) == bool(opts.images):
+        raise ValueError("give --subject (a subject of the DreamBooth dataset, e.g. dog6) or --images (a folder of "
+                         "your photos)" + (", not both" if opts.subject else ""))
+    if opts.images and not opts.class_name.strip():
+        raise ValueError(f'--images needs --class-name: what the photos show (e.g. dog), for the prompt '
+                         f'"a {opts.unique_token} <class-name>"')
+    if opts.subject and opts.class_name:
+        raise ValueError(f"--class-name goes with --images: --subject {opts.subject}'s class is the dataset's")
+
+
 def check_device(opts, name="device"):
     """Raise bad_value unless the option is "auto" or a torch device this machine has (CUDA only where available)."""
     try:

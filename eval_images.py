@@ -40,8 +40,7 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None
         changed = [key for key in settings if old.get(key) != settings[key]]
         raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
                          f"that folder or pass another --output-dir")
-    folders = [images_dir / (f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60])  # a safe name
-               for i, prompt in enumerate(prompts)]
+    folders = [prompt_folder(images_dir, i, prompt) for i, prompt in enumerate(prompts)]
     entries = [(i, prompt, folders[i] / f"seed{seed}.png") for i, prompt in enumerate(prompts) for seed in seeds]
     missing = {i: [seed for seed in seeds if not (folders[i] / f"seed{seed}.png").is_file()]
                for i in (range(len(prompts)) if mine is None else mine)}
@@ -67,6 +66,12 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None
                         save(folders[i] / f"seed{seed}.png", image)
                         bar.update(1)
     return entries, settings, sum(map(len, missing.values()))
+
+
+def prompt_folder(images_dir, i, prompt):
+    """Where the images of the i-th prompt go (here and in sample.py): <images_dir>/<i>_<the prompt as a safe name>,
+    e.g. 01_a_zjw_dog_in_the_snow."""
+    return images_dir / (f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60])
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ Metric scores are means over a run's images; the comparison table gives mean +- 
     python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
     torchrun --nproc-per-node 8 evaluate.py --runs outputs/*    # the same, images generated on 8 GPUs
     python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (ours or the authors')
+    python evaluate.py --runs outputs/my_dog-waveft-k2592 --prompts my_prompts.txt  # your photos, your prompts
     python evaluate.py --runs outputs/dog6-waveft-k2000-tiny-steps4 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
         --resolution 64 --dino tiny --clip tiny --cmmd-clip tiny  # CPU smoke run: tiny models, meaningless numbers
 
@@ -72,6 +73,8 @@ class Options:
     images_per_prompt: int = 4  # images per prompt, with seeds --seed, --seed + 1, ...
     seed: int = 42  # the first generation seed (the protocol: 42..45)
     max_prompts: int = 25  # evaluate the first N of the 25 DreamBooth prompts (fewer for smoke runs)
+    kind: str = None  # object | live: the DreamBooth prompts for runs trained on your photos (--images)
+    prompts: str = None  # instead: a file of your own prompts for every run, one a line, {} for "<token> <class>"
     steps: int = None  # sampler steps; default the protocol's 30 (sdxl.GenerationConfig); fewer for smoke runs
     resolution: int = None  # image size in px; default the protocol's 1024; 64 for smoke runs
     dino: str = "facebook/dino-vits16"  # DINO model: hub id, local folder, or tiny (random: smoke runs)
@@ -128,14 +131,21 @@ def parse_args(argv=None):
     for name in ("images_per_prompt", "max_prompts", "steps", "resolution"):
         if getattr(opts, name) is not None and getattr(opts, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(opts, name)}")
+    if opts.kind not in (None, *sdxl.KINDS):
+        parser.error(f"--kind {opts.kind}: must be one of {', '.join(sdxl.KINDS)}")
+    if opts.kind and opts.prompts:
+        parser.error("give --kind (the DreamBooth prompts of a kind) or --prompts (a file of your own), not both")
     return opts
 
 
 def prompt_set(opts):
-    """The prompts the images were made from, the other half of a row's key (and shown in its table line)."""
+    """The prompts the images were made from, the other half of a row's key (and shown in its table line): the
+    DreamBooth prompts, or a --prompts file by its name."""
     if opts.metrics_only:
         return "from the image folders"
-    return "dreambooth" if opts.max_prompts >= 25 else f"dreambooth (first {opts.max_prompts})"
+    name, count = (Path(opts.prompts).name, len(sdxl.read_prompt_file(opts.prompts))) if opts.prompts else \
+        ("dreambooth", 25)
+    return name if opts.max_prompts >= count else f"{name} (first {opts.max_prompts})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ def generate_images(to_evaluate, opts, gen_cfg, seeds, out_dir, rank, world_size
         if run.adapter is None:  # --metrics-only
             plans.append((run, interop.read_image_folder(run.images_dir), None))
             continue
-        prompts = sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)[:opts.max_prompts]
+        prompts = runs.prompts_of(run, opts.prompts, opts.kind)[:opts.max_prompts]
         mine = [i for i in range(len(prompts)) if (n + i) % world_size == rank]
         n += len(prompts)
         entries, settings, count = eval_images.generate_missing(run, out_dir / run.name / "images", prompts, seeds,
@@ -169,7 +179,7 @@ def score_run(run, entries, settings, models, lpips_model, opts, seeds, out_dir)
     write <out_dir>/<run>/scores.csv, metrics.json and grid.png. Returns the metrics."""
     run_out = out_dir / run.name
     run_out.mkdir(parents=True, exist_ok=True)
-    real_images = [sdxl.load_image(path) for path in sdxl.instance_images(run.data_dir, run.subject)]
+    real_images = [sdxl.load_image(path) for path in runs.photos_of(run)]
     rows, metrics, images = score(entries, real_images, models, run.unique_token, lpips_model)
     method, budget = runs.method_and_budget(run.config)
     metrics = dict(run=run.name, subject=run.subject, setting=run.setting, prompt_set=prompt_set(opts),

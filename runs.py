@@ -40,15 +40,21 @@ import waveft
 # A run's name: every option that changes the result
 
 def run_name(opts, defaults, neutral):
-    """<subject>-waveft-k<k> (-waveft_noidwt-k<k>, -lora-r<rank>), then every option of `opts` (train_dreambooth.py's
+    """<subject_of>-waveft-k<k> (-waveft_noidwt-k<k>, -lora-r<rank>), then every option of `opts` (train_dreambooth.py's
     Options) that is not in `neutral` (options that cannot change the result) and differs from `defaults` (the same
     dataclass with the defaults for this model, method and device), in field order: e.g. dog6-waveft-k2592-db4-lr2e-4.
     Derived from the fields themselves, so a new option is covered without touching this function."""
     tag = f"lora-r{opts.rank}" if opts.method == "lora" else f"waveft{'' if opts.use_idwt else '_noidwt'}-k{opts.k}"
-    skip = set(neutral) | {"subject", "method", "k", "rank", "use_idwt"}
+    skip = set(neutral) | {"subject", "images", "class_name", "method", "k", "rank", "use_idwt"}
     parts = [name_part(f.name, getattr(opts, f.name)) for f in dataclasses.fields(opts)
              if f.name not in skip and getattr(opts, f.name) != getattr(defaults, f.name)]
-    return "-".join([opts.subject, tag] + parts)
+    return "-".join([subject_of(opts), tag] + parts)
+
+
+def subject_of(opts):
+    """What a run learns, as its name and config.json say it: --subject, or the name of the --images folder (your
+    photos; their --class-name is part of the subject, not of the name)."""
+    return opts.subject or Path(opts.images).resolve().name
 
 
 SHORT_NAMES = {"model": "", "wavelet": "", "mixed_precision": "", "position_seed": "pos", "unique_token": "token",
@@ -267,6 +273,8 @@ class Run:
     adapter: Path = None  # adapter.safetensors or a PEFT adapter folder (None for --metrics-only)
     images_dir: Path = None  # --metrics-only: the folder of images to score
     setting: str = ""  # the run's settings without its subject (setting_of): its row of the comparison
+    photos: str = None  # a run on your own photos (train_dreambooth.py --images): their folder
+    class_name: str = None  # the subject's class: a prompt file's {} is "<unique_token> <class_name>"
 
 
 def setting_of(run):
@@ -305,6 +313,14 @@ def read_runs(opts):
         raise FileNotFoundError(f"none of --runs {' '.join(opts.runs)} is a run folder of train_dreambooth.py")
     runs = [read_peft_run(folder, opts) if (Path(folder) / interop.PEFT_CONFIG).is_file()
             else read_run(folder, opts.data_dir, opts.model) for folder in folders]
+    if opts.prompts:
+        sdxl.read_prompt_file(opts.prompts)  # a bad file fails now, not after the models have loaded
+    for run in [run for run in runs if run.photos and not opts.prompts]:  # your subject: which prompts?
+        if not opts.kind:
+            raise ValueError(f"run {run.name} was trained on your photos ({run.photos}), not on a DreamBooth "
+                             f"subject: pass --kind object or --kind live (the DreamBooth prompts of that kind) or "
+                             f"--prompts FILE (your own)")
+        run.data_dir = str(sdxl.find_data_dir(opts.data_dir or "")[0])  # where the DreamBooth prompts are
     if len({run.name for run in runs}) < len(runs):
         raise ValueError("two run folders have the same name; their results would overwrite each other")
     first = {}  # (setting, subject) -> its run: a row of the comparison averages over distinct subjects
@@ -341,13 +357,14 @@ def read_run(folder, data_dir=None, model=None):
     if model is not None and model != config["model"]:
         raise ValueError(f"{folder}: its adapter was trained for model {config['model']!r} (config.json), not for "
                          f"--model {model!r}; drop --model to evaluate each run with its own model")
-    recorded = str(config.get("data_dir", "dataset"))
-    if data_dir is None and not (Path(recorded) / "prompts_and_classes.txt").is_file():  # moved, or another machine
+    recorded, photos = str(config.get("data_dir", "dataset")), config.get("images") or None  # photos: --images
+    if data_dir is None and not photos and not (Path(recorded) / "prompts_and_classes.txt").is_file():  # moved?
         relative = "" if Path(recorded).is_absolute() else f" (relative to the current folder, {Path.cwd()})"
         raise FileNotFoundError(f"{folder}: config.json records the DreamBooth dataset at {recorded}{relative}, but "
                                 f"it is not there (no prompts_and_classes.txt); pass --data-dir with its folder")
     run = Run(folder.name, config["subject"], config.get("unique_token", sdxl.UNIQUE_TOKEN),
-              str(data_dir or recorded), config, folder / "adapter.safetensors")
+              str(data_dir or recorded), config, folder / "adapter.safetensors", photos=photos,
+              class_name=config.get("class_name"))
     check_subject(run, f"run {folder}")
     return run
 
@@ -373,15 +390,31 @@ def read_peft_run(folder, opts):
     run = Run(folder.name, opts.subject, opts.unique_token, str(sdxl.find_data_dir(opts.data_dir or "")[0]),
               dict(method, model=model, subject=opts.subject, peft_folder=True), folder)
     check_subject(run, f"run {folder}")
+    run.class_name = sdxl.read_classes(run.data_dir)[run.subject]
     return run
 
 
 def check_subject(run, where):
-    """The run's subject has photos in its dataset; else the dataset's error, prefixed with `where`."""
+    """The run's subject has photos (in its dataset, or its own folder); else the error, prefixed with `where`."""
     try:
-        sdxl.instance_images(run.data_dir, run.subject)
+        photos_of(run)
     except (ValueError, FileNotFoundError) as error:
         raise type(error)(f"{where}: {error}") from None
+
+
+def photos_of(run):
+    """The real photos a run's images are compared with: its subject's in the dataset, or its own folder's."""
+    return sdxl.photo_folder(run.photos) if run.photos else sdxl.instance_images(run.data_dir, run.subject)
+
+
+def prompts_of(run, prompt_file=None, kind=None):
+    """The prompts of a run's images: a prompt file's for its subject (evaluate.py --prompts), else the 25 DreamBooth
+    prompts of its subject's kind (`kind` for a run on your photos: their class is not in the dataset)."""
+    if prompt_file:
+        return sdxl.fill_subject(sdxl.read_prompt_file(prompt_file), run.unique_token, run.class_name)
+    if run.photos:
+        return sdxl.prompts_for(run.data_dir, None, run.unique_token, kind, run.class_name)
+    return sdxl.prompts_for(run.data_dir, run.subject, run.unique_token)
 
 
 def method_and_budget(config):

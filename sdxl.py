@@ -8,7 +8,7 @@ This file holds everything train_dreambooth.py and evaluate.py must agree on, so
   test fixture: its images are noise); SDXL base 1.0's real UNet with random weights (build_sdxl_unet: layer
   counts, benchmarks); load_pipeline / load_unet: `tiny`, or diffusers' from_pretrained of a hub id or folder;
 - the DreamBooth dataset: where it is (`find_data_dir`), subjects, classes, the 25 evaluation prompts, robust
-  image loading;
+  image loading; and your own subject: a folder of photos (`photo_folder`), a file of prompts (`read_prompt_file`);
 - `encode_prompt`: the SDXL text conditioning, built exactly as diffusers' pipeline builds it (or, for training
   only, as the authors' training code builds it);
 - `generate`: THE one generation function (the authors' protocol: DPM-Solver++ order 2, 30 steps, CFG 7.5).
@@ -38,6 +38,7 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 UNIQUE_TOKEN = "zjw"  # the authors' rare token (not the usual "sks")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIVE_SUBJECTS = ("cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8")  # get the "live" prompt list
+KINDS = ("object", "live")  # DreamBooth's two prompt lists (prompts_for): live for the cats and dogs above
 
 
 def is_live(subject):
@@ -235,17 +236,35 @@ def read_classes(data_dir):
     return dict(line.strip().split(",", 1) for line in table.splitlines() if "," in line)
 
 
-def prompts_for(data_dir, subject, unique_token=UNIQUE_TOKEN):
-    """The 25 DreamBooth evaluation prompts of the subject's kind (object or live), read from the dataset's file."""
-    classes = read_classes(data_dir)
-    _check_subject(data_dir, subject, classes)
-    text = (Path(data_dir) / "prompts_and_classes.txt").read_text()
+def prompts_for(data_dir, subject, unique_token=UNIQUE_TOKEN, kind=None, class_name=None):
+    """The 25 DreamBooth evaluation prompts of the subject's kind (object or live), read from the dataset's file.
+    subject=None (your own subject): those of `kind` for "<unique_token> <class_name>"."""
+    if subject is not None:
+        classes = read_classes(data_dir)
+        _check_subject(data_dir, subject, classes)
+        kind, class_name = "live" if is_live(subject) else "object", classes[subject]
+    text = (_check_data_dir(data_dir) / "prompts_and_classes.txt").read_text()
     objects, live = text.split("Live Subject Prompts", 1)
-    templates = re.findall(r"'([^']*)'\.format\(unique_token, class_token\)", live if is_live(subject) else objects)
+    templates = re.findall(r"'([^']*)'\.format\(unique_token, class_token\)", live if kind == "live" else objects)
     if len(templates) != 25:
-        raise ValueError(f"expected 25 prompts for {subject} in {data_dir}/prompts_and_classes.txt, "
-                         f"found {len(templates)}")
-    return [t.format(unique_token, classes[subject]) for t in templates]
+        raise ValueError(f"expected 25 {kind} prompts in {data_dir}/prompts_and_classes.txt, found {len(templates)}")
+    return [t.format(unique_token, class_name) for t in templates]
+
+
+def read_prompt_file(path):
+    """Your own prompts (evaluate.py --prompts): one a line, blank lines skipped, {} for "<token> <class>"."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read prompt file {path}: {getattr(error, 'strerror', None) or error}") from None
+    if not prompts:
+        raise ValueError(f'prompt file {path} holds no prompt: one a line, {{}} for "<token> <class>"')
+    return prompts
+
+
+def fill_subject(prompts, unique_token, class_name):
+    """{} in each prompt -> "<unique_token> <class_name>": "a {} on the beach" -> "a zjw dog on the beach"."""
+    return [prompt.replace("{}", f"{unique_token} {class_name}") for prompt in prompts]
 
 
 def _check_subject(data_dir, subject, classes):
@@ -258,9 +277,19 @@ def instance_images(data_dir, subject):
     """Sorted image files of one subject; unknown subject -> error listing the subjects."""
     data_dir = _check_data_dir(data_dir)
     _check_subject(data_dir, subject, read_classes(data_dir))
-    paths = sorted(p for p in (data_dir / subject).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir / subject}")
+    return photo_folder(data_dir / subject)
+
+
+def photo_folder(folder):
+    """A subject's photos (also your own: train_dreambooth.py --images): the folder's image files, sorted by name,
+    hidden ones left out (macOS's `._<name>.jpg` beside each photo on some disks); fewer than 2 is an error."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"photo folder {folder} does not exist")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
+    if len(paths) < 2:
+        raise ValueError(f"{folder} holds {f'1 image ({paths[0].name})' if paths else 'no image'}: DreamBooth learns "
+                         f"a subject from a few photos of it, 4-6 as in its dataset (files ending "
+                         f"{', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 

@@ -13,6 +13,7 @@ bf16 autocast + gradient checkpointing on CUDA, float32 on the CPU. Every option
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop
     python train_dreambooth.py --subject dog6 --k 2000 --model tiny     # CPU demo (dataset: see --data-dir)
+    python train_dreambooth.py --images my_dog --class-name dog         # your own photos: "a zjw dog", my_dog-...
     torchrun --nproc-per-node 4 train_dreambooth.py --subject dog6 --k 2000   # data parallel: the same result
 
 Deliberately not here: accelerate, EMA, aspect-ratio bucketing, text-encoder training, hub upload.
@@ -42,7 +43,9 @@ import waveft
 
 @dataclass
 class Options:
-    subject: str  # DreamBooth subject, a folder of --data-dir (e.g. dog6)
+    subject: str = ""  # DreamBooth subject, a folder of --data-dir (e.g. dog6); or, instead, --images
+    images: str = ""  # a folder of your own photos of the subject (4-6), which then names the run
+    class_name: str = ""  # with --images: what the photos show (e.g. dog): the prompt is "a <unique-token> <class>"
     data_dir: str = ""  # google/dreambooth's dataset; default: $DREAMBOOTH_DIR, ./dataset, ./dreambooth/dataset, ...
     model: str = sdxl.SDXL_BASE  # hub id, local diffusers folder, or "tiny" (random weights: CPU demo, tests)
     output_dir: str = "outputs"  # the run goes to <output_dir>/<run name> (see --run-name)
@@ -85,8 +88,9 @@ class Options:
 NO_EFFECT_ON_RESULT = {"data_dir", "output_dir", "run_name", "overwrite", "resume", "checkpoint_every", "class_dir",
                        "validation_prompts", "sample_steps", "device", "gradient_checkpointing", "fast",
                        "save_merged"}
-# Options that may change between an interrupted run and its --resume (--steps extends a run); others are refused.
-RESUMABLE = NO_EFFECT_ON_RESULT | {"steps"}
+# Options that may change between an interrupted run and its --resume (--steps extends a run; the photos, like the
+# dataset, may have moved); others are refused.
+RESUMABLE = NO_EFFECT_ON_RESULT | {"steps", "images"}
 
 
 def main(argv=None):
@@ -95,11 +99,11 @@ def main(argv=None):
     opts = parse_options(argv)
     # Everything that can be checked is checked before a multi-GB model loads, and nothing is written before
     # training starts: bad input fails in seconds, naming what is wrong, and a refused start changes no file.
-    class_name, image_paths, images, source = read_photos(opts)
+    class_name, image_paths, images, where = read_photos(opts)
     instance_prompt = f"a {opts.unique_token} {class_name}"
     run_dir = Path(opts.output_dir) / (opts.run_name or run_name(opts))
     resume_state = runs.check_run_dir(run_dir, opts, RESUMABLE | ignored_options(opts).keys())
-    rank, world_size, device = start_processes(opts, source)
+    rank, world_size, device = start_processes(opts, where)
 
     # The model: the frozen pipeline with trainable adapters in its UNet. Then everything its frozen parts compute,
     # computed once: the latents of the (cropped) photos [and class images], the text embeddings.
@@ -132,8 +136,9 @@ def main(argv=None):
     runs.save_checkpoint(run_dir / "checkpoint.pt", opts.steps, params, optimizer, generator, opts, passes)
     runs.plot_losses(run_dir)
     runs.save_adapter(pipe.unet, run_dir, config)  # with what evaluate.py needs in its metadata
-    if opts.validation_prompts:  # the instance prompt, then evaluation prompts, sampled as evaluate.py samples
-        prompts = [instance_prompt] + sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
+    if opts.validation_prompts:  # the instance prompt, then evaluation prompts (a subject's), as evaluate.py samples
+        prompts = [instance_prompt] + (sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
+                                       if opts.subject else [])
         runs.save_validation_grid(pipe, run_dir, prompts[:opts.validation_prompts], gen_cfg, device)
     if opts.save_merged:
         # From the base UNet loaded again in float32 on the CPU, not the training UNet (bf16-rounded W, on the GPU):
@@ -176,6 +181,7 @@ POSITIVE = ("k", "rank", "steps", "grad_accum", "checkpoint_every", "class_image
 
 def check_options(opts, ignored):
     """Raise ValueError naming the first bad option and its value."""
+    cli.check_subject_or_images(opts)
     cli.check_values(opts, CHOICES, POSITIVE, ignored)
     if opts.resolution is not None and opts.resolution % 64:
         raise cli.bad_value(opts, "resolution", "must be a multiple of 64")
@@ -204,8 +210,8 @@ def resolve(opts):
 
 
 def run_name(opts):
-    """The run's folder name (runs.run_name): <subject>-waveft-k<k> then every option that changes the result and
-    differs from its default for this model, method and device, e.g. dog6-waveft-k2592-db4-lr2e-4."""
+    """The run's folder name (runs.run_name): <subject or --images folder>-waveft-k<k> then every option that changes
+    the result and differs from its default for this model, method and device, e.g. dog6-waveft-k2592-db4-lr2e-4."""
     defaults = resolve(Options(subject=opts.subject, model=opts.model, method=opts.method, device=opts.device))
     defaults.model = sdxl.SDXL_BASE  # another model is named, but what follows from it (its resolution) is not
     return runs.run_name(opts, defaults, NO_EFFECT_ON_RESULT | ignored_options(opts).keys())
@@ -215,14 +221,20 @@ def run_name(opts):
 # Before the model: the photos, the processes
 
 def read_photos(opts):
-    """The subject's class and photos, each decoded now (a corrupt file fails here, by name); the dataset's folder
-    is recorded in opts.data_dir as an absolute path, for config.json. Returns the class, the photo files, the
-    images, and where the dataset was found."""
-    data_dir, source = sdxl.find_data_dir(opts.data_dir)
-    opts.data_dir = str(data_dir.resolve())
-    image_paths = sdxl.instance_images(opts.data_dir, opts.subject)
-    images = [sdxl.load_image(path) for path in image_paths]
-    return sdxl.read_classes(opts.data_dir).get(opts.subject), image_paths, images, source
+    """The subject's class and photos, each decoded now (a corrupt file fails here, by name): a DreamBooth subject's
+    (the dataset's folder is recorded in opts.data_dir as an absolute path, for config.json), or those of --images
+    (recorded the same way; the class is --class-name). Returns the class, the photo files, the images, and where
+    they were found."""
+    if opts.images:
+        image_paths = sdxl.photo_folder(opts.images)
+        opts.images = str(Path(opts.images).resolve())
+        class_name, where = opts.class_name, f"photos: {opts.images} (--images)"
+    else:
+        data_dir, source = sdxl.find_data_dir(opts.data_dir)
+        opts.data_dir = str(data_dir.resolve())
+        image_paths = sdxl.instance_images(opts.data_dir, opts.subject)
+        class_name, where = sdxl.read_classes(opts.data_dir)[opts.subject], f"dataset: {opts.data_dir} ({source})"
+    return class_name, image_paths, [sdxl.load_image(path) for path in image_paths], where
 
 
 # torchrun with --prior-preservation: the other ranks wait at a barrier while rank 0 makes the class images (an hour
@@ -230,12 +242,12 @@ def read_photos(opts):
 CLASS_IMAGES_WAIT = datetime.timedelta(days=7)
 
 
-def start_processes(opts, data_source):
-    """Join torchrun's ranks, if any (rank 0 alone prints from here on), and say where the data is. Returns (rank,
-    world_size, device): (0, 1, device) without torchrun."""
+def start_processes(opts, where):
+    """Join torchrun's ranks, if any (rank 0 alone prints from here on), and say where the photos are (`where`).
+    Returns (rank, world_size, device): (0, 1, device) without torchrun."""
     rank, world_size, device = distributed.start(opts.device,
                                                  timeout=CLASS_IMAGES_WAIT if opts.prior_preservation else None)
-    print(f"dataset: {opts.data_dir} ({data_source})")
+    print(where)
     if opts.model != "tiny" and device.type == "cpu":
         print(f"note: training {opts.model} on the CPU takes hours per run; --model tiny runs the whole loop in "
               f"a minute, a GPU the real thing", flush=True)
@@ -343,9 +355,12 @@ def training_state(unet, opts, generator, resume_state, world_size):
 def run_config(opts, argv, class_name, instance_prompt, run_dir):
     """config.json: every option, what was derived from them, and the command line."""
     # "setting": the options that shape the result, without the subject, whatever --run-name called the folder:
-    # evaluate.py's comparison gives each setting its own row (the runs of one row differ only in their subject)
-    return {**dataclasses.asdict(opts), "class_name": class_name, "instance_prompt": instance_prompt,
-            "run_name": run_dir.name, "setting": run_name(opts).removeprefix(f"{opts.subject}-"), "argv": argv}
+    # evaluate.py's comparison gives each setting its own row (the runs of one row differ only in their subject).
+    # "subject": --subject, or the name of the --images folder (as in the run's name)
+    subject = runs.subject_of(opts)
+    return {**dataclasses.asdict(opts), "subject": subject, "class_name": class_name, "instance_prompt":
+            instance_prompt, "run_name": run_dir.name, "setting": run_name(opts).removeprefix(f"{subject}-"),
+            "argv": argv}
 
 
 def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_dir, log, rank, world_size, device):

@@ -77,6 +77,37 @@ def tiny_run_dir(tmp_path_factory, dreambooth_dir):
 
 
 @pytest.fixture(scope="session")
+def photos_run(tmp_path_factory, dreambooth_dir):
+    """A run on your own photos, `train_dreambooth.py --images my_dog --class-name dog`: my_dog/ holds copies of
+    dog6's photos (the same names, so the same order; plus a macOS `._` file, which is no photo) and the run has
+    tiny_run_dir's options, in-process, while every look for the DreamBooth dataset fails (it needs none). Its
+    validation grid (1 sampler step) records the prompts it was made of. Returns (run folder, photos, prompts)."""
+    import shutil
+    from types import SimpleNamespace
+    import sdxl
+    import train_dreambooth
+    tmp = tmp_path_factory.mktemp("photos_run")
+    photos = tmp / "my_dog"
+    photos.mkdir()
+    for path in sdxl.instance_images(dreambooth_dir, "dog6"):
+        shutil.copy(path, photos)
+    (photos / "._00.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # what a Mac leaves beside 00.jpg on a stick
+    grid_prompts, generate = [], sdxl.generate
+
+    def no_dataset(*args, **kwargs):
+        raise AssertionError("a run on --images looked for the DreamBooth dataset")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdxl, "find_data_dir", no_dataset)
+        patch.setattr(sdxl, "_check_data_dir", no_dataset)
+        patch.setattr(sdxl, "generate", lambda pipe, prompts, **kw: grid_prompts.append(prompts) or
+                      generate(pipe, prompts, **kw))
+        run_dir = train_dreambooth.main([
+            "--images", str(photos), "--class-name", "dog", "--k", "2000", "--model", "tiny", "--output-dir",
+            str(tmp / "outputs"), "--resolution", "64", "--steps", "4", "--grad-accum", "2", "--sample-steps", "1"])
+    return SimpleNamespace(dir=run_dir, photos=photos, grid_prompts=grid_prompts)
+
+
+@pytest.fixture(scope="session")
 def device():
     """Where the device-dependent tests run: $WAVEFT_TEST_DEVICE (e.g. cuda), default cpu."""
     import torch

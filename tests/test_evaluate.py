@@ -757,3 +757,78 @@ def test_a_peft_adapter_folder_is_scored_like_our_run(evaluated, tmp_path, dream
     assert images[0] == images[1] and len(images[0]) == 4
     assert all((out / ours.name / p).read_bytes() == (out / peft_folder.name / p).read_bytes() for p in images[0])
     assert (theirs["method"], theirs["trainable_params"]) == (mine["method"], mine["trainable_params"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# your own subject: a run trained on a folder of photos (train_dreambooth.py --images), your own prompts
+
+def no_dataset(*args, **kwargs):
+    raise AssertionError("looked for the DreamBooth dataset")
+
+
+def test_a_run_on_your_photos_is_scored_on_them_with_your_prompt_file(photos_run, tmp_path, monkeypatch):
+    """--prompts FILE: one prompt a line, {} for "<token> <class>"; the run's photos are its folder's, and neither
+    needs the DreamBooth dataset. The table names the prompt set by the file's name."""
+    prompt_file = tmp_path / "my_prompts.txt"
+    prompt_file.write_text("a {} on the beach\n\n  a watercolour painting of a {}  \n")
+    out = tmp_path / "eval"
+    with monkeypatch.context() as patch:
+        patch.setattr(sdxl, "find_data_dir", no_dataset)
+        patch.setattr(sdxl, "_check_data_dir", no_dataset)
+        [metrics] = evaluate.main(["--runs", str(photos_run.dir), "--prompts", str(prompt_file), "--output-dir",
+                                   str(out)] + SMOKE)
+    assert (metrics["subject"], metrics["setting"], metrics["prompt_set"], metrics["n_real"], metrics["n_images"]) == (
+        "my_dog", "waveft-k2000-tiny-steps4-ga2", "my_prompts.txt", 5, 4)
+    images = out / photos_run.dir.name / "images"
+    assert sorted(p.name for p in images.iterdir()) == [
+        "00_a_zjw_dog_on_the_beach", "01_a_watercolour_painting_of_a_zjw_dog", "generation.json"]
+    assert (images / "01_a_watercolour_painting_of_a_zjw_dog" / "prompt.txt").read_text() == \
+        "a watercolour painting of a zjw dog\n"
+    assert "| waveft-k2000-tiny-steps4-ga2 | my_prompts.txt | waveft | k=2000 | 128,000 | 1 |" in \
+        (out / "comparison.md").read_text()
+    [metrics] = evaluate.main(["--runs", str(photos_run.dir), "--prompts", str(prompt_file), "--output-dir", str(out)]
+                              + SMOKE + ["--max-prompts", "1"])
+    assert metrics["prompt_set"] == "my_prompts.txt (first 1)"
+
+
+def test_a_run_on_your_photos_with_the_dreambooth_prompts_of_its_kind_scores_as_the_subject_run(
+        photos_run, evaluated, dreambooth_dir, tmp_path):
+    """--kind live: the 25 prompts of the dataset's cats and dogs, for "zjw dog". The photos run is dog6's run bit for
+    bit on copies of dog6's photos, so it scores exactly as the dog6 run does."""
+    _, _, dog6 = evaluated
+    [metrics] = evaluate.main(["--runs", str(photos_run.dir), "--kind", "live", "--data-dir", str(dreambooth_dir),
+                               "--output-dir", str(tmp_path)] + SMOKE)
+    assert metrics["prompt_set"] == dog6["prompt_set"] == "dreambooth (first 2)"
+    same = ("setting", "prompt_set", "n_images", "n_real", "dino", "clip_i", "clip_t", "cmmd", "dino_diversity")
+    assert {key: metrics[key] for key in same} == {key: dog6[key] for key in same}
+
+
+def test_your_photos_and_prompts_refuse_bad_input_in_one_line(photos_run, tmp_path, capsys):
+    run = str(photos_run.dir)
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError) as error:
+        evaluate.main(["--runs", run, "--output-dir", str(out)] + SMOKE)
+    assert str(error.value) == (f"run {photos_run.dir.name} was trained on your photos ({photos_run.photos}), not on a "
+                                f"DreamBooth subject: pass --kind object or --kind live (the DreamBooth prompts of "
+                                f"that kind) or --prompts FILE (your own)")
+    moved = copy_run(photos_run.dir, tmp_path / "moved", images=str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"run {moved}: photo folder {tmp_path / 'gone'} does not "
+                                                          f"exist")):
+        evaluate.main(["--runs", str(moved), "--kind", "object", "--output-dir", str(out)] + SMOKE)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    for prompts, message in ((empty, f'prompt file {empty} holds no prompt: one a line, {{}} for "<token> <class>"'),
+                             (tmp_path / "nope.txt", f"cannot read prompt file {tmp_path / 'nope.txt'}: No such file "
+                                                     f"or directory")):
+        with pytest.raises(ValueError) as error:
+            evaluate.main(["--runs", run, "--prompts", str(prompts), "--output-dir", str(out)] + SMOKE)
+        assert str(error.value) == message
+    assert not out.exists()
+    for argv, message in ((["--kind", "dog"], "--kind dog: must be one of object, live"),
+                          (["--kind", "live", "--prompts", str(empty)], "give --kind (the DreamBooth prompts of a "
+                                                                        "kind) or --prompts (a file of your own), not "
+                                                                        "both")):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.parse_args(["--runs", run] + argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: {message}; see --help\n"

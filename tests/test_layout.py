@@ -1,9 +1,10 @@
 """The project's layering, read from the modules' own import statements (parsed with ast: nothing is imported here).
 
-The core a learner reads: the library (dwt, waveft, sdxl) and the two scripts (train_dreambooth, evaluate). The support
-layer: one job per module. The library imports nothing of the support layer (waveft only dwt, dwt nothing, sdxl
-nothing of the project); a support module imports the library and other support modules, never a script; the scripts
-import both; no module imports itself through others. pyproject.toml installs every importable module."""
+The core a learner reads: the library (dwt, waveft, sdxl) and the scripts (train_dreambooth, evaluate; and sample,
+their shortest use). The support layer: one job per module. The library imports nothing of the support layer (waveft
+only dwt, dwt nothing, sdxl nothing of the project); a support module imports the library and other support modules,
+never a script; the scripts import both; no module imports itself through others. pyproject.toml installs every
+importable module."""
 import ast
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import REPO
 
 LIBRARY = {"dwt", "waveft", "sdxl"}
 SUPPORT = {"cli", "distributed", "eval_images", "files", "hub", "interop", "metric_models", "pictures", "runs"}
-SCRIPTS = {"train_dreambooth", "evaluate"}
+SCRIPTS = {"train_dreambooth", "evaluate", "sample"}
 MODULES = LIBRARY | SUPPORT | SCRIPTS
 
 

@@ -5,10 +5,13 @@ Each block runs in a fresh namespace, from an empty folder, with the DreamBooth 
 section puts it ($DREAMBOOTH_DIR), as a newcomer runs it; it may write only under outputs/ (gitignored). A block that
 cannot run here (it needs a GPU or the hub) starts with the line `# test_readme: skip, <why>`; keep those few."""
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import need
 
@@ -62,6 +65,40 @@ def test_python_block_runs(name, line, code, tmp_path, monkeypatch, dreambooth_d
     exec(compile(code, f"{name}:{line}", "exec"), {"__name__": "__main__"})
     left = sorted(path.name for path in tmp_path.iterdir())
     assert left in ([], ["outputs"]), f"{name}:{line} leaves {left} in the current folder: write under outputs/"
+
+
+def shell_commands(block):
+    """The commands of a ```bash block, one a line (a line ending in a backslash goes on), comment lines left out."""
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_quick_start_of_your_own_subject_runs_as_written(tmp_path, monkeypatch, dreambooth_dir):
+    """Your photos -> a run -> sample -> images: each command of the quick start's first block as written, from a
+    checkout beside the dataset (../shared/dreambooth, where "Tests" puts it), a shell line in bash, a script
+    in-process (its main(argv): the same code without a python start-up per command). What the text after the block
+    names is there."""
+    import sample
+    import train_dreambooth
+    section = README.split("\n## CPU quick start\n", 1)[1].split("\n## ", 1)[0]
+    block, after = re.search(r"^```bash\n(.*?)^```\n\n(.*?)\n\n", section, re.M | re.S).groups()
+    assert "--images" in block and "sample.py" in block
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "dreambooth").symlink_to(dreambooth_dir.resolve())
+    checkout = tmp_path / "waveft"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    scripts = {"train_dreambooth.py": train_dreambooth.main, "sample.py": sample.main}
+    for command in shell_commands(block):
+        words = shlex.split(command, comments=True)
+        if words[0] == "python":
+            scripts[words[1]](words[2:])
+        else:  # mkdir, cp
+            subprocess.run(["bash", "-c", command], check=True)
+    named = re.findall(r"`((?:outputs|samples)/[^`]+)`", after)
+    assert len(named) == 2 and all((checkout / path).is_dir() for path in named), named
+    images = sorted(checkout.glob("samples/*/*/seed*.png"))
+    assert len(images) == 8 and {Image.open(path).size for path in images} == {(64, 64)}
 
 
 def test_blocks_are_found_and_skips_are_few_and_explained():

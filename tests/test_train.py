@@ -178,7 +178,6 @@ def test_a_bad_command_line_is_one_line_naming_the_option_and_value(capsys):
             (["--subject", "dog6", "--lr=fast"], "--lr fast: not a number"),
             (["--subject", "dog6", "--use-idwt", "maybe"], "--use-idwt maybe: not true or false"),
             (["--subject", "dog6", "--k"], "--k: expected one argument"),
-            (["--k", "5"], "the following arguments are required: --subject"),
             (["--subject", "dog6", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1")):
         with pytest.raises(SystemExit) as exit_info:
             train_dreambooth.parse_options(argv)
@@ -494,7 +493,7 @@ def test_every_option_that_changes_the_result_changes_the_folder_name():
              base.mixed_precision == "bf16" else "bf16"}
     names = set()
     for field in dataclasses.fields(train_dreambooth.Options):
-        if field.name in train_dreambooth.NO_EFFECT_ON_RESULT | {"subject"}:
+        if field.name in train_dreambooth.NO_EFFECT_ON_RESULT | SUBJECT:
             continue
         context = base
         if field.name in train_dreambooth.ignored_options(base):
@@ -507,7 +506,13 @@ def test_every_option_that_changes_the_result_changes_the_folder_name():
         assert changed != name(context), field.name
         names.add(changed)
     assert len(names) == len(dataclasses.fields(train_dreambooth.Options)) - len(
-        train_dreambooth.NO_EFFECT_ON_RESULT) - 1
+        train_dreambooth.NO_EFFECT_ON_RESULT) - len(SUBJECT)
+    # the subject names the run first: a DreamBooth subject, or the folder of your photos (whatever its class)
+    assert name(parse(["--images", "photos/my_dog/", "--class-name", "dog"])) == "my_dog-waveft-k2592"
+    assert name(parse(["--images", "my_dog", "--class-name", "puppy", "--lr", "2e-4"])) == "my_dog-waveft-k2592-lr2e-4"
+
+
+SUBJECT = {"subject", "images", "class_name"}  # what the run is of: the first part of its name
 
 
 def test_an_existing_run_is_never_replaced_and_a_refused_start_writes_nothing(dreambooth_dir, tmp_path):
@@ -703,6 +708,64 @@ def test_two_lora_runs_with_the_same_options_are_equal(dreambooth_dir, tmp_path)
         adapters.append(adapter_tensors(train_dreambooth.main(argv)))
     assert (tmp_path / "first").is_dir() and (tmp_path / "second").is_dir()  # --run-name chooses the folder
     assert tensors_equal(*adapters)  # lora_A's init comes from --seed, not from the global RNG
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Your own subject: --images DIR --class-name NAME instead of --subject
+
+def test_a_run_on_copies_of_a_subjects_photos_equals_the_subject_run_bit_for_bit(photos_run, tiny_run_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The photos_run fixture trains on my_dog/, copies of dog6's photos, with tiny_run_dir's options and no dataset
+    anywhere: the same photos in the same order, the same prompt "a zjw dog", the same seeds, so the same adapter and
+    losses, bit for bit. The folder names the run and the subject; the validation grid has the instance prompt only."""
+    assert photos_run.dir.name == "my_dog-waveft-k2000-tiny-steps4-ga2"
+    assert tensors_equal(adapter_tensors(photos_run.dir), adapter_tensors(tiny_run_dir))
+    assert read_losses(photos_run.dir) == read_losses(tiny_run_dir)
+    config, subject_config = (json.loads((run / "config.json").read_text()) for run in (photos_run.dir, tiny_run_dir))
+    assert {key: config[key] for key in ("images", "subject", "class_name", "instance_prompt", "data_dir")} == dict(
+        images=str(photos_run.photos), subject="my_dog", class_name="dog", instance_prompt="a zjw dog", data_dir="")
+    assert config["setting"] == subject_config["setting"] == "waveft-k2000-tiny-steps4-ga2"
+    assert waveft.read_metadata(photos_run.dir / "adapter.safetensors")["subject"] == "my_dog"
+    assert photos_run.grid_prompts == [["a zjw dog"]]  # --validation-prompts 3, but no dataset: the instance prompt
+    # --resume from another folder, the photos named by a relative path: the same run (nothing left to train)
+    run_dir = shutil.copytree(photos_run.dir, tmp_path / "outputs" / photos_run.dir.name)
+    monkeypatch.chdir(photos_run.photos)
+    argv = ["--images", ".", "--class-name", "dog", "--k", "2000", "--model", "tiny", "--output-dir",
+            str(tmp_path / "outputs"), "--resolution", "64", "--steps", "4", "--grad-accum", "2",
+            "--validation-prompts", "0", "--resume"]
+    assert train_dreambooth.main(argv) == run_dir
+    assert tensors_equal(adapter_tensors(run_dir), adapter_tensors(tiny_run_dir))
+
+
+def test_a_run_on_a_folder_refuses_bad_input_in_one_line_and_writes_nothing(dreambooth_dir, tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+
+    def refused(*argv):
+        with pytest.raises((ValueError, FileNotFoundError)) as error:
+            train_dreambooth.main(["--model", "tiny", "--k", "2000", "--output-dir", str(out), *argv])
+        return str(error.value)
+
+    assert refused("--subject", "dog6", "--images", str(photos), "--class-name", "dog") == (
+        "give --subject (a subject of the DreamBooth dataset, e.g. dog6) or --images (a folder of your photos), not "
+        "both")
+    assert refused() == ("give --subject (a subject of the DreamBooth dataset, e.g. dog6) or --images (a folder of "
+                         "your photos)")
+    assert refused("--images", str(photos)) == ('--images needs --class-name: what the photos show (e.g. dog), for '
+                                                'the prompt "a zjw <class-name>"')
+    assert refused("--subject", "dog6", "--class-name", "cat") == (
+        "--class-name goes with --images: --subject dog6's class is the dataset's")
+    assert refused("--images", str(tmp_path / "nowhere"), "--class-name", "dog") == (
+        f"photo folder {tmp_path / 'nowhere'} does not exist")
+    (photos / "notes.txt").write_text("not a photo")
+    expected = ("{} holds {}: DreamBooth learns a subject from a few photos of it, 4-6 as in its dataset (files "
+                "ending .jpg, .jpeg, .png, .webp, .bmp)")
+    assert refused("--images", str(photos), "--class-name", "dog") == expected.format(photos, "no image")
+    shutil.copy(dreambooth_dir / "dog6" / "00.jpg", photos)
+    assert refused("--images", str(photos), "--class-name", "dog") == expected.format(photos, "1 image (00.jpg)")
+    (photos / "01.jpg").write_bytes((dreambooth_dir / "dog6" / "01.jpg").read_bytes()[:2000])  # cut short
+    assert refused("--images", str(photos), "--class-name", "dog").startswith(f"cannot read image {photos / '01.jpg'}:")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
