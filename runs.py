@@ -320,7 +320,11 @@ def read_runs(opts):
             raise ValueError(f"run {run.name} was trained on your photos ({run.photos}), not on a DreamBooth "
                              f"subject: pass --kind object or --kind live (the DreamBooth prompts of that kind) or "
                              f"--prompts FILE (your own)")
-        run.data_dir = str(sdxl.find_data_dir(opts.data_dir or "")[0])  # where the DreamBooth prompts are
+        try:
+            run.data_dir = str(sdxl.find_data_dir(opts.data_dir or "")[0])  # where the DreamBooth prompts are
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"--kind reads the DreamBooth prompts from the dataset (or give --prompts FILE): "
+                                    f"{error}") from None
     if len({run.name for run in runs}) < len(runs):
         raise ValueError("two run folders have the same name; their results would overwrite each other")
     first = {}  # (setting, subject) -> its run: a row of the comparison averages over distinct subjects

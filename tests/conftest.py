@@ -1,6 +1,7 @@
-"""Shared pytest fixtures: the DreamBooth dataset, a tiny SDXL pipeline on disk, one short tiny training run; `need`,
-how a test asks for a development requirement (the `pywt` and `peft` fixtures); and the helpers more than one test
-file uses (a tiny UNet and its inputs, random adapter values, a tiny training command line, adapter comparisons)."""
+"""Shared pytest fixtures: the DreamBooth dataset, a tiny SDXL pipeline on disk, one short tiny training run and the
+same run on a folder of photos (`photos_run`); `need`, how a test asks for a development requirement (the `pywt` and
+`peft` fixtures); and the helpers more than one test file uses (a tiny UNet and its inputs, random adapter values, a
+tiny training command line, adapter comparisons)."""
 import importlib
 import os
 import sys

@@ -803,7 +803,7 @@ def test_a_run_on_your_photos_with_the_dreambooth_prompts_of_its_kind_scores_as_
     assert {key: metrics[key] for key in same} == {key: dog6[key] for key in same}
 
 
-def test_your_photos_and_prompts_refuse_bad_input_in_one_line(photos_run, tmp_path, capsys):
+def test_your_photos_and_prompts_refuse_bad_input_in_one_line(photos_run, tmp_path, capsys, monkeypatch):
     run = str(photos_run.dir)
     out = tmp_path / "eval"
     with pytest.raises(ValueError) as error:
@@ -811,6 +811,12 @@ def test_your_photos_and_prompts_refuse_bad_input_in_one_line(photos_run, tmp_pa
     assert str(error.value) == (f"run {photos_run.dir.name} was trained on your photos ({photos_run.photos}), not on a "
                                 f"DreamBooth subject: pass --kind object or --kind live (the DreamBooth prompts of "
                                 f"that kind) or --prompts FILE (your own)")
+    with monkeypatch.context() as patch:  # no dataset where it is looked for
+        patch.setenv("DREAMBOOTH_DIR", str(tmp_path / "nowhere"))
+        patch.chdir(tmp_path)
+        with pytest.raises(FileNotFoundError, match=r"^--kind reads the DreamBooth prompts from the dataset \(or give "
+                                                    r"--prompts FILE\): DreamBooth dataset not found; looked in"):
+            evaluate.main(["--runs", run, "--kind", "live", "--output-dir", str(out)] + SMOKE)
     moved = copy_run(photos_run.dir, tmp_path / "moved", images=str(tmp_path / "gone"))
     with pytest.raises(FileNotFoundError, match=re.escape(f"run {moved}: photo folder {tmp_path / 'gone'} does not "
                                                           f"exist")):
