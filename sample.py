@@ -57,9 +57,9 @@ def main(argv=None):
         negative_prompt=sdxl.NEGATIVE_PROMPT if opts.negative_prompt is None else opts.negative_prompt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else \
         torch.device(opts.device)
-    print(f"{name}: {model} with {adapter}, {len(prompts)} prompts x seeds {seeds[0]}..{seeds[-1]}, "
-          f"{cfg.num_inference_steps} steps, guidance {cfg.guidance_scale:g}, {cfg.resolution} px, on {device}",
-          flush=True)
+    print(f"{name}: {model} with {adapter}, {len(prompts)} prompt{'s' * (len(prompts) > 1)} x seeds "
+          f"{seeds[0]}..{seeds[-1]}, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale:g}, "
+          f"{cfg.resolution} px, on {device}", flush=True)
     pipe = eval_images.adapted_pipeline({}, model, adapter, device)  # merged; an adapter that does not fit: refused
     paths = []
     for i, prompt in enumerate(prompts):
