@@ -267,6 +267,7 @@ class Run:
     adapter: Path = None  # adapter.safetensors or a PEFT adapter folder (None for --metrics-only)
     images_dir: Path = None  # --metrics-only: the folder of images to score
     setting: str = ""  # the run's settings without its subject (setting_of): its row of the comparison
+    variant: str = None  # the model's weight files to sample with (e.g. fp16): --variant, else config.json's
 
 
 def setting_of(run):
@@ -310,6 +311,7 @@ def read_runs(opts):
     first = {}  # (setting, subject) -> its run: a row of the comparison averages over distinct subjects
     for run in runs:
         run.setting = setting_of(run)
+        run.variant = run.config.get("variant") if getattr(opts, "variant", None) is None else opts.variant
         other = first.setdefault((run.setting, run.subject), run)
         if other is not run:
             raise ValueError(f"runs {other.name} and {run.name} are both {run.subject} with setting {run.setting}: "
