@@ -20,6 +20,7 @@ Metric scores are means over a run's images; the comparison table gives mean +- 
 
     python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
     torchrun --nproc-per-node 8 evaluate.py --runs outputs/*    # the same, images generated on 8 GPUs
+    python evaluate.py --runs outputs/* --low-memory           # a 16 GB GPU: bf16 UNet, adapter unmerged
     python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (ours or the authors')
     python evaluate.py --runs outputs/dog6-waveft-k2000-tiny-steps4 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
         --resolution 64 --dino tiny --clip tiny --cmmd-clip tiny  # CPU smoke run: tiny models, meaningless numbers
