@@ -612,7 +612,7 @@ def test_weight_restore_keeps_the_smaller_copy_and_puts_every_weight_back_bit_ex
         expected = fresh.unet.state_dict()
         for name, value in pipe.unet.state_dict().items():
             assert torch.equal(value, expected[name]), (adapter.name, name)
-        kept, sizes = pipelines["tiny"][1], []
+        [(_, kept)], sizes = pipelines.values(), []  # the one pipeline kept (keyed by model, variant, mode)
         assert kept.keys() == dict(waveft.adapted_layers(pipe.unet)).keys()
         for name in kept:
             before, after = base[f"{name}.weight"], expected[f"{name}.base.weight"]
