@@ -25,19 +25,21 @@ import waveft
 AFTER_A_WRITE_ERROR = "the files written before are intact: make room and run the same command again (it continues)"
 
 
-def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None, pipelines=None):
+def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None, pipelines=None, low_memory=False):
     """Generate every (prompt, seed) image that is not on disk yet, so an interrupted evaluation resumes, byte for
     byte; under torchrun only those of the prompts `mine` (indices; default all), this rank's share. Returns
     [(prompt_idx, prompt, path)] of all images, the settings recorded in generation.json (everything an image
     depends on besides its prompt and seed) and how many images were generated here. Images on disk made with other
-    settings or another adapter (by its hash) are an error, never silently reused."""
+    settings or another adapter (by its hash) are an error, never silently reused. The model's weight files
+    (run.variant) and low_memory (adapted_pipeline) are recorded only when set: older records stay valid."""
     settings = dict(model=run.config["model"], adapter_sha256=runs.adapter_hash(run.adapter),
                     steps=gen_cfg.num_inference_steps, resolution=gen_cfg.resolution, guidance=gen_cfg.guidance_scale,
-                    solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt)
+                    solver_order=gen_cfg.solver_order, negative_prompt=gen_cfg.negative_prompt,
+                    **({"variant": run.variant} if run.variant else {}), **({"low_memory": True} if low_memory else {}))
     record = images_dir / "generation.json"
     old = json.loads(record.read_text()) if record.is_file() else settings
     if old != settings:
-        changed = [key for key in settings if old.get(key) != settings[key]]
+        changed = [key for key in {**old, **settings} if old.get(key) != settings.get(key)]
         raise ValueError(f"{images_dir} holds images made with other {', '.join(changed)} (see {record}); delete "
                          f"that folder or pass another --output-dir")
     folders = [prompt_folder(images_dir, i, prompt) for i, prompt in enumerate(prompts)]
@@ -48,7 +50,8 @@ def generate_missing(run, images_dir, prompts, seeds, gen_cfg, device, mine=None
     if not missing:
         return entries, settings, 0  # nothing to do: not even the pipeline is loaded
     # the adapter first: one that does not fit the model is refused before any file is written
-    pipe = adapted_pipeline({} if pipelines is None else pipelines, run.config["model"], run.adapter, device)
+    pipe = adapted_pipeline({} if pipelines is None else pipelines, run.config["model"], run.adapter, device,
+                            run.variant, low_memory)
     images_dir.mkdir(parents=True, exist_ok=True)
     save(record, json.dumps(settings, indent=2) + "\n")  # every rank writes the same text
     # A seed's image can differ in the last bits between batches of other seeds (batched kernels sum in another
@@ -75,17 +78,19 @@ def prompt_folder(images_dir, i, prompt):
 
 
 @torch.no_grad()
-def adapted_pipeline(pipelines, model, adapter, device):
-    """The pipeline of `model` with `adapter` loaded and merged (the update folded into W: sampling costs what the
-    base model costs). `pipelines` ({model: (pipeline, originals)}) keeps one pipeline for the next run of the same
-    model: its adapter is taken out (waveft.remove) and every weight entry the merge changed is put back bit for
-    bit, because merge + unmerge is exact only up to rounding, and an image must not depend on which run came
-    before it (resuming, torchrun). The CPU copy this takes is at most the adapted weights once (keep_original)."""
-    if model not in pipelines:
+def adapted_pipeline(pipelines, model, adapter, device, variant=None, low_memory=False):
+    """The pipeline of `model` (its `variant` weight files) with `adapter` loaded and merged (the update folded into
+    W: sampling costs what the base model costs). `pipelines` ({(model, variant, low_memory): (pipeline,
+    originals)}) keeps one pipeline for the next run of the same model: its adapter is taken out (waveft.remove)
+    and every weight entry the merge changed is put back bit for bit, because merge + unmerge is exact only up to
+    rounding, and an image must not depend on which run came before it (resuming, torchrun). The CPU copy this
+    takes is at most the adapted weights once (keep_original). low_memory: see low_memory_pipeline."""
+    key = (model, variant or None, low_memory)
+    if key not in pipelines:
         pipelines.clear()  # one model in memory at a time
-        pipe = hub.from_pretrained(sdxl.load_pipeline, model)  # float32; generate() autocasts on CUDA
-        pipelines[model] = (pipe.to(device), {})
-    pipe, originals = pipelines[model]
+        pipe = hub.from_pretrained(sdxl.load_pipeline, model, variant=variant)  # float32; generate() autocasts on CUDA
+        pipelines[key] = ((low_memory_pipeline(pipe) if low_memory else pipe).to(device), {})
+    pipe, originals = pipelines[key]
     if waveft.adapted_layers(pipe.unet):
         waveft.remove(pipe.unet)
         for name, kept in originals.items():
@@ -95,10 +100,26 @@ def adapted_pipeline(pipelines, model, adapter, device):
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
     originals.clear()
-    for name, layer in waveft.adapted_layers(pipe.unet):  # one layer at a time: one layer's extra copy at most
+    for name, layer in [] if low_memory else waveft.adapted_layers(pipe.unet):  # one layer at a time: one extra copy
         before = layer.base.weight.clone()
         waveft.merge(layer)
         originals[name] = keep_original(before, layer.base.weight)
+    return pipe
+
+
+def low_memory_pipeline(pipe):
+    """evaluate.py --low-memory: the pipeline in about half the GPU memory (docs/benchmarks.md, "evaluate.py's GPU
+    memory"). The UNet in bf16 (5.1 GB instead of 10.3 for SDXL), with the adapter then loaded into it in float32
+    and never merged: merged into a bf16 W, an update below half of W's last bit would be rounded away; unmerged,
+    the layer adds its float32 update to the bf16 matmul's output. The text encoders and the VAE stay float32 (the
+    latents keep prompt_embeds' dtype), frozen (requires_grad off: CUDA autocast then casts their weights per op
+    instead of keeping a bf16 copy of every weight for the whole call), and the VAE decodes one image at a time
+    (at 1024 px a batch of 4 needs 10.7 GB of activations, one image 2.7 GB). Images equal the default path's
+    within bf16 precision (tests/test_evaluate.py), not bit for bit: generation.json records the mode."""
+    pipe.unet.bfloat16()  # torch's own cast (see train_dreambooth.load_model); the adapter comes after, float32
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        model.requires_grad_(False)
+    pipe.vae.enable_slicing()
     return pipe
 
 

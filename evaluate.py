@@ -20,6 +20,7 @@ Metric scores are means over a run's images; the comparison table gives mean +- 
 
     python evaluate.py --runs outputs/*                         # the paper's comparison -> evaluation/comparison.md
     torchrun --nproc-per-node 8 evaluate.py --runs outputs/*    # the same, images generated on 8 GPUs
+    python evaluate.py --runs outputs/* --low-memory           # a 16 GB GPU: bf16 UNet, adapter unmerged
     python evaluate.py --metrics-only my_images --subject dog6  # score another tool's images (ours or the authors')
     python evaluate.py --runs outputs/my_dog-waveft-k2592 --prompts my_prompts.txt  # your photos, your prompts
     python evaluate.py --runs outputs/dog6-waveft-k2000-tiny-steps4 --max-prompts 2 --images-per-prompt 2 --steps 3 \\
@@ -69,6 +70,8 @@ class Options:
     unique_token: str = sdxl.UNIQUE_TOKEN  # with --metrics-only or a PEFT folder: the rare token of the prompts
     data_dir: str = None  # DreamBooth dataset folder; default: the one recorded in each run's config.json
     model: str = None  # SDXL model; must be the run's own; default: the one in each run's config.json
+    variant: str = None  # the model's weight files, e.g. fp16 (*.fp16.safetensors); default: each run's config.json's
+    low_memory: bool = False  # bf16 UNet, adapter unmerged in float32, VAE one image at a time: ~14 GB, not ~34 (SDXL)
     output_dir: str = "evaluation"  # <output_dir>/<run>/ per run, comparison.md and .csv over all runs
     images_per_prompt: int = 4  # images per prompt, with seeds --seed, --seed + 1, ...
     seed: int = 42  # the first generation seed (the protocol: 42..45)
@@ -165,7 +168,7 @@ def generate_images(to_evaluate, opts, gen_cfg, seeds, out_dir, rank, world_size
         mine = [i for i in range(len(prompts)) if (n + i) % world_size == rank]
         n += len(prompts)
         entries, settings, count = eval_images.generate_missing(run, out_dir / run.name / "images", prompts, seeds,
-                                                                gen_cfg, device, mine, pipelines)
+                                                                gen_cfg, device, mine, pipelines, opts.low_memory)
         plans.append((run, entries, settings))
         generated += count
     return plans, generated  # the pipeline (in `pipelines`) goes: its memory is free for scoring

@@ -375,22 +375,23 @@ def save_merged_unet(unet, folder, dtype=None, shard_bytes=None):
     return files.write_folder(folder, contents())
 
 
-def export_merged(run_dir, model=None, overwrite=False, dtype=None, shard_bytes=None):
+def export_merged(run_dir, model=None, overwrite=False, dtype=None, shard_bytes=None, variant=None):
     """`<run_dir>/merged_unet/` for a finished train_dreambooth.py run: its base model's UNet (config.json's
-    "model", or `model`, e.g. a local copy of it), loaded alone, in float32, on the CPU (never the training
-    device: a float32 SDXL UNet is 10 GB), with its adapter.safetensors merged in, by save_merged_unet. An existing
-    folder is replaced (overwrite=True) only once the new one is complete."""
+    "model" and "variant", or `model` and `variant`, e.g. a local copy of it), loaded alone, in float32, on the CPU
+    (never the training device: a float32 SDXL UNet is 10 GB), with its adapter.safetensors merged in, by
+    save_merged_unet. An existing folder is replaced (overwrite=True) only once the new one is complete."""
     run_dir = Path(run_dir)
     folder = run_dir / "merged_unet"
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
     if model is None:
         try:
-            model = json.loads((run_dir / "config.json").read_text()).get("model")
+            config = json.loads((run_dir / "config.json").read_text())
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read {run_dir / 'config.json'}: {error}; is {run_dir} a training run?") from None
+        model, variant = config.get("model"), variant or config.get("variant")
         if not model:
             raise ValueError(f'{run_dir / "config.json"} has no "model": pass model= (the base model of the run)')
-    unet = hub.from_pretrained(sdxl.load_unet, model)
+    unet = hub.from_pretrained(sdxl.load_unet, model, variant=variant)
     waveft.load(unet, run_dir / "adapter.safetensors")
     return save_merged_unet(unet, folder, dtype=dtype, shard_bytes=shard_bytes)

@@ -275,6 +275,7 @@ class Run:
     setting: str = ""  # the run's settings without its subject (setting_of): its row of the comparison
     photos: str = None  # a run on your own photos (train_dreambooth.py --images): their folder
     class_name: str = None  # the subject's class: a prompt file's {} is "<unique_token> <class_name>"
+    variant: str = None  # the model's weight files to sample with (e.g. fp16): --variant, else config.json's
 
 
 def setting_of(run):
@@ -330,6 +331,7 @@ def read_runs(opts):
     first = {}  # (setting, subject) -> its run: a row of the comparison averages over distinct subjects
     for run in runs:
         run.setting = setting_of(run)
+        run.variant = run.config.get("variant") if getattr(opts, "variant", None) is None else opts.variant
         other = first.setdefault((run.setting, run.subject), run)
         if other is not run:
             raise ValueError(f"runs {other.name} and {run.name} are both {run.subject} with setting {run.setting}: "

@@ -33,7 +33,7 @@ class Options:
     run: str  # a run folder of train_dreambooth.py, an adapter .safetensors file, or a PEFT adapter folder
     prompts: list = None  # one or more prompts, {} for the run's "<token> <class>"; default: the run's own prompt
     model: str = None  # the base model; default: the adapter's own (a PEFT folder: its base_model_name_or_path)
-    # (issue 16's --variant, which of the model's weight files to load, joins here with its loading path)
+    variant: str = None  # the model's weight files to load (e.g. fp16); default: the run's own (its --variant)
     output_dir: str = "samples"  # the images go to <output_dir>/<run>/<NN>_<prompt>/seed<seed>.png
     images_per_prompt: int = 4  # images per prompt, with seeds --seed, --seed + 1, ...
     seed: int = 42  # the first seed (the protocol's: 42..45)
@@ -60,7 +60,8 @@ def main(argv=None):
     print(f"{name}: {model} with {adapter}, {len(prompts)} prompt{'s' * (len(prompts) > 1)} x seeds "
           f"{seeds[0]}..{seeds[-1]}, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale:g}, "
           f"{cfg.resolution} px, on {device}", flush=True)
-    pipe = eval_images.adapted_pipeline({}, model, adapter, device)  # merged; an adapter that does not fit: refused
+    variant = opts.variant if opts.variant is not None else recorded_variant(adapter)
+    pipe = eval_images.adapted_pipeline({}, model, adapter, device, variant)  # merged; one that does not fit: refused
     paths = []
     for i, prompt in enumerate(prompts):
         images = sdxl.generate(pipe, [prompt], seeds, cfg)  # the prompt's seeds in batches, as evaluate.py makes them
@@ -106,6 +107,12 @@ def read_adapter(path, model=None):
     subject = (meta["unique_token"], meta["class_name"]) if "class_name" in meta else None
     name = path.name if path.is_dir() else path.parent.name if path.name == "adapter.safetensors" else path.stem
     return name, adapter, model or meta["model"], subject, meta.get("instance_prompt")
+
+
+def recorded_variant(adapter):
+    """The weight variant the run trained with (train_dreambooth --variant, in its adapter file); a PEFT folder
+    records none."""
+    return None if adapter.is_dir() else waveft.read_metadata(adapter).get("training", {}).get("variant") or None
 
 
 def prompts_to_draw(opts, adapter, subject, own_prompt):

@@ -183,7 +183,7 @@ def load_unet(model, dtype=torch.float32, **kwargs):
 
 def load_pipeline(model, dtype=torch.float32, **kwargs):
     """`tiny` -> build_tiny_pipeline(); a local diffusers folder or a hub id -> diffusers' from_pretrained (kwargs,
-    e.g. local_files_only, go to it)."""
+    e.g. local_files_only or variant="fp16" for a folder of *.fp16.safetensors, go to it)."""
     if model == "tiny":
         pipe = build_tiny_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

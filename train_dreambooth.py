@@ -48,6 +48,7 @@ class Options:
     class_name: str = ""  # with --images: what the photos show (e.g. dog): the prompt is "a <unique-token> <class>"
     data_dir: str = ""  # google/dreambooth's dataset; default: $DREAMBOOTH_DIR, ./dataset, ./dreambooth/dataset, ...
     model: str = sdxl.SDXL_BASE  # hub id, local diffusers folder, or "tiny" (random weights: CPU demo, tests)
+    variant: str = ""  # the model's weight files: fp16 for *.fp16.safetensors only (other weights: in the run's name)
     output_dir: str = "outputs"  # the run goes to <output_dir>/<run name> (see --run-name)
     run_name: str = ""  # the run's folder; default <subject>-waveft-k<k> (or -lora-r<rank>) + every non-default option
     overwrite: bool = False  # start again in a folder that holds a run (its files are replaced)
@@ -143,7 +144,7 @@ def main(argv=None):
     if opts.save_merged:
         # From the base UNet loaded again in float32 on the CPU, not the training UNet (bf16-rounded W, on the GPU):
         # see docs/training.md, "The files of a run"
-        interop.export_merged(run_dir, model=opts.model, overwrite=True)
+        interop.export_merged(run_dir, model=opts.model, overwrite=True, variant=opts.variant)
     print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}"
           f"{' and merged_unet/' if opts.save_merged else ''}")
     return run_dir
@@ -165,6 +166,7 @@ def parse_options(argv=None):
 
 # (option, value): the options that have no effect when it has that value (not checked; a warning when given)
 NO_EFFECT_WITH = {("method", "waveft"): ("rank",), ("method", "lora"): ("k", "wavelet", "use_idwt", "position_seed"),
+                  ("model", "tiny"): ("variant",),  # built in memory: no weight files
                   ("prior_preservation", False): ("class_images", "prior_loss_weight", "class_dir")}
 
 
@@ -262,7 +264,7 @@ def start_processes(opts, where):
 def load_model(opts, device):
     """The pipeline (float32, the VAE and text encoders too) with adapters in its UNet (created in float32 even on
     a bf16 UNet), on `device`. Injecting now checks --k against every layer before anything is written."""
-    pipe = hub.from_pretrained(sdxl.load_pipeline, opts.model)
+    pipe = hub.from_pretrained(sdxl.load_pipeline, opts.model, variant=opts.variant)
     if opts.mixed_precision == "bf16":  # the same on any device: torch's CPU autocast has bfloat16 too
         # The frozen UNet in bf16 halves its memory; cast before inject, so the adapters are made float32.
         # (.bfloat16(), the same cast as .to(dtype), which makes diffusers warn about float32 modules it has none of)

@@ -62,6 +62,17 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp16_model_dir(tmp_path_factory):
+    """The tiny SDXL pipeline saved as its fp16 weight files only (float16 weights in *.fp16.safetensors), as the
+    usual SDXL download that halves the disk holds it; it loads with from_pretrained(dir, variant="fp16")."""
+    import torch
+    import sdxl
+    path = tmp_path_factory.mktemp("tiny_sdxl_fp16")
+    sdxl.build_tiny_pipeline().to(dtype=torch.float16).save_pretrained(path, variant="fp16")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory, dreambooth_dir):
     """Output folder of one short real `train_dreambooth.py --model tiny` run on dog6 (4 steps at 64 px), run as a
     subprocess exactly as a user would. Its console output is kept next to it in train.log."""

@@ -516,6 +516,66 @@ def test_one_pipeline_serves_runs_of_the_same_model_exactly(evaluated, tmp_path,
             assert np.array_equal(np.asarray(made), np.asarray(reference)), (name, seed)
 
 
+def test_evaluation_samples_from_the_runs_weight_variant_and_records_it(tiny_run_dir, tiny_fp16_model_dir, tmp_path):
+    """A run trained on a folder of fp16 files (config.json: "variant": "fp16") is sampled from those files, and
+    generation.json records it; a run that records none cannot load them and fails in one line naming --variant,
+    writing nothing; --variant overrides the recorded one. (Before: no --variant, and diffusers' traceback.)"""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(tiny_run_dir / "adapter.safetensors"), "pt") as f:  # the tiny run's adapter, for this model
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    model = str(tiny_fp16_model_dir)
+    run_dir = copy_run(tiny_run_dir, tmp_path / "run", model=model, variant="fp16")
+    save_file(tensors, str(run_dir / "adapter.safetensors"), metadata={**metadata, "model": json.dumps(model)})
+    [run] = runs.read_runs(evaluate.parse_args(["--runs", str(run_dir)]))
+    assert run.variant == "fp16"
+    cfg = sdxl.GenerationConfig(num_inference_steps=2, resolution=64)
+    _, settings, made = eval_images.generate_missing(run, tmp_path / "images", ["a zjw dog"], [42], cfg,
+                                                     torch.device("cpu"))
+    assert made == 1 and settings["variant"] == "fp16"
+    assert json.loads((tmp_path / "images" / "generation.json").read_text()) == settings
+    run_dir = copy_run(tiny_run_dir, tmp_path / "older", model=model)  # config.json without "variant"
+    save_file(tensors, str(run_dir / "adapter.safetensors"), metadata={**metadata, "model": json.dumps(model)})
+    [run] = runs.read_runs(evaluate.parse_args(["--runs", str(run_dir)]))
+    with pytest.raises(FileNotFoundError, match=r"^model .*: its text_encoder has no default \(non-variant\) weight "
+                                                r"files, only fp16-variant ones \(model.fp16.safetensors\): pass "
+                                                r"--variant fp16$"):
+        eval_images.generate_missing(run, tmp_path / "older-images", ["a zjw dog"], [42], cfg, torch.device("cpu"))
+    assert not (tmp_path / "older-images").exists()
+    [run] = runs.read_runs(evaluate.parse_args(["--runs", str(run_dir), "--variant", "fp16"]))
+    assert run.variant == "fp16"
+
+
+def test_low_memory_images_equal_the_merged_float32_ones_within_bf16_precision(evaluated, tmp_path):
+    """--low-memory: bf16 UNet with the adapter unmerged in float32 (never rounded into a bf16 W), the rest float32
+    and frozen, the VAE one image at a time. On the CPU the default path samples in float32 and this one under bf16
+    autocast: the images differ by bf16's rounding (measured: at most 7 of 255, under 1 on average), far less than the
+    adapter changes them (8 to 11 on average); generation.json records the mode, so the two never mix."""
+    run_dir, out, _ = evaluated
+    [run] = runs.read_runs(evaluate.parse_args(["--runs", str(run_dir), "--low-memory"]))
+    prompts = sdxl.prompts_for(run.data_dir, run.subject)[:2]
+    cfg, pipelines, cpu = sdxl.GenerationConfig(num_inference_steps=2, resolution=64), {}, torch.device("cpu")
+    _, settings, made = eval_images.generate_missing(run, tmp_path / "images", prompts, [42, 43], cfg, cpu, [1],
+                                                     pipelines, low_memory=True)
+    assert made == 2 and settings["low_memory"] is True
+    [(pipe, originals)] = pipelines.values()
+    layers = [layer for _, layer in waveft.adapted_layers(pipe.unet)]
+    assert layers and not originals and pipe.vae.use_slicing
+    assert all(not layer.merged and layer.waveft_spectrum.dtype == torch.float32 and
+               layer.base.weight.dtype == torch.bfloat16 for layer in layers)
+    assert pipe.text_encoder_2.dtype == pipe.vae.dtype == torch.float32
+    folder = "01_a_zjw_dog_in_the_snow"
+    base = sdxl.generate(sdxl.load_pipeline("tiny"), [prompts[1]], [42, 43], cfg)  # no adapter
+    for seed, base_image in zip((42, 43), base):
+        merged = np.asarray(Image.open(out / run.name / "images" / folder / f"seed{seed}.png"), dtype=int)
+        low_memory = np.asarray(Image.open(tmp_path / "images" / folder / f"seed{seed}.png"), dtype=int)
+        difference, adapter = np.abs(low_memory - merged), np.abs(merged - np.asarray(base_image, dtype=int))
+        assert difference.max() <= 12 and difference.mean() <= 1.5, (difference.max(), difference.mean())
+        assert adapter.mean() > 4 * difference.mean(), (adapter.mean(), difference.mean())
+    with pytest.raises(ValueError, match="holds images made with other low_memory"):
+        eval_images.generate_missing(run, tmp_path / "images", prompts, [42, 43], cfg, cpu, [1])
+
+
 def random_adapter(path, **inject):
     """An adapter file for the tiny SDXL with random trained values (LoRA's B or WaveFT's spectrum != 0)."""
     unet = sdxl.load_pipeline("tiny").unet
@@ -552,7 +612,7 @@ def test_weight_restore_keeps_the_smaller_copy_and_puts_every_weight_back_bit_ex
         expected = fresh.unet.state_dict()
         for name, value in pipe.unet.state_dict().items():
             assert torch.equal(value, expected[name]), (adapter.name, name)
-        kept, sizes = pipelines["tiny"][1], []
+        [(_, kept)], sizes = pipelines.values(), []  # the one pipeline kept (keyed by model, variant, mode)
         assert kept.keys() == dict(waveft.adapted_layers(pipe.unet)).keys()
         for name in kept:
             before, after = base[f"{name}.weight"], expected[f"{name}.base.weight"]

@@ -75,3 +75,14 @@ def test_sample_refuses_what_it_cannot_sample_in_one_line(tiny_run_dir, tmp_path
     [path] = sample.main(["--run", str(peft_folder), "--model", "tiny", "--prompts", "a zjw dog", "--images-per-prompt",
                           "1", "--steps", "1", "--output-dir", str(tmp_path / "out")])
     assert path == tmp_path / "out" / "peft" / "00_a_zjw_dog" / "seed42.png"
+
+
+def test_sample_loads_the_weight_variant_it_is_given_or_the_runs_own(tiny_run_dir, tiny_fp16_model_dir, tmp_path):
+    """--variant reaches the model's loading (a folder of fp16 files needs it, one line naming it otherwise); without
+    it the run's own --variant (recorded in its adapter file) is used: the tiny run recorded none."""
+    argv = ["--run", str(tiny_run_dir), "--model", str(tiny_fp16_model_dir), "--images-per-prompt", "1", "--steps",
+            "1", "--output-dir", str(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="pass --variant fp16$"):
+        sample.main(argv)
+    assert sample.recorded_variant(tiny_run_dir / "adapter.safetensors") is None
+    assert [path.name for path in sample.main(argv + ["--variant", "fp16"])] == ["seed42.png"]

@@ -479,11 +479,68 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
 # ---------------------------------------------------------------------------------------------------------------
 # Never lose a run: one folder per distinct run, no overwrite, nothing written before training starts, a full disk
 
+def test_a_folder_of_fp16_files_needs_variant_which_is_recorded_and_names_the_run(dreambooth_dir, tiny_fp16_model_dir,
+                                                                                   tmp_path, capsys):
+    """A model folder holding only the fp16 files (save_pretrained(variant="fp16"), the usual download to halve the
+    disk) failed with diffusers' traceback (OSError: Error no file named model.safetensors ... text_encoder). Now it
+    is one line naming --variant, before anything is written; with --variant fp16 the run trains, config.json and
+    the run's name record it (other weights: another result), and the merged UNet starts from the same files."""
+    argv = tiny_argv(dreambooth_dir, tmp_path, "--model", str(tiny_fp16_model_dir), "--k", "300", "--steps", "1",
+                     "--validation-prompts", "0")
+    with pytest.raises(FileNotFoundError) as error:
+        train_dreambooth.main(argv)
+    assert str(error.value) == (f"model {tiny_fp16_model_dir}: its text_encoder has no default (non-variant) weight "
+                                f"files, only fp16-variant ones (model.fp16.safetensors): pass --variant fp16")
+    assert not any(tmp_path.iterdir())  # a refused start writes nothing
+    run_dir = train_dreambooth.main(argv + ["--variant", "fp16", "--save-merged"])
+    assert run_dir.name == f"dog6-waveft-k300-{tiny_fp16_model_dir.name}-variant-fp16-steps1-ga2-res64"
+    assert json.loads((run_dir / "config.json").read_text())["variant"] == "fp16"
+    merged = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
+    fp16_weights = sdxl.load_pipeline("tiny").unet.conv_in.weight.half().float()  # what the fp16 files hold
+    assert torch.equal(merged["conv_in.weight"], fp16_weights)
+    interop.export_merged(run_dir, overwrite=True)  # from config.json's model and variant
+    assert safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors").keys() == \
+        merged.keys()
+    capsys.readouterr()
+    opts = train_dreambooth.parse_options(["--subject", "dog6", "--model", "tiny", "--variant", "fp16"])
+    assert "warning: --variant has no effect with --model tiny" in capsys.readouterr().err
+    assert train_dreambooth.run_name(opts) == "dog6-waveft-k2592-tiny"  # built in memory: no files to choose
+
+
+def test_weight_variants_are_read_from_the_file_names_of_each_component(tmp_path):
+    """diffusers and transformers name a variant's files <name>.<variant>.safetensors, sharded either
+    <name>.<variant>-00001-of-00002 or <name>-00001-of-00002.<variant>; .bin files count too; a pipeline's
+    components are those model_index.json names (not every subfolder)."""
+    layout = {"unet": ["diffusion_pytorch_model.fp16-00001-of-00002.safetensors", "config.json",
+                       "diffusion_pytorch_model.safetensors.index.fp16.json"],
+              "text_encoder": ["model-00001-of-00002.fp16.safetensors", "model.safetensors"],
+              "vae": ["diffusion_pytorch_model.bin"], "scheduler": ["scheduler_config.json"],
+              "merged_unet": ["diffusion_pytorch_model.bf16.safetensors"]}  # not a component
+    for folder, names in layout.items():
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "image_encoder": [None, None]}))
+    assert hub.variants_in(tmp_path) == {
+        "unet": {"fp16": "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"},
+        "text_encoder": {"fp16": "model-00001-of-00002.fp16.safetensors", None: "model.safetensors"},
+        "vae": {None: "diffusion_pytorch_model.bin"}}
+    assert hub.missing_variant(tmp_path, "fp16") == ("its vae has no fp16-variant weight files, only default ones "
+                                                     "(diffusion_pytorch_model.bin): leave out --variant")
+    assert hub.missing_variant(tmp_path / "unet", "fp16") is None  # a model folder alone
+    assert hub.missing_variant(tmp_path / "vae", "fp16", "--dino").endswith("--dino needs a folder with default "
+                                                                            "weight files")
+
+
 def test_every_option_that_changes_the_result_changes_the_folder_name():
     parse, name = train_dreambooth.parse_options, train_dreambooth.run_name
     assert name(parse(["--subject", "dog6"])) == "dog6-waveft-k2592"
     assert name(parse(["--subject", "dog6", "--wavelet", "db4", "--lr", "2e-4"])) == "dog6-waveft-k2592-db4-lr2e-4"
     assert name(parse(["--subject", "dog6", "--model", "tiny", "--resolution", "64"])) == "dog6-waveft-k2592-tiny"
+    assert name(parse(["--subject", "dog6", "--variant", "fp16"])) == "dog6-waveft-k2592-variant-fp16"
     assert name(parse(["--subject", "dog6", "--method", "lora", "--k", "7", "--steps", "1000"])) == \
         "dog6-lora-r1-steps1000"  # --k cannot matter for LoRA
     # Generically, from the fields: every option not declared result-neutral, changed alone (where it has an effect),
@@ -1112,28 +1169,32 @@ def test_save_merged_writes_the_unet_with_the_adapter_folded_in(tiny_run_dir):
         torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
 
 
-def test_save_merged_after_a_bf16_run_folds_the_adapter_into_the_float32_base(dreambooth_dir, tmp_path, monkeypatch):
+def test_save_merged_after_a_bf16_run_folds_the_adapter_into_the_float32_base(dreambooth_dir, tmp_path, monkeypatch,
+                                                                               device):
     """Training casts the frozen UNet to bf16; merged_unet/ must still be W + dW of the float32 base (W not rounded
-    to bf16), exactly what sdxl.export_merged makes from the run's adapter, built on the CPU from the UNet alone."""
+    to bf16), exactly what sdxl.export_merged makes from the run's adapter, built on the CPU from the UNet alone:
+    every tensor of the merged UNet is on the CPU, never on the training device (a float32 SDXL UNet is 10.3 GB
+    more on a GPU that holds the training UNet). With WAVEFT_TEST_DEVICE=cuda the run trains on the GPU."""
     save, merged_from, pipelines = interop.save_merged_unet, [], []
     load_pipeline = sdxl.load_pipeline
 
     def record(unet, *args, **kwargs):
         layer = waveft.adapted_layers(unet)[0][1]
-        merged_from.append((layer.base.weight.dtype, layer.base.weight.device.type))
+        devices = {t.device.type for t in [*unet.parameters(), *unet.buffers()]}
+        merged_from.append((layer.base.weight.dtype, devices))
         return save(unet, *args, **kwargs)
     monkeypatch.setattr(interop, "save_merged_unet", record)
     monkeypatch.setattr(sdxl, "load_pipeline", lambda *args, **kwargs: pipelines.append(1) or load_pipeline(*args,
                                                                                                            **kwargs))
     run_dir = train_dreambooth.main(tiny_argv(dreambooth_dir, tmp_path, "--steps", "1", "--mixed-precision", "bf16",
-                                              "--save-merged", "--validation-prompts", "0"))
+                                              "--save-merged", "--validation-prompts", "0", "--device", str(device)))
     merged = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
     interop.export_merged(run_dir, overwrite=True)
     exported = safetensors.torch.load_file(run_dir / "merged_unet" / "diffusion_pytorch_model.safetensors")
     assert merged.keys() == exported.keys()
     for key, value in exported.items():
         torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=lambda text: f"{key}: {text}")
-    assert merged_from[0] == (torch.float32, "cpu") and len(pipelines) == 1  # the training pipeline only
+    assert merged_from[0] == (torch.float32, {"cpu"}) and len(pipelines) == 1  # the training pipeline only
 
 
 def test_fast_false_trains_through_the_definition_to_the_same_adapter(tmp_path, dreambooth_dir):
