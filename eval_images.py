@@ -17,6 +17,7 @@ from tqdm import tqdm
 import files
 import hub
 import interop
+import peft_methods
 import runs
 import sdxl
 import waveft
@@ -80,9 +81,11 @@ def prompt_folder(images_dir, i, prompt):
 @torch.no_grad()
 def adapted_pipeline(pipelines, model, adapter, device, variant=None, low_memory=False):
     """The pipeline of `model` (its `variant` weight files) with `adapter` loaded and merged (the update folded into
-    W: sampling costs what the base model costs). `pipelines` ({(model, variant, low_memory): (pipeline,
-    originals)}) keeps one pipeline for the next run of the same model: its adapter is taken out (waveft.remove)
-    and every weight entry the merge changed is put back bit for bit, because merge + unmerge is exact only up to
+    W: sampling costs what the base model costs). `adapter`: this project's file, a PEFT folder of WaveFT or LoRA
+    (interop.load_adapter) or of VeRA, LoHa, LoKr, AdaLoRA (PEFT's own layers, peft_methods.load: merged by peft,
+    then taken out, W + dW staying). `pipelines` ({(model, variant, low_memory): (pipeline, originals)}) keeps one
+    pipeline for the next run of the same model: its adapter is taken out (peft_methods.remove) and every weight
+    entry the merge changed is put back bit for bit, because merge + unmerge is exact only up to
     rounding, and an image must not depend on which run came before it (resuming, torchrun). The CPU copy this
     takes is at most the adapted weights once (keep_original). low_memory: see low_memory_pipeline."""
     key = (model, variant or None, low_memory)
@@ -91,19 +94,19 @@ def adapted_pipeline(pipelines, model, adapter, device, variant=None, low_memory
         pipe = hub.from_pretrained(sdxl.load_pipeline, model, variant=variant)  # float32; generate() autocasts on CUDA
         pipelines[key] = ((low_memory_pipeline(pipe) if low_memory else pipe).to(device), {})
     pipe, originals = pipelines[key]
-    if waveft.adapted_layers(pipe.unet):
-        waveft.remove(pipe.unet)
-        for name, kept in originals.items():
-            put_back(pipe.unet.get_submodule(name).weight, kept)
+    peft_methods.remove(pipe.unet)  # the previous adapter's layers, if any (merged PEFT layers are gone already)
+    for name, kept in originals.items():
+        put_back(pipe.unet.get_submodule(name).weight, kept)
+    originals.clear()
     try:
-        interop.load_adapter(pipe.unet, adapter)
+        (peft_methods.load if peft_methods.folder_method(adapter) else interop.load_adapter)(pipe.unet, adapter)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ValueError(f"adapter {adapter} does not fit model {model!r}: {error}") from None
-    originals.clear()
-    for name, layer in [] if low_memory else waveft.adapted_layers(pipe.unet):  # one layer at a time: one extra copy
-        before = layer.base.weight.clone()
-        waveft.merge(layer)
-        originals[name] = keep_original(before, layer.base.weight)
+    for name, layer in [] if low_memory else peft_methods.adapted_layers(pipe.unet):  # one at a time: one extra copy
+        before = peft_methods.base_weight(layer).clone()
+        originals[name] = keep_original(before, peft_methods.merge_layer(layer))
+    if not low_memory and peft_methods.layers(pipe.unet):
+        peft_methods.remove(pipe.unet)  # PEFT's merged layers out: the UNet is plain again, its W = W + dW
     return pipe
 
 

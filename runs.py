@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import files
 import interop
+import peft_methods
 import pictures
 import sdxl
 import waveft
@@ -40,11 +41,13 @@ import waveft
 # A run's name: every option that changes the result
 
 def run_name(opts, defaults, neutral):
-    """<subject_of>-waveft-k<k> (-waveft_noidwt-k<k>, -lora-r<rank>), then every option of `opts` (train_dreambooth.py's
-    Options) that is not in `neutral` (options that cannot change the result) and differs from `defaults` (the same
-    dataclass with the defaults for this model, method and device), in field order: e.g. dog6-waveft-k2592-db4-lr2e-4.
+    """<subject_of>-waveft-k<k> (-waveft_noidwt-k<k>, -lora-r<rank>, -loha-r<rank>, ...), then every option of
+    `opts` (train_dreambooth.py's Options) that is not in `neutral` (options that cannot change the result) and
+    differs from `defaults` (the same dataclass with the defaults for this model, method and device), in field order:
+    e.g. dog6-waveft-k2592-db4-lr2e-4.
     Derived from the fields themselves, so a new option is covered without touching this function."""
-    tag = f"lora-r{opts.rank}" if opts.method == "lora" else f"waveft{'' if opts.use_idwt else '_noidwt'}-k{opts.k}"
+    tag = f"waveft{'' if opts.use_idwt else '_noidwt'}-k{opts.k}" if opts.method == "waveft" else \
+        f"{opts.method}-r{opts.rank}"
     skip = set(neutral) | {"subject", "images", "class_name", "method", "k", "rank", "use_idwt"}
     parts = [name_part(f.name, getattr(opts, f.name)) for f in dataclasses.fields(opts)
              if f.name not in skip and getattr(opts, f.name) != getattr(defaults, f.name)]
@@ -85,7 +88,7 @@ def name_part(name, value):
 # A run's files: each written so that a crash or a full disk never destroys what was there before
 
 RUN_FILES = ("config.json", "loss.csv", "loss.png", "checkpoint.pt", "adapter.safetensors", "validation.png",
-             "merged_unet")
+             "merged_unet", peft_methods.RUN_ADAPTER)  # the last: PEFT's methods' adapter, a PEFT folder
 
 
 def start_files(run_dir, config, start, overwrite):
@@ -95,7 +98,7 @@ def start_files(run_dir, config, start, overwrite):
     with files.reported_write(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES if overwrite else ():
-        if (run_dir / name).is_dir():  # merged_unet
+        if (run_dir / name).is_dir():  # merged_unet, peft_adapter
             shutil.rmtree(run_dir / name)
         else:
             (run_dir / name).unlink(missing_ok=True)
@@ -134,12 +137,16 @@ def plot_losses(run_dir):
 def save_adapter(unet, run_dir, config):
     """adapter.safetensors describes itself: waveft's own keys (method, k, scaling, wavelet, seed = position seed,
     ...) plus what evaluate.py needs to rebuild the prompts, and the training config (`config`, config.json's
-    contents) under "training"."""
+    contents) under "training". PEFT's methods: the folder peft_adapter/ in PEFT's format instead (config.json
+    holds the rest). Returns the path written."""
+    if peft_methods.layers(unet):
+        return peft_methods.save(unet, run_dir / peft_methods.RUN_ADAPTER, config["model"])
     training = {key: value for key, value in config.items() if key not in ("argv", "resume", "overwrite", "device")}
     metadata = {key: config[key] for key in ("model", "subject", "class_name", "unique_token", "instance_prompt",
                                              "resolution")}
     with files.reported_write(run_dir / "adapter.safetensors"):  # waveft.save writes through a temporary file itself
         waveft.save(unet, run_dir / "adapter.safetensors", extra_metadata={**metadata, "training": training})
+    return run_dir / "adapter.safetensors"
 
 
 def save_validation_grid(pipe, run_dir, prompts, gen_cfg, device):
@@ -176,7 +183,8 @@ def check_run_dir(run_dir, opts, may_differ):
     against the options, up to those in `may_differ`). Only reads: a refused start leaves every file as it was."""
     if opts.resume:
         return read_checkpoint(run_dir / "checkpoint.pt", opts, may_differ)
-    held = [name for name in ("checkpoint.pt", "adapter.safetensors") if (run_dir / name).exists()]
+    held = [name for name in ("checkpoint.pt", "adapter.safetensors", peft_methods.RUN_ADAPTER)
+            if (run_dir / name).exists()]
     if held and not opts.overwrite:
         raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume, start it "
                          f"again with --overwrite, or give this one another folder with --run-name")
@@ -185,12 +193,15 @@ def check_run_dir(run_dir, opts, may_differ):
 
 # Checkpoints: adapter + optimizer + step + RNG states in one file
 
-def save_checkpoint(path, step, params, optimizer, generator, opts, passes):
-    """checkpoint.pt: the adapter, AdamW's state, the step, every RNG state and the options, written whole."""
+def save_checkpoint(path, step, params, optimizer, generator, opts, passes, method_state=None):
+    """checkpoint.pt: the adapter, AdamW's state, the step, every RNG state and the options, written whole; and
+    method_state, what else the method needs to continue exactly (AdaLoRA's: peft_methods.checkpoint_state)."""
     state = {"step": step, "adapter": {name: p.detach().cpu() for name, p in params.items()},
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state(), "options": json.dumps(dataclasses.asdict(opts)),
              "passes": passes}  # where the run stands in its shuffled passes (--batching epoch)
+    if method_state is not None:
+        state["method_state"] = method_state
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     # Serialised in memory, written with plain os.write: a full disk fails there as an OSError (one line), not
@@ -270,7 +281,7 @@ class Run:
     unique_token: str
     data_dir: str
     config: dict  # the run's config.json ({} for --metrics-only)
-    adapter: Path = None  # adapter.safetensors or a PEFT adapter folder (None for --metrics-only)
+    adapter: Path = None  # adapter.safetensors or a PEFT adapter folder (a run's peft_adapter/; None: --metrics-only)
     images_dir: Path = None  # --metrics-only: the folder of images to score
     setting: str = ""  # the run's settings without its subject (setting_of): its row of the comparison
     photos: str = None  # a run on your own photos (train_dreambooth.py --images): their folder
@@ -341,11 +352,16 @@ def read_runs(opts):
 
 
 def read_run(folder, data_dir=None, model=None):
-    """One run folder of train_dreambooth.py: its config.json and adapter.safetensors, checked against each other,
-    against --model and against the dataset (--data-dir, else the one config.json records)."""
+    """One run folder of train_dreambooth.py: its config.json and adapter.safetensors (PEFT's methods: peft_adapter/,
+    a PEFT folder), checked against each other, against --model and against the dataset (--data-dir, else the one
+    config.json records)."""
     folder = Path(folder)
-    for file in ("config.json", "adapter.safetensors"):
-        if not (folder / file).is_file():
+    adapter = folder / "adapter.safetensors"
+    if not adapter.is_file() and (folder / peft_methods.RUN_ADAPTER / interop.PEFT_CONFIG).is_file():
+        adapter = folder / peft_methods.RUN_ADAPTER  # a run of VeRA, LoHa, LoKr or AdaLoRA: it needs peft to load
+        peft_methods.import_peft(peft_methods.folder_method(adapter), f"run {folder}")
+    for file in ("config.json", adapter.name):
+        if not (folder / file).exists():
             raise FileNotFoundError(f"run folder {folder} has no {file}: pass folders written by train_dreambooth.py "
                                     f"(a run that has not finished has no adapter.safetensors yet)")
     try:
@@ -356,9 +372,10 @@ def read_run(folder, data_dir=None, model=None):
     if missing:
         raise ValueError(f"{folder / 'config.json'} has no {' or '.join(sorted(missing))}: "
                          f"not a train_dreambooth.py config")
-    trained_for = waveft.read_metadata(folder / "adapter.safetensors").get("model", config["model"])  # checks the file
+    trained_for = (peft_methods.read_config(adapter).get("base_model_name_or_path") if adapter.is_dir() else
+                   waveft.read_metadata(adapter).get("model")) or config["model"]  # reads (checks) the adapter
     if trained_for != config["model"]:
-        raise ValueError(f"{folder}: adapter.safetensors was trained for model {trained_for!r} but config.json says "
+        raise ValueError(f"{folder}: {adapter.name} was trained for model {trained_for!r} but config.json says "
                          f"{config['model']!r}; the two files come from different runs")
     if model is not None and model != config["model"]:
         raise ValueError(f"{folder}: its adapter was trained for model {config['model']!r} (config.json), not for "
@@ -369,7 +386,7 @@ def read_run(folder, data_dir=None, model=None):
         raise FileNotFoundError(f"{folder}: config.json records the DreamBooth dataset at {recorded}{relative}, but "
                                 f"it is not there (no prompts_and_classes.txt); pass --data-dir with its folder")
     run = Run(folder.name, config["subject"], config.get("unique_token", sdxl.UNIQUE_TOKEN),
-              str(data_dir or recorded), config, folder / "adapter.safetensors", photos=photos,
+              str(data_dir or recorded), config, adapter, photos=photos,
               class_name=config.get("class_name"))
     check_subject(run, f"run {folder}")
     return run
@@ -382,7 +399,12 @@ def read_peft_run(folder, opts):
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, trained with PEFT or the authors'
     code) is scored like a run of ours. It records no subject or dataset: --subject says whose photos it learned,
     --model its base model (unless the config names one), --data-dir / the usual places where the dataset is."""
-    folder, config = Path(folder), interop.read_peft_config(folder)  # checks what our layers can compute as PEFT does
+    folder = Path(folder)
+    peft_method = peft_methods.folder_method(folder)  # VeRA, LoHa, LoKr, AdaLoRA: PEFT's own layers compute them
+    if peft_method:
+        peft_methods.import_peft(peft_method, f"run {folder}")  # without peft: one line, now
+    # interop's check: what our layers can compute as PEFT does
+    config = peft_methods.read_config(folder) if peft_method else interop.read_peft_config(folder)
     model = opts.model or config.get("base_model_name_or_path")
     if not opts.subject or not model:
         raise ValueError(f"{folder} is a PEFT adapter folder, which does not record "
@@ -391,6 +413,8 @@ def read_peft_run(folder, opts):
     if config["peft_type"] == "WAVEFT":
         method = dict(method="waveft", k=config["n_frequency"], wavelet=config["wavelet_family"],
                       scaling=config["scaling"], use_idwt=config["use_idwt"])
+    elif peft_method:
+        method = peft_methods.settings_of(config)
     else:
         method = dict(method="lora", rank=config["r"])
     run = Run(folder.name, opts.subject, opts.unique_token, str(sdxl.find_data_dir(opts.data_dir or "")[0]),
@@ -424,9 +448,15 @@ def prompts_of(run, prompt_file=None, kind=None):
 
 
 def method_and_budget(config):
-    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592') or ('lora', 'r=1'), as in the output folder names; a
-    non-default wavelet or scaling is added to the method, so a sweep over them does not share one table line."""
+    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592'), ('lora', 'r=1'), ('loha', 'r=1'), ('adalora', 'r=2->1'),
+    as in the output folder names; a non-default wavelet or scaling (alpha: PEFT's methods) is added to the method,
+    so a sweep over them does not share one table line."""
     method = config.get("method", "external")
+    if method in peft_methods.METHODS:
+        authors = peft_methods.AUTHORS[method].get("alpha")
+        alpha = f" alpha={config['alpha']:g}" if config.get("alpha") not in (None, authors) else ""
+        target = f"->{config['target_rank']}" if method == "adalora" else ""
+        return method + alpha, f"r={config['rank']}{target}"
     if method == "waveft" and config.get("use_idwt", True) in (False, "false", "False", 0):
         method = "waveft_noidwt"
     if method.startswith("waveft"):
@@ -437,11 +467,12 @@ def method_and_budget(config):
 
 
 def count_trainable(adapter):
-    """Trainable adapter parameters, read from the file: the spectra (WaveFT) or A and B (LoRA)."""
+    """Trainable adapter parameters, read from the file: the spectra (WaveFT), A and B (LoRA), PEFT's methods'
+    tensors (peft_methods.TRAINABLE: VeRA's d and b, not its frozen shared A and B; AdaLoRA's surviving triplets)."""
     path = adapter / interop.PEFT_WEIGHTS if adapter.is_dir() else adapter  # a PEFT folder: its weights file
     with safe_open(str(path), "pt") as f:
         return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()
-                   if key.endswith(("waveft_spectrum", "lora_A", "lora_B", "lora_A.weight", "lora_B.weight")))
+                   if key.endswith(("waveft_spectrum", "lora_A.weight", "lora_B.weight", *peft_methods.TRAINABLE)))
 
 
 def adapter_hash(adapter):

@@ -1,8 +1,9 @@
 """Sample a trained adapter: prompts in, images out, the shortest path from a run to a picture.
 
-The adapter (a run folder of train_dreambooth.py, its adapter.safetensors, or a PEFT adapter folder) is loaded into
-its base model and merged, W + dW (sampling then costs what the base model costs), and each prompt is drawn once per
-seed by sdxl.generate, the function evaluate.py makes its images with. The settings are the protocol's unless an
+The adapter (a run folder of train_dreambooth.py, its adapter.safetensors, or a PEFT adapter folder: WaveFT, LoRA, or
+through peft VeRA, LoHa, LoKr, AdaLoRA) is loaded into its base model and merged, W + dW (sampling then costs what
+the base model costs), and each prompt is drawn once per seed by sdxl.generate, the function evaluate.py makes its
+images with. The settings are the protocol's unless an
 option changes them: DPM-Solver++ (2M), 30 steps, guidance 7.5, the authors' negative prompt, seeds 42..45, 1024 px
 (64 px for the tiny model). In a prompt, {} stands for the run's "<token> <class>" ("a {} on the beach" -> "a zjw dog
 on the beach"); without --prompts, the run's own prompt is drawn ("a zjw dog"). The images go to
@@ -14,6 +15,7 @@ on the beach"); without --prompts, the run's own prompt is drawn ("a zjw dog"). 
     python sample.py --run outputs/my_dog-waveft-k2592-tiny-steps4 --prompts "a {} on the beach"   # CPU, seconds
     python sample.py --run my_peft_adapter --model stabilityai/stable-diffusion-xl-base-1.0 --prompts "a sks dog"
 """
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import cli
 import eval_images
 import files
 import interop
+import peft_methods
 import sdxl
 import waveft
 
@@ -90,13 +93,23 @@ def parse_options(argv=None):
 def read_adapter(path, model=None):
     """What --run names: its name, the adapter (file or PEFT folder), the base model (`model` if given), the
     subject's ("<token>", "<class>") and the run's own prompt. A run's adapter file records them all (runs.py's
-    save_adapter); a PEFT folder records at most its base model (None for the rest)."""
+    save_adapter; a run of PEFT's methods: its config.json); a PEFT folder records at most its base model (None for
+    the rest)."""
     if (path / interop.PEFT_CONFIG).is_file():
-        model = model or interop.read_peft_config(path).get("base_model_name_or_path")
+        peft_method = peft_methods.folder_method(path)  # VeRA, LoHa, LoKr, AdaLoRA: PEFT's own layers, via peft
+        if peft_method:
+            peft_methods.import_peft(peft_method, f"--run {path}")
+        config = peft_methods.read_config(path) if peft_method else interop.read_peft_config(path)
+        model = model or config.get("base_model_name_or_path")
         if not model:
             raise ValueError(f"--run {path} is a PEFT adapter folder, which does not record its base model: pass "
                              f"--model")
         return path.name, path, model, None, None
+    if (path / peft_methods.RUN_ADAPTER / interop.PEFT_CONFIG).is_file() and (path / "config.json").is_file():
+        peft_methods.import_peft(peft_methods.folder_method(path / peft_methods.RUN_ADAPTER), f"--run {path}")
+        config = json.loads((path / "config.json").read_text())  # a run of VeRA, LoHa, LoKr or AdaLoRA
+        return (path.name, path / peft_methods.RUN_ADAPTER, model or config["model"],
+                (config["unique_token"], config["class_name"]), config["instance_prompt"])
     adapter = path / "adapter.safetensors" if path.is_dir() else path
     if not adapter.is_file():
         raise FileNotFoundError(f"--run {path}: not a run folder (no adapter.safetensors), an adapter file or a PEFT "
@@ -110,8 +123,10 @@ def read_adapter(path, model=None):
 
 
 def recorded_variant(adapter):
-    """The weight variant the run trained with (train_dreambooth --variant, in its adapter file); a PEFT folder
-    records none."""
+    """The weight variant the run trained with (train_dreambooth --variant, in its adapter file or, for a run's
+    peft_adapter/, its config.json); another PEFT folder records none."""
+    if adapter.name == peft_methods.RUN_ADAPTER and (adapter.parent / "config.json").is_file():
+        return json.loads((adapter.parent / "config.json").read_text()).get("variant") or None
     return None if adapter.is_dir() else waveft.read_metadata(adapter).get("training", {}).get("variant") or None
 
 

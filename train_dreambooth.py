@@ -12,6 +12,7 @@ bf16 autocast + gradient checkpointing on CUDA, float32 on the CPU. Every option
 
     python train_dreambooth.py --subject dog6 --k 2000                      # SDXL on a GPU (about 24 GB)
     python train_dreambooth.py --subject dog6 --method lora --rank 1        # the LoRA baseline, same loop
+    python train_dreambooth.py --subject dog6 --method loha                 # vera|loha|lokr|adalora: PEFT's layers
     python train_dreambooth.py --subject dog6 --k 2000 --model tiny     # CPU demo (dataset: see --data-dir)
     python train_dreambooth.py --images my_dog --class-name dog         # your own photos: "a zjw dog", my_dog-...
     torchrun --nproc-per-node 4 train_dreambooth.py --subject dog6 --k 2000   # data parallel: the same result
@@ -36,6 +37,7 @@ import dwt
 import files
 import hub
 import interop
+import peft_methods
 import runs
 import sdxl
 import waveft
@@ -52,9 +54,11 @@ class Options:
     output_dir: str = "outputs"  # the run goes to <output_dir>/<run name> (see --run-name)
     run_name: str = ""  # the run's folder; default <subject>-waveft-k<k> (or -lora-r<rank>) + every non-default option
     overwrite: bool = False  # start again in a folder that holds a run (its files are replaced)
-    method: str = "waveft"  # waveft | lora
+    method: str = "waveft"  # waveft | lora | vera | loha | lokr | adalora (the last four: PEFT's, peft_methods.py)
     k: int = 2592  # WaveFT coefficients per layer (2592 = the LoRA rank-1 budget on SDXL)
-    rank: int = 1  # LoRA rank
+    rank: int = None  # LoRA rank [1]; VeRA, LoHa, LoKr r, AdaLoRA init_r: the authors' 1402, 1, 20, 2
+    alpha: float = None  # LoHa, LoKr, AdaLoRA alpha (their scaling: alpha / rank); the authors' 64, 192, 32
+    target_rank: int = None  # AdaLoRA: the average rank it prunes to (target_r); the authors' 1
     scaling: float = None  # lambda in dW = lambda * IDWT2(C); default 25 for WaveFT, 1 (alpha = rank) for LoRA
     wavelet: str = "db1"  # WaveFT wavelet (db1 = Haar)
     use_idwt: bool = True  # false: train the sparse matrix directly in weight space (ablation baseline)
@@ -65,7 +69,7 @@ class Options:
     grad_accum: int = 4  # micro-batches (of 1 image) per optimizer step
     batching: str = "epoch"  # epoch: shuffled passes, a step per grad_accum photos and at a pass's end; or uniform
     resolution: int = None  # square training crops; default 1024 (64 for --model tiny: 8 x 8 latents, a CPU demo)
-    lr: float = 1e-4  # AdamW learning rate, constant
+    lr: float = None  # AdamW learning rate, constant; default 1e-4 (VeRA: 3.2e-3, the authors')
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9/0.999, eps 1e-8)
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 42  # seeds crops, image order, noise, timesteps and LoRA's init
@@ -104,6 +108,7 @@ def main(argv=None):
     instance_prompt = f"a {opts.unique_token} {class_name}"
     run_dir = Path(opts.output_dir) / (opts.run_name or run_name(opts))
     resume_state = runs.check_run_dir(run_dir, opts, RESUMABLE | ignored_options(opts).keys())
+    peft_methods.check_resume(opts, resume_state)  # AdaLoRA: its schedule spans --steps
     rank, world_size, device = start_processes(opts, where)
 
     # The model: the frozen pipeline with trainable adapters in its UNet. Then everything its frozen parts compute,
@@ -122,8 +127,8 @@ def main(argv=None):
               f"are written (again)")
     config = run_config(opts, argv, class_name, instance_prompt, run_dir)
     log = runs.start_files(run_dir, config, start, opts.overwrite) if rank == 0 else None  # the first file written
-    print(f"{run_dir.name}: {opts.method} on {len(waveft.adapted_layers(pipe.unet))} layers of {opts.model}, "
-          f"{waveft.count_parameters(pipe.unet):,} trainable parameters; {len(image_paths)} images of "
+    print(f"{run_dir.name}: {opts.method} on {len(peft_methods.adapted_layers(pipe.unet))} layers of {opts.model}, "
+          f"{sum(p.numel() for p in params.values()):,} trainable parameters; {len(image_paths)} images of "
           f"{instance_prompt!r}{' + prior preservation' if opts.prior_preservation else ''}\n"
           f"device {device}, {'bf16 autocast' if opts.mixed_precision == 'bf16' else 'float32'}"
           f"{', gradient checkpointing' if opts.gradient_checkpointing else ''}, steps {start}->{opts.steps} "
@@ -134,9 +139,10 @@ def main(argv=None):
         return run_dir
 
     # The run's final files: the last checkpoint and loss.png, the adapter, the validation grid, the merged UNet
-    runs.save_checkpoint(run_dir / "checkpoint.pt", opts.steps, params, optimizer, generator, opts, passes)
+    runs.save_checkpoint(run_dir / "checkpoint.pt", opts.steps, params, optimizer, generator, opts, passes,
+                         peft_methods.checkpoint_state(pipe.unet))
     runs.plot_losses(run_dir)
-    runs.save_adapter(pipe.unet, run_dir, config)  # with what evaluate.py needs in its metadata
+    adapter = runs.save_adapter(pipe.unet, run_dir, config)  # with what evaluate.py needs in its metadata
     if opts.validation_prompts:  # the instance prompt, then evaluation prompts (a subject's), as evaluate.py samples
         prompts = [instance_prompt] + (sdxl.prompts_for(opts.data_dir, opts.subject, opts.unique_token)
                                        if opts.subject else [])
@@ -145,7 +151,7 @@ def main(argv=None):
         # From the base UNet loaded again in float32 on the CPU, not the training UNet (bf16-rounded W, on the GPU):
         # see docs/training.md, "The files of a run"
         interop.export_merged(run_dir, model=opts.model, overwrite=True, variant=opts.variant)
-    print(f"saved {run_dir / 'adapter.safetensors'}{' and validation.png' if opts.validation_prompts else ''}"
+    print(f"saved {adapter}{' and validation.png' if opts.validation_prompts else ''}"
           f"{' and merged_unet/' if opts.save_merged else ''}")
     return run_dir
 
@@ -161,11 +167,14 @@ def parse_options(argv=None):
     ignored = ignored_options(opts)
     cli.warn_if_given(argv, ignored)  # given, but cannot matter: say so (and do not check it)
     check_options(opts, ignored)
-    return resolve(opts)
+    peft_methods.check(resolve(opts))  # PEFT's methods: peft installed, their values (once resolved)
+    return opts
 
 
 # (option, value): the options that have no effect when it has that value (not checked; a warning when given)
-NO_EFFECT_WITH = {("method", "waveft"): ("rank",), ("method", "lora"): ("k", "wavelet", "use_idwt", "position_seed"),
+NO_EFFECT_WITH = {("method", "waveft"): ("rank", "alpha", "target_rank"),
+                  ("method", "lora"): ("k", "wavelet", "use_idwt", "position_seed", "alpha", "target_rank"),
+                  **peft_methods.NO_EFFECT_WITH,
                   ("model", "tiny"): ("variant",),  # built in memory: no weight files
                   ("prior_preservation", False): ("class_images", "prior_loss_weight", "class_dir")}
 
@@ -175,10 +184,10 @@ def ignored_options(opts):
     return cli.no_effect(opts, NO_EFFECT_WITH)
 
 
-CHOICES = dict(method=("waveft", "lora"), mixed_precision=("auto", "bf16", "no"), wavelet=dwt.WAVELETS,
-               batching=("epoch", "uniform"), text_conditioning=sdxl.TEXT_CONDITIONINGS)
-POSITIVE = ("k", "rank", "steps", "grad_accum", "checkpoint_every", "class_images", "sample_steps", "lr",
-            "max_grad_norm", "resolution")
+CHOICES = dict(method=("waveft", "lora", *peft_methods.METHODS), mixed_precision=("auto", "bf16", "no"),
+               wavelet=dwt.WAVELETS, batching=("epoch", "uniform"), text_conditioning=sdxl.TEXT_CONDITIONINGS)
+POSITIVE = ("k", "rank", "alpha", "target_rank", "steps", "grad_accum", "checkpoint_every", "class_images",
+            "sample_steps", "lr", "max_grad_norm", "resolution")
 
 
 def check_options(opts, ignored):
@@ -208,6 +217,7 @@ def resolve(opts):
         opts.resolution = 64 if opts.model == "tiny" else 1024
     if opts.scaling is None:
         opts.scaling = 25.0 if opts.method == "waveft" else 1.0
+    peft_methods.resolve(opts)  # rank, lr, alpha, target_rank: per method
     return opts
 
 
@@ -274,6 +284,8 @@ def load_model(opts, device):
 
 
 def add_adapter(unet, opts):
+    if opts.method in peft_methods.METHODS:
+        return peft_methods.inject(unet, opts)
     waveft.inject(unet, method=opts.method, k=opts.k, scaling=opts.scaling, wavelet=opts.wavelet,
                   seed=opts.position_seed, use_idwt=opts.use_idwt, rank=opts.rank, init_seed=opts.seed, fast=opts.fast)
 
@@ -295,7 +307,7 @@ def cache_inputs(pipe, opts, images, image_paths, instance_prompt, class_name, g
     instance = encode_images(pipe.vae, images, image_paths, opts.resolution, generator, device)
     prior, prompts = None, [instance_prompt]
     if opts.prior_preservation:
-        waveft.remove(pipe.unet)  # class images come from the base model
+        peft_methods.remove(pipe.unet)  # class images come from the base model
         if rank == 0:  # rank 0 generates the missing class images, the others wait for them
             ensure_class_images(pipe, opts, class_name, gen_cfg)
         distributed.barrier(world_size)
@@ -350,6 +362,7 @@ def training_state(unet, opts, generator, resume_state, world_size):
                                   eps=1e-8)
     passes = new_passes()  # the position in the shuffled passes over the photos: part of the checkpoint
     start = runs.restore_checkpoint(resume_state, params, optimizer, generator, passes) if resume_state else 0
+    peft_methods.restore_state(unet, resume_state)  # AdaLoRA's rank allocator, with --resume
     distributed.broadcast_from_rank0(params, world_size)
     return params, optimizer, passes, start
 
@@ -395,6 +408,7 @@ def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_d
                                          f"{checkpoint_path} (if one was written): lower --lr, or check the data")
             torch.nn.utils.clip_grad_norm_(params.values(), opts.max_grad_norm)
             optimizer.step()
+            peft_methods.after_optimizer_step(pipe.unet, step)  # AdaLoRA's rank allocation (uses the gradients)
             optimizer.zero_grad(set_to_none=True)
             if log is not None:  # the log before the checkpoint: it may run ahead of it, never behind
                 runs.append_loss(log, run_dir / "loss.csv", step + 1, step_loss, step_prior)
@@ -402,7 +416,8 @@ def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_d
             progress.update()  # before a Ctrl-C exit: the bar shows the step that is saved
             stop = distributed.any_rank(stop_requested, world_size)  # all ranks stop after the same step
             if ((step + 1) % opts.checkpoint_every == 0 or stop) and rank == 0:
-                runs.save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes)
+                runs.save_checkpoint(checkpoint_path, step + 1, params, optimizer, generator, opts, passes,
+                                     peft_methods.checkpoint_state(pipe.unet))
                 runs.plot_losses(run_dir)
             if stop:
                 runs.exit_interrupted(step + 1, checkpoint_path)

@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO
 
 LIBRARY = {"dwt", "waveft", "sdxl"}
-SUPPORT = {"cli", "distributed", "eval_images", "files", "hub", "interop", "metric_models", "pictures", "runs"}
+SUPPORT = {"cli", "distributed", "eval_images", "files", "hub", "interop", "metric_models", "peft_methods", "pictures",
+           "runs"}
 SCRIPTS = {"train_dreambooth", "evaluate", "sample"}
 MODULES = LIBRARY | SUPPORT | SCRIPTS
 
