@@ -60,3 +60,24 @@ def test_pyproject_installs_every_importable_module():
     tomllib = pytest.importorskip("tomllib")  # python >= 3.11
     modules = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
     assert sorted(modules) == sorted(LIBRARY | SUPPORT)  # the scripts stay in the checkout
+
+
+def peft_imports(module, inside_functions):
+    """The lines where `module`.py imports peft: at its top level (outside every function), or (True) anywhere."""
+    def walk(node):
+        for child in ast.iter_child_nodes(node):
+            if inside_functions or not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                yield child
+                yield from walk(child)
+    return [node.lineno for node in walk(ast.parse((REPO / f"{module}.py").read_text()))
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "peft" for a in node.names)
+            or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "peft"]
+
+
+def test_peft_is_imported_only_by_the_functions_that_use_it_and_never_by_the_library():
+    """peft is optional at run time, as LPIPS is: only --method vera|loha|lokr|adalora (and such adapters) need it."""
+    assert peft_imports("peft_methods", inside_functions=True), "peft_methods.py imports peft (the test sees it)"
+    for module in sorted(MODULES):
+        assert peft_imports(module, inside_functions=False) == [], f"{module}.py imports peft at its top level"
+    for module in sorted(LIBRARY):
+        assert peft_imports(module, inside_functions=True) == [], f"{module}.py imports peft"

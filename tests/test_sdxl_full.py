@@ -63,3 +63,36 @@ def test_peft_waveft_selects_the_same_560_layers(monkeypatch, peft):  # peft: sk
     peft_layers = {n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
     assert peft_layers == {n for n, _ in waveft.adapted_layers(ours)}
     assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == waveft.count_parameters(ours) == 1_451_520
+
+
+def test_every_method_of_the_authors_table_counts_the_budget_the_docs_state(monkeypatch, peft):
+    """docs/baselines.md's table: each method's trainable parameters on the 560 layers at the authors' settings,
+    counted by the library that trains it on the meta SDXL UNet (WaveFT and LoRA: waveft.inject; the others: PEFT's
+    own layers, as train_dreambooth --method builds them, peft_methods.peft_config). AdaLoRA's ranknum (a constant
+    per layer, r) is no trainable tensor: train_dreambooth's parameters leave it out, as does this count."""
+    import re
+    from conftest import REPO
+    import peft_methods
+    table = (REPO / "docs" / "baselines.md").read_text().split("## The budgets")[1].split("\n## ")[0]
+    stated = {row: int(count.replace(",", "")) for row, count in
+              re.findall(r"^\| ([^|\n]+?) \|[^|\n]*\| ([\d,]+) \|", table, re.M)}
+    unet, counted = sdxl.build_sdxl_unet(), {}
+    for row, settings in [("WaveFT", dict(k=K)), ("WaveFT without IDWT", dict(k=K, use_idwt=False)),
+                          ("LoRA r=1", dict(method="lora", rank=1))]:
+        waveft.inject(unet, **settings)
+        counted[row] = waveft.count_parameters(unet)
+        waveft.remove(unet)
+    # FourierFT draws randperm(out * in) per layer for its positions: where they go does not change the count
+    monkeypatch.setattr(torch, "randperm", lambda n, generator=None, **kw: torch.arange(min(n, K), **kw))
+    for row, config in [("FourierFT", peft.FourierFTConfig(n_frequency=K, scaling=64.0, target_modules=list(
+                            waveft.DEFAULT_TARGETS)))] + [
+            (peft_methods.NAMES[method], peft_methods.peft_config(peft, method, total_step=500, **{
+                name: value for name, value in peft_methods.AUTHORS[method].items() if name != "lr"}))
+            for method in peft_methods.METHODS]:
+        model = peft.get_peft_model(unet, config)
+        counted[row] = sum(p.numel() for name, p in unet.named_parameters()
+                           if p.requires_grad and ".ranknum." not in name)
+        model.unload()
+    assert counted == stated
+    assert counted["VeRA"] == 560 * 1402 + sum(c * o for (o, i), c in SDXL_SHAPES.items())  # d and b per layer
+    assert counted["LoHa"] == 2 * counted["LoRA r=1"] and counted["AdaLoRA"] == 2 * counted["LoRA r=1"] + 2 * 560

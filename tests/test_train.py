@@ -452,7 +452,7 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
 
     # A bad value: one line naming the option and its value
     for bad, message in ((["--k", "0"], "--k 0: must be positive"), (["--steps", "-1"], "--steps -1: must be positive"),
-                         (["--method", "vera"], "--method vera: must be one of waveft, lora"),
+                         (["--method", "dora"], "--method dora: must be one of waveft, lora, vera, loha, lokr, adalora"),
                          (["--wavelet", "db99"], "--wavelet db99: must be one of haar, db1, db2"),
                          (["--resolution", "100"], "--resolution 100: must be a multiple of 64"),
                          (["--mixed-precision", "fp16"], "--mixed-precision fp16: must be one of auto, bf16, no"),
@@ -471,7 +471,7 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
         "--prior-preservation", "warning: --k has no effect with --method lora"]
     cuda = torch.cuda.is_available()
     assert parse(["--subject", "x", "--use-idwt", "false", "--prior-preservation"]) == train_dreambooth.Options(
-        subject="x", use_idwt=False, prior_preservation=True, scaling=25.0, resolution=1024,
+        subject="x", use_idwt=False, prior_preservation=True, scaling=25.0, resolution=1024, rank=1, lr=1e-4,
         device="cuda" if cuda else "cpu", mixed_precision="bf16" if cuda else "no", gradient_checkpointing=cuda)
     assert capsys.readouterr().err == ""
 
@@ -553,9 +553,10 @@ def test_every_option_that_changes_the_result_changes_the_folder_name():
         if field.name in train_dreambooth.NO_EFFECT_ON_RESULT | SUBJECT:
             continue
         context = base
-        if field.name in train_dreambooth.ignored_options(base):
-            context = dataclasses.replace(base, **({"method": "lora"} if field.name == "rank" else
-                                                   {"prior_preservation": True}))
+        if field.name in train_dreambooth.ignored_options(base):  # a context where it has an effect
+            method = {"rank": "lora", "alpha": "loha", "target_rank": "adalora"}.get(field.name)
+            context = train_dreambooth.resolve(dataclasses.replace(base, method=method, rank=None, lr=None)) \
+                if method else dataclasses.replace(base, prior_preservation=True)
         value = getattr(context, field.name)
         other = valid.get(field.name, not value if isinstance(value, bool) else
                           value * 2 + 1 if isinstance(value, (int, float)) else value + "x")
