@@ -153,19 +153,15 @@ def adapted_layers(model):
 
 
 def remove(model):
-    """Undo any adapter: waveft.remove, or PEFT's layers replaced by the nn.Linear each wraps (unload; a merged one
-    keeps W + dW). Nothing to undo: nothing done."""
+    """Undo any adapter: waveft.remove, or each of PEFT's layers replaced by the nn.Linear it wraps (what peft's
+    unload() does, without its per-layer bookkeeping; a merged layer leaves W + dW). Nothing to undo: nothing done."""
     if waveft.adapted_layers(model):
         waveft.remove(model)
-    if layers(model):
-        peft_model = model.__dict__.pop("_peft_model", None)
-        if peft_model is not None:
-            peft_model.unload()
-        else:  # injected by other code than ours: replace each layer ourselves
-            for name, layer in layers(model):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, layer.get_base_layer())
-    model.__dict__.pop("peft_config", None)  # what PEFT's tuner leaves on the model it adapted
+    for name, layer in layers(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
+    for attribute in ("_peft_model", "peft_config"):  # ours (inject), and what PEFT's tuner leaves on the model
+        model.__dict__.pop(attribute, None)
 
 
 def base_weight(layer):

@@ -88,7 +88,7 @@ def name_part(name, value):
 # A run's files: each written so that a crash or a full disk never destroys what was there before
 
 RUN_FILES = ("config.json", "loss.csv", "loss.png", "checkpoint.pt", "adapter.safetensors", "validation.png",
-             "merged_unet", peft_methods.RUN_ADAPTER)  # the last: PEFT's methods' adapter, a PEFT folder
+             "merged_unet")  # PEFT's methods (peft_methods.py): peft_adapter/, a PEFT folder, for adapter.safetensors
 
 
 def start_files(run_dir, config, start, overwrite):
@@ -97,7 +97,7 @@ def start_files(run_dir, config, start, overwrite):
     row per step (append_loss)."""
     with files.reported_write(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES if overwrite else ():
+    for name in RUN_FILES + (peft_methods.RUN_ADAPTER,) if overwrite else ():
         if (run_dir / name).is_dir():  # merged_unet, peft_adapter
             shutil.rmtree(run_dir / name)
         else:

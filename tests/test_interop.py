@@ -182,10 +182,13 @@ def test_load_peft_refuses_lora_variants_and_bad_folders(tmp_path):
 
 
 def test_runtime_code_never_imports_peft():
+    """The PEFT format is read and written here without peft; peft itself is imported only by peft_methods.py, for
+    the methods that are PEFT's own layers (inside its functions: tests/test_layout.py)."""
     import pathlib
+    import re
     for path in sorted((pathlib.Path(__file__).parent.parent).glob("*.py")):  # every module and script
-        text = path.read_text()
-        assert "import peft" not in text and "from peft" not in text, path.name
+        if path.name != "peft_methods.py":
+            assert not re.search(r"^\s*(import|from) peft\b", path.read_text(), re.M), path.name
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """SDXL base 1.0's real UNet (sdxl.build_sdxl_unet) on the meta device: the full-size layer and parameter counts,
-with nothing allocated (the real model is 5-10 GB). Quick: about 3 s, mostly importing diffusers and peft.
+with nothing allocated (the real model is 5-10 GB). Quick: about 6 s, mostly importing diffusers and peft.
 
     python -m pytest -q tests/test_sdxl_full.py
 """
 from collections import Counter
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -17,8 +18,14 @@ SDXL_SHAPES = {(640, 640): 60, (640, 2048): 20, (1280, 1280): 360, (1280, 2048):
 K = 2592  # PEFT's default n_frequency: WaveFT's trainable count then equals LoRA r = 1's on SDXL
 
 
-def test_config_gives_the_published_parameter_count():
-    unet = sdxl.build_sdxl_unet()  # meta
+@pytest.fixture(scope="module")
+def meta_unet():
+    """SDXL's UNet on the meta device, built once (1-2 s) for the tests that count on it and leave it as it was."""
+    return sdxl.build_sdxl_unet()
+
+
+def test_config_gives_the_published_parameter_count(meta_unet):
+    unet = meta_unet
     assert sum(p.numel() for p in unet.parameters()) == sdxl.SDXL_UNET_PARAMETERS == 2_567_463_684
     assert {p.device.type for p in unet.parameters()} == {"meta"}
     shapes = Counter((m.out_features, m.in_features) for n, m in unet.named_modules()
@@ -65,7 +72,7 @@ def test_peft_waveft_selects_the_same_560_layers(monkeypatch, peft):  # peft: sk
     assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == waveft.count_parameters(ours) == 1_451_520
 
 
-def test_every_method_of_the_authors_table_counts_the_budget_the_docs_state(monkeypatch, peft):
+def test_every_method_of_the_authors_table_counts_the_budget_the_docs_state(meta_unet, monkeypatch, peft):
     """docs/baselines.md's table: each method's trainable parameters on the 560 layers at the authors' settings,
     counted by the library that trains it on the meta SDXL UNet (WaveFT and LoRA: waveft.inject; the others: PEFT's
     own layers, as train_dreambooth --method builds them, peft_methods.peft_config). AdaLoRA's ranknum (a constant
@@ -76,7 +83,7 @@ def test_every_method_of_the_authors_table_counts_the_budget_the_docs_state(monk
     table = (REPO / "docs" / "baselines.md").read_text().split("## The budgets")[1].split("\n## ")[0]
     stated = {row: int(count.replace(",", "")) for row, count in
               re.findall(r"^\| ([^|\n]+?) \|[^|\n]*\| ([\d,]+) \|", table, re.M)}
-    unet, counted = sdxl.build_sdxl_unet(), {}
+    unet, counted = meta_unet, {}
     for row, settings in [("WaveFT", dict(k=K)), ("WaveFT without IDWT", dict(k=K, use_idwt=False)),
                           ("LoRA r=1", dict(method="lora", rank=1))]:
         waveft.inject(unet, **settings)
@@ -89,10 +96,10 @@ def test_every_method_of_the_authors_table_counts_the_budget_the_docs_state(monk
             (peft_methods.NAMES[method], peft_methods.peft_config(peft, method, total_step=500, **{
                 name: value for name, value in peft_methods.AUTHORS[method].items() if name != "lr"}))
             for method in peft_methods.METHODS]:
-        model = peft.get_peft_model(unet, config)
+        peft.get_peft_model(unet, config)
         counted[row] = sum(p.numel() for name, p in unet.named_parameters()
                            if p.requires_grad and ".ranknum." not in name)
-        model.unload()
+        peft_methods.remove(unet)  # the plain UNet again, for the next method
     assert counted == stated
     assert counted["VeRA"] == 560 * 1402 + sum(c * o for (o, i), c in SDXL_SHAPES.items())  # d and b per layer
     assert counted["LoHa"] == 2 * counted["LoRA r=1"] and counted["AdaLoRA"] == 2 * counted["LoRA r=1"] + 2 * 560
