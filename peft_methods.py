@@ -43,6 +43,7 @@ import files
 import waveft
 
 METHODS = ("vera", "loha", "lokr", "adalora")
+NAMES = {"vera": "VeRA", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA"}  # as their papers write them
 # The authors' settings: their <method>_config.yaml (LoHa's alpha: 64, the first of their script's sweep 64, 128);
 # VeRA's learning rate from its own training_config_vera.yaml (the others train at the recipe's 1e-4). --rank is
 # AdaLoRA's init_r. `total_step`, AdaLoRA's schedule length, is --steps (theirs: max_train_steps, 500).
@@ -58,9 +59,6 @@ WAVEFT_ONLY = ("k", "wavelet", "use_idwt", "position_seed", "scaling")
 # (option, value) -> the options without effect (train_dreambooth.NO_EFFECT_WITH): WaveFT's, and those of other methods
 NO_EFFECT_WITH = {("method", method): WAVEFT_ONLY + (("alpha",) if method == "vera" else ()) +
                   (() if method == "adalora" else ("target_rank",)) for method in METHODS}
-
-
-NAMES = {"vera": "VeRA", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA"}
 
 
 def import_peft(method, what=None):
@@ -271,12 +269,10 @@ def load(unet, folder):
     peft = import_peft(method, f"the {NAMES[method]} adapter {folder}")
     config = peft.PeftConfig.from_pretrained(str(folder))
     config.inference_mode = True
-    with quiet_peft():
-        model = peft.get_peft_model(unet, config)
-    unet.__dict__["_peft_model"] = model
     try:
         from safetensors.torch import load_file
         with quiet_peft():
+            model = unet.__dict__["_peft_model"] = peft.get_peft_model(unet, config)
             result = peft.set_peft_model_state_dict(model, load_file(str(Path(folder) / PEFT_WEIGHTS)))
         missing = [key for key in result.missing_keys if key.split(".")[-2] in TRAINABLE]
         if missing or result.unexpected_keys:

@@ -6,6 +6,7 @@ methods are refused in one line. The four 2-step runs are made once (`full_runs`
 """
 import copy
 import json
+import re
 import shutil
 import sys
 from types import SimpleNamespace
@@ -139,7 +140,7 @@ def test_evaluate_scores_each_method_in_a_row_of_its_own_and_reads_a_bare_peft_f
     assert runs.method_and_budget(run.config) == ("loha", "r=1")
 
 
-def test_the_pipeline_merges_each_adapter_and_puts_every_weight_back_bit_exactly(full_runs, tiny_run_dir):
+def test_the_pipeline_merges_each_adapter_and_puts_every_weight_back_bit_exactly(full_runs, tiny_run_dir, tmp_path):
     """One pipeline serves run after run (eval_images.adapted_pipeline): each PEFT adapter merged by peft and its
     layers taken out (a plain UNet, W + dW), kept as dense copies (every entry of a changed layer changes); before
     the next adapter every weight is put back bit for bit. Each state equals that of a fresh UNet given the same
@@ -169,6 +170,17 @@ def test_the_pipeline_merges_each_adapter_and_puts_every_weight_back_bit_exactly
         state = pipe.unet.state_dict()
         assert state.keys() == expected.keys()
         assert all(torch.equal(state[name], expected[name]) for name in state), adapter
+
+    # a folder that lacks a tensor of its layers is refused, by name, and leaves no layer of it behind
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters[1], broken)
+    tensors = safetensors.torch.load_file(broken / "adapter_model.safetensors")
+    dropped = sorted(tensors)[0]
+    safetensors.torch.save_file({key: t for key, t in tensors.items() if key != dropped},
+                                broken / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"does not fit model 'tiny': .* missing \['" + re.escape(dropped)):
+        eval_images.adapted_pipeline(pipelines, "tiny", broken, "cpu")
+    assert not peft_methods.adapted_layers(pipe.unet)
 
 
 def test_sample_draws_a_run_of_a_peft_method(full_runs, tmp_path):
