@@ -20,12 +20,9 @@ Memory, two honest CPU measures (torch has no CPU allocator statistics):
 Before timing, the script checks that our WaveFT and PEFT's give the same y and spectrum gradient.
 """
 import argparse
-import contextlib
 import copy
 import os
-import re
 import sys
-import tempfile
 import time
 
 import torch
@@ -34,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import waveft  # noqa: E402
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, without_kineto_start_stop_lines  # noqa: E402
 
 CASES = [(640, 640, 4096, 15), (1280, 1280, 1024, 15), (1280, 2048, 77, 45)]  # (out, in, tokens, timed steps)
 K, WARMUP = 2592, 3
@@ -68,28 +65,6 @@ def step(model, x, g):
     y = model(x)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return y, torch.autograd.grad(y, [x] + trainable, g)
-
-
-@contextlib.contextmanager
-def without_kineto_start_stop_lines():
-    """torch.profiler's C++ library (kineto) writes "USDT: ... profiler_start" and "... profiler_stop" to the process's
-    stderr (file descriptor 2, below Python) each time a profile starts and stops. Its log level (KINETO_LOG_LEVEL)
-    can hide those only together with kineto's errors, so stderr is caught while profiling and written back
-    without exactly those two lines: every other message, Python's warnings included, still shows."""
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-            caught.seek(0)
-            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
-                if not re.match(r"USDT:.*\] profiler_(start|stop)\s*$", line):
-                    sys.stderr.write(line)
 
 
 def peak_mb(model, x, g):
