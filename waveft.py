@@ -84,7 +84,9 @@ class WaveFTLinear(nn.Module):
         self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
         self.register_buffer("waveft_positions", draw_positions(base.out_features, base.in_features, k, seed)
                              .to(base.weight.device, copy=True))  # (2, k) rows, cols; own copy (the cache is shared)
-        self._plan_memo = None  # the fast path's index plan for the current positions (see _plan_for)
+        self._plan_memo = None  # the fast path's index plan for the current positions (second half: _plan_for)
+        self.register_load_state_dict_post_hook(_refresh_plan)  # new positions, new plan
+        _refresh_plan(self)  # made now, outside any torch.compile trace
 
     def coefficients(self):
         """C (C_rows x C_cols): zeros, with the k values at their positions + (L - 2) // 2 (centred)."""
@@ -134,7 +136,9 @@ class WaveFTLinear(nn.Module):
         return _fast_forward(self, x)
 
     def _apply(self, fn, recurse=True):  # behind .to(dtype), .half(), .cuda(): adapters stay float32
-        return _apply_keeping_adapters_float32(self, fn, recurse)
+        _apply_keeping_adapters_float32(self, fn, recurse)
+        _refresh_plan(self)  # on the new device
+        return self
 
 
 def _synthesis_matrix(n, n_coef, wavelet, dtype, device):
@@ -401,7 +405,9 @@ def load(model, path, fast=True):
         model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
         layers = dict(adapted_layers(model))
     for (name, attr), value in values.items():
-        getattr(layers[name], attr).copy_(value)  # new positions: the layer's index plan follows (_plan_for)
+        getattr(layers[name], attr).copy_(value)
+    for layer in layers.values():
+        _refresh_plan(layer)  # new positions: the fast path's index plan follows
     return meta
 
 
@@ -450,26 +456,22 @@ def check_same_layers(path, want, have):
 # ======================================================================================================================
 # The definition builds dW (out x in) from k numbers, and autograd through it builds the dense gradient g^T x
 # (out x in, tokens * out * in multiply-adds) only to read k entries of its wavelet analysis. The fast path below
-# gives the same y and the same gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in four steps.
+# gives the same y and gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in about as many operations as
+# LoRA (on a GPU each is a kernel launch: benchmarks/bench_ops.py counts them). With x (N tokens x in), g = dL/dy:
 #
-# 1. dW = scaling * A S B^T, as delta_weight_separable computes it with dense matrices; here (_plan) S, A S and
-#    B S^T are index tables of their k (or k L) entries. Coefficient (s_row, s_col) of S paints an L x L patch of
-#    dW: its "footprint".
-# 2. The coefficient gradient (_WaveFTFunction.backward). With g = dL/dy (N tokens x out), dL/d(dW) = g^T x, so
-#        dL/dS = scaling * A^T g^T x B,    dL/dS[s_row, s_col] = scaling * sum_n (A^T g_n)[s_row] (B^T x_n)[s_col].
-#    A^T g and B^T x are 1-D wavelet analyses, L multiply-adds per value (_analyze); of their outer product only the
-#    k entries where S has a coefficient are needed: torch.sparse.sampled_addmm. O(N (out + in + k)) in all.
-# 3. Forward and input gradient, whichever keeps the smaller transient (_WaveFTFunction.forward):
-#    many tokens, N (out + in) >= out in: one matmul with W + dW, dW scattered from the footprints (O(k L^2); a
-#    copy of W that is never saved, a quarter of it at a time for grad_x);
-#    few tokens (e.g. cross-attention to_k/to_v on 77 text tokens), or a bf16/fp16 W: y = x W^T + b + scaling
-#    (A S)(B^T x)^T and grad_x = g W + scaling (B S^T)(A^T g)^T, with A S and B S^T sparse (k L nonzeros). The
-#    adapter then runs in the spectrum's float32, so updates far below a bf16 W's precision still change y.
-# 4. Why each band is divided by its first tap (_analyze). A band is sum_{p<L} t[p] v[2i + p] (v padded). Written as
-#    t[0] (v[2i] + t[1]/t[0] v[2i+1] + ...), its first two terms are one torch.add(..., alpha=t[1]/t[0]) straight
-#    into the output, with no separate multiply pass: for Haar (L = 2, taps +-1/sqrt(2)) a band is a single add or
-#    subtract. The factor t[0] is put back where it costs nothing, in the plan's k (or k L) tap values: S.tap holds
-#    t0_row * t0_col for the sampled gradient, A S's taps carry t0_col (it multiplies B^T x / t0_col), B S^T's t0_row.
+# 1. dW = scaling * A S B^T, as delta_weight_separable computes it with dense matrices. A (out x C_rows) and B
+#    (in x C_cols) are one level of 1-D wavelet synthesis; S holds the k coefficients. The plan (_plan), made once
+#    per layer shape and positions, keeps S and S^T as sparse index tables (their values: the spectrum, reordered).
+# 2. Forward: y = x W^T + b + scaling * (A S B^T x^T)^T, right to left, each step one operation on all N tokens:
+#    B^T x^T is a wavelet analysis, one strided convolution of x^T (_analyze); S times it, one sparse matmul; A
+#    times that, one transposed convolution (_synthesize). The adapter runs in the spectrum's float32, so updates
+#    far below a bf16 W's precision still change y. With many tokens in float32 (N (out + in) >= out in) one matmul
+#    with W + dW is cheaper: dW scattered from each coefficient's L x L footprint, O(k L^2), into a copy of W.
+# 3. Backward: grad_x = g W + scaling * (B S^T A^T g^T)^T, the same three steps mirrored. The coefficient gradient
+#    dL/dS = scaling * (A^T g^T)(B^T x^T)^T is needed only at S's k entries: one sampled matmul
+#    (torch.sparse.sampled_addmm), O(N k). Nothing of size out x in is formed or saved.
+# 4. torch.compile: a sparse tensor cannot enter a traced graph, so there the two sparse products run as custom ops
+#    (torch.library), which the compiler calls as they are; the plan is made outside the trace (_plan_for).
 
 SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
 _WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
@@ -494,38 +496,23 @@ def _use_fast_path(fast, device):
 
 
 _PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> Plan: one per layer shape in a UNet
+_PLAN_BY_NUMBER = []  # how a compiled graph names a plan (a custom op takes tensors and numbers, not a Plan)
 
 
-class Entries(NamedTuple):
-    """A matrix built from the k coefficients as a list of entries: entry e adds spectrum[coef[e]] * tap[e] at
-    flat position index[e]. Sorted by index (row-major), so the entries of a block of rows are one slice."""
-    coef: torch.Tensor  # (entries,) int64: which of the k coefficients
-    index: torch.Tensor  # (entries,) int64: flat position in the matrix
-    tap: torch.Tensor  # (entries,) the product of filter taps that multiplies the coefficient there
-
-
-class SparseMatrix(NamedTuple):
-    """The same matrix in CSR form, entries at one place summed: nonzero[slot[e]] += spectrum[coef[e]] * tap[e]."""
-    coef: torch.Tensor  # (entries,) int64: which of the k coefficients
-    slot: torch.Tensor  # (entries,) int64: which nonzero it adds to
-    tap: torch.Tensor  # (entries,)
-    row_ptr: torch.Tensor  # (rows + 1,) CSR: row i's nonzeros are [row_ptr[i], row_ptr[i + 1])
-    col: torch.Tensor  # (nonzeros,) CSR: the column of each nonzero
-    size: tuple  # (rows, cols)
+class Sparse(NamedTuple):
+    """A matrix of the k coefficients in CSR form (int32 indices, as the sparse kernels read them)."""
+    row_ptr: torch.Tensor  # (rows + 1,): row i's entries are [row_ptr[i], row_ptr[i + 1])
+    col: torch.Tensor  # (k,): each entry's column
+    order: torch.Tensor  # (k,) int64: each entry's coefficient; the values are spectrum[order]
 
 
 class Plan(NamedTuple):
-    """Index tables of dW = scaling * A S B^T for one set of positions and one layer shape (shared by all layers
-    that have both): built once from the positions, filled with the current spectrum at each step."""
-    C_rows: int  # C's and S's height: the length of A^T g (per token), out + L - 2 rounded up to even
-    C_cols: int  # C's and S's width: the length of B^T x, in + L - 2 rounded up to even
-    taps: list  # [[low-pass], [high-pass]] synthesis filters, for _analyze (None without IDWT: A, B = identity)
-    S: SparseMatrix  # S (C_rows x C_cols), k entries; tap = t0_row * t0_col, undoing _analyze's division
-    pattern: torch.Tensor  # S's sparsity pattern as a CSR tensor of zeros: where sampled_addmm samples
-    AS: SparseMatrix  # A S (out x C_cols), k L entries: y's adapter term is (A S)(B^T x)
-    BSt: SparseMatrix  # B S^T (in x C_rows), k L entries: grad_x's adapter term is (B S^T)(A^T g)
-    footprint: Entries  # dW itself: each coefficient's L x L patch (cropped) as flat indices into W (out * in)
-    row_start: list  # footprint entries in W's rows r0:r1 are [row_start[r0], row_start[r1])
+    """What the fast path needs for one layer shape and one set of positions; shared by all layers that have both."""
+    number: int  # its place in _PLAN_BY_NUMBER
+    taps: torch.Tensor  # (2, 1, L, 1): rec_lo, rec_hi, the kernel of both convolutions (None without IDWT: A = B = I)
+    S: Sparse  # S (C_rows x C_cols), rows and columns in band order [low | high] (delta_weight_separable)
+    St: Sparse  # S^T
+    footprint: tuple  # (index, coef, tap) of dW's entries: W.view(-1)[index] += scaling * spectrum[coef] * tap
 
 
 def _fast_forward(layer, x):
@@ -533,23 +520,36 @@ def _fast_forward(layer, x):
     # the spectrum's dtype. Every cast is explicit inside, so autocast is switched off there.
     plan = _plan_for(layer, x.device)
     amp = torch.is_autocast_enabled(x.device.type)
-    base_dtype = torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype
+    args = (x, layer.base.weight, layer.base.bias, layer.waveft_spectrum, plan, layer.scaling,
+            torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return _WaveFTFunction.apply(x, layer.base.weight, layer.base.bias, layer.waveft_spectrum, plan,
-                                     layer.scaling, base_dtype)
+        if torch.compiler.is_compiling():  # step 4: one opaque op for the compiler, the plan named by its number
+            return _compiled_linear(*args[:4], plan.number, *args[5:])
+        return _WaveFTFunction.apply(*args)
 
 
 def _plan_for(layer, device):
-    """The layer's plan, remembered between steps and rebuilt when the positions change: replaced (another
-    tensor, e.g. by load_peft or .to(device)), edited in place (load and load_state_dict copy into the buffer: its
-    version counter moves) or given new storage (.data = ...). O(1) per forward when nothing changed."""
-    positions, dtype = layer.waveft_positions, layer.waveft_spectrum.dtype
+    """The layer's plan, remembered between steps and remade when the positions change: replaced (another tensor,
+    e.g. by load_peft or .to(device)), edited in place (load, load_state_dict: the version counter moves) or given
+    new storage (.data = ...). A compiled graph cannot read versions or data pointers, so there the plan is used as
+    made eagerly: when the layer was made, moved or loaded (_refresh_plan), or last called uncompiled."""
+    positions, dtype, memo = layer.waveft_positions, layer.waveft_spectrum.dtype, layer._plan_memo
+    if torch.compiler.is_compiling():
+        if memo is None or memo[0] is not positions or memo[1][2] != device:
+            raise RuntimeError("waveft: a layer's positions or device changed after its plan was made: call the model "
+                               "once uncompiled, then the compiled one")
+        return memo[2]
     key = (positions._version, positions.data_ptr(), device, dtype)
-    memo = layer._plan_memo  # (positions, key, plan); holding positions keeps `is` meaningful
-    if memo is None or memo[0] is not positions or memo[1] != key:
+    if memo is None or memo[0] is not positions or memo[1] != key:  # holding positions keeps `is` meaningful
         plan = _plan(positions, layer.base.weight.shape, layer.wavelet, layer.use_idwt, device, dtype)
         layer._plan_memo = memo = (positions, key, plan)
     return memo[2]
+
+
+def _refresh_plan(layer, *_):
+    """Make a WaveFT layer's plan now, outside any compiled graph (the layer is new, moved, cast or loaded)."""
+    if isinstance(layer, WaveFTLinear) and layer.fast and fast_path_supported(layer.waveft_positions.device.type):
+        _plan_for(layer, layer.waveft_positions.device)
 
 
 class _WaveFTFunction(torch.autograd.Function):
@@ -557,101 +557,129 @@ class _WaveFTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):
-        x2, cdt = x.reshape(-1, x.shape[-1]), spectrum.dtype  # (N, in); cdt: the adapter's compute dtype
-        n, (out_f, in_f) = x2.shape[0], weight.shape
-        frozen = weight.to(base_dtype)  # W in the base matmul's dtype; the cast (if any) is transient, never saved
-        bias = None if bias is None else bias.to(base_dtype)
-        # dense_matmul: y (and grad_x) by one matmul with W + dW (step 3, many tokens). Not to be confused with a
-        # layer's `merged` (dW folded into W by merge(), for inference).
-        ctx.dense_matmul = x.dtype == frozen.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
-        if ctx.dense_matmul:  # many tokens: one matmul; W + dW is a copy of W plus k L^2 scattered values
-            y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)  # (N, out)
-        else:  # few tokens or low-precision W: y = x W^T + b + scaling ((A S)(B^T x))^T, the adapter in cdt
-            Btx = _analyze(x2.to(cdt), plan.taps, plan.C_cols)  # (C_cols, N): B^T x, each band / its first tap
-            z = _sparse_times(plan.AS, spectrum, Btx)  # (out, N)
-            del Btx  # every free before the next allocation lowers the peak memory
-            y = F.linear(x2.to(frozen.dtype), frozen, bias).to(cdt).add_(z.T, alpha=scaling)  # (N, out)
+        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, plan, scaling, base_dtype)
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, spectrum = ctx.saved_tensors
-        plan, scaling, cdt, frozen = ctx.plan, ctx.scaling, spectrum.dtype, weight.to(ctx.base_dtype)
-        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
-        grad_x = grad_w = grad_b = grad_s = None
-        Atg = None  # (C_rows, N): A^T g, each band divided by its first tap (step 4)
-        if ctx.needs_input_grad[3] or not ctx.dense_matmul:
-            Atg = _analyze(g2.to(cdt), plan.taps, plan.C_rows)
-        if ctx.needs_input_grad[3]:  # step 2: only the k sampled entries of scaling * (A^T g)(B^T x)^T
-            Btx = _analyze(x2.to(cdt), plan.taps, plan.C_cols)  # (C_cols, N)
-            sampled = torch.sparse.sampled_addmm(plan.pattern, Atg, Btx.T, beta=0.0, alpha=scaling).values()  # (k,)
-            del Btx  # every free before the next allocation lowers the peak memory
-            # S's k entries are sorted by index, i.e. in the CSR order of `sampled`; tap puts the first taps back
-            grad_s = torch.empty_like(spectrum).index_put_((plan.S.coef,), sampled.mul_(plan.S.tap))  # (k,)
-            del sampled
-        if ctx.needs_input_grad[0]:
-            if ctx.dense_matmul:  # step 3: g (W + dW), summed over 4 blocks of rows: the transient is a quarter of W
-                Atg, bounds = None, [frozen.shape[0] * i // 4 for i in range(5)]
-                for r0, r1 in zip(bounds, bounds[1:]):
-                    block = _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1)  # (r1 - r0, in)
-                    grad_x = g2[:, r0:r1] @ block if grad_x is None else grad_x.addmm_(g2[:, r0:r1], block)
-            else:  # g W + scaling ((B S^T)(A^T g))^T
-                z = _sparse_times(plan.BSt, spectrum, Atg)  # (in, N)
-                Atg = None
-                grad_x = (g2.to(frozen.dtype) @ frozen).to(cdt).add_(z.T, alpha=scaling)  # (N, in)
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # only if someone unfroze W
-            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None
+        grads = _backward(g, *ctx.saved_tensors, ctx.plan, ctx.scaling, ctx.base_dtype, ctx.needs_input_grad[:4])
+        return *grads, None, None, None
 
 
-def _analyze(v, taps, n_coef):
-    """v (M, n) -> (n_coef, M) = (v A)^T with each band divided by its first tap: the adjoint of synthesis-and-crop,
-    rows [low | high] (step 4 says why the division; the plan's taps multiply it back).
-
-    Coefficient-major, as sampled_addmm and the sparse matmul want it. Coefficient i of a band reads v at
-    2i + p - (L - 2), p < L: hence the L - 2 zeros in front (and enough behind for the last coefficient)."""
-    if taps is None:  # no IDWT: A is the identity
-        return v.T.contiguous()
-    L, half = len(taps[0]), n_coef // 2
-    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
-    out = torch.empty(n_coef, v.shape[0], dtype=v.dtype, device=v.device)  # (n_coef, M)
-    for t, dst in zip(taps, out.view(2, half, -1)):  # t: one band's L taps; dst: (half, M), its coefficients
-        dst = dst.T  # (M, half)
-        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
-        for p in range(2, L):
-            dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
-    return out
+def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
+    """(y, whether by one matmul with W + dW): step 2."""
+    x2, (out_f, in_f) = x.reshape(-1, x.shape[-1]), weight.shape  # x2: (N, in)
+    frozen = weight.to(base_dtype)  # W in the base matmul's dtype; the cast (if any) is transient, never saved
+    bias = None if bias is None else bias.to(base_dtype)
+    # dense_matmul (many tokens): not to be confused with a layer's `merged` (dW folded into W by merge())
+    dense_matmul = x.dtype == frozen.dtype == spectrum.dtype and x2.shape[0] * (out_f + in_f) >= out_f * in_f
+    if dense_matmul:
+        index, coef, tap = plan.footprint  # W + dW: a copy of W, the coefficients' footprints added, O(k L^2)
+        y = F.linear(x2, frozen.flatten().index_add(0, index, spectrum[coef] * tap, alpha=scaling).view_as(frozen),
+                     bias)
+    else:  # A S B^T x^T, right to left
+        adapter = _synthesize(_times(plan.S, spectrum, _analyze(x2, plan.taps, spectrum.dtype)), plan.taps, out_f)
+        y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
+    return y.reshape(*x.shape[:-1], out_f), dense_matmul
 
 
-def _sparse_times(m, spectrum, dense):
-    """(A S) @ dense, (out x C_cols) @ (C_cols, N) -> (out, N) (or B S^T @ dense): one sparse matmul."""
-    nonzeros = spectrum.new_zeros(len(m.col)).index_add_(0, m.slot, spectrum[m.coef] * m.tap)
-    out = dense.new_zeros(m.size[0], dense.shape[1])
-    return torch.addmm(out, _csr(m.row_ptr, m.col, nonzeros, m.size), dense, out=out)  # (not @: slower)
+def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
+    """[grad_x, grad_w, grad_b, grad_s], None where needs (one flag each) is False: step 3."""
+    x2, g2, cdt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), spectrum.dtype  # (N, in), (N, out)
+    grad_x = grad_w = grad_b = grad_s = None
+    if needs[0] or needs[3]:
+        Atg = _analyze(g2, plan.taps, cdt)  # (C_rows, N): A^T g^T
+    if needs[3]:  # scaling * (A^T g^T)(B^T x^T)^T, only at S's k entries (in CSR order), then in spectrum order
+        Btx = _analyze(x2, plan.taps, cdt)  # (C_cols, N)
+        pattern = _csr(plan.S, Atg.new_zeros(len(plan.S.col)), len(Atg), len(Btx))  # zeros: 0 * NaN would be NaN
+        sampled = torch.sparse.sampled_addmm(pattern, Atg, Btx.T, beta=0.0, alpha=scaling).values()  # (k,)
+        grad_s = torch.empty_like(spectrum).index_put_((plan.S.order,), sampled)
+    if needs[0]:  # g W + scaling (B S^T A^T g^T)^T
+        frozen = weight.to(base_dtype)
+        adapter = _synthesize(_times(plan.St, spectrum, Atg), plan.taps, x2.shape[1])  # (in, N)
+        grad_x = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
+    if needs[1]:  # only if someone unfroze W
+        grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+    if needs[2]:
+        grad_b = g2.sum(0).to(weight.dtype)
+    return [grad_x, grad_w, grad_b, grad_s]
 
 
-def _csr(row_ptr, col, values, size):
+def _add(y, adapter, scaling, dtype):
+    """y + scaling * adapter, computed in the adapter's dtype (or y's, if wider) and rounded once to dtype."""
+    return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
+
+
+def _analyze(v, taps, dtype):
+    """v (N, n) -> B^T v^T (C, N): one level of wavelet analysis along n, coefficient-major (the layout the sparse
+    products read fastest), bands [low | high]. One copy (transposed, in the adapter's dtype), one convolution."""
+    n = v.shape[1] + (v.shape[1] % 2 if taps is not None else 0)  # odd n: one zero sample completes the last pair
+    vt = v.new_empty(n, v.shape[0], dtype=dtype)
+    if n > v.shape[1]:
+        vt[-1].zero_()
+    vt[:v.shape[1]].copy_(v.T)
+    if taps is None:  # no IDWT: B = I
+        return vt
+    # Coefficient i of a band reads v at 2i + p - (L - 2), p < L (delta_weight_separable's B, transposed): a
+    # correlation with the synthesis taps, stride 2, L - 2 zeros in front (and behind: the longest band's end).
+    return F.conv2d(vt[None, None], taps, stride=(2, 1), padding=(taps.shape[2] - 2, 0)).view(-1, vt.shape[1])
+
+
+def _synthesize(u, taps, n):
+    """u (C, N) -> A u (n, N): each coefficient paints its band's L taps at 2i + p - (L - 2) (kept inside [0, n))."""
+    if taps is None:
+        return u
+    return F.conv_transpose2d(u.view(1, 2, -1, u.shape[1]), taps, stride=(2, 1), padding=(taps.shape[2] - 2, 0))[
+        0, 0, :n]
+
+
+def _times(m, spectrum, dense):
+    """(the matrix m, its values from the spectrum) @ dense: one sparse matmul."""
+    return _csr(m, spectrum[m.order], len(m.row_ptr) - 1, len(dense)) @ dense
+
+
+def _csr(m, values, rows, cols):
     with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(row_ptr, col, values, size=size, check_invariants=False)
+        return torch.sparse_csr_tensor(m.row_ptr, m.col, values, size=(rows, cols), check_invariants=False)
 
 
-def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
-    """Rows r0:r1 of W + dW (all by default), scattering the coefficients' L x L footprints: O(k L^2) work."""
-    e, r1 = plan.footprint, weight.shape[0] if r1 is None else r1
-    lo, hi = plan.row_start[r0], plan.row_start[r1]  # the entries that fall into these rows
-    dw = scaling * spectrum[e.coef[lo:hi]] * e.tap[lo:hi]  # (entries,)
-    block = weight[r0:r1]  # (r1 - r0, in)
-    return block.reshape(-1).index_add(0, e.index[lo:hi] - r0 * weight.shape[1], dw).view_as(block)
+# Step 4: under torch.compile the layer is one custom op each way (sparse tensors cannot enter a traced graph).
+@torch.library.custom_op("waveft::linear", mutates_args=())
+def _compiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor,
+                     plan: int, scaling: float, base_dtype: torch.dtype) -> torch.Tensor:
+    return _forward(x, weight, bias, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype)[0]
+
+
+@torch.library.custom_op("waveft::linear_backward", mutates_args=())
+def _compiled_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor, plan: int,
+                       scaling: float, base_dtype: torch.dtype, needs: list[bool]) -> list[torch.Tensor]:
+    grads = _backward(g, x, weight, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs)
+    return [like.new_empty(0) if grad is None else grad for grad, like in zip(grads, (x, weight, weight, spectrum))]
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[3])  # x, W, spectrum
+    ctx.args = inputs[4:]  # plan, scaling, base_dtype
+
+
+def _compiled_gradients(ctx, g):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = _compiled_backward(g, *ctx.saved_tensors, *ctx.args, needs)
+    return *(grad if need else None for grad, need in zip(grads, needs)), None, None, None
+
+
+_compiled_linear.register_autograd(_compiled_gradients, setup_context=_save_inputs)
+# What the compiler sees of the two ops: the shapes and dtypes of their results.
+_compiled_linear.register_fake(lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
+_compiled_backward.register_fake(lambda g, x, weight, spectrum, *args: [
+    like.new_empty(like.shape if need else (0,)) for like, need in zip((x, weight, weight[:, 0], spectrum), args[-1])])
 
 
 def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
-    """The Plan of dW = scaling * A S B^T for these positions (step 1), built once and shared by all layers."""
+    """The Plan for these positions (step 1), made once and shared by all layers."""
     key = (positions.cpu().numpy().tobytes(), tuple(shape), wavelet, use_idwt, str(device), dtype)
     if key in _PLANS:
         return _PLANS[key]
@@ -665,42 +693,27 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         # half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
         out_band, in_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
         s_row, s_col = out_band * h + r % h, in_band * w + c % w  # (k,) each: where the value sits in S
-        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
-        L = taps.shape[1]
-        # A value paints dW rows 2 * (r % h) + p - (L-2) with tap taps[out_band, p], p < L; columns alike.
-        dw_rows = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        dw_cols = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        row_taps, col_taps = taps[out_band], taps[in_band]  # (k, L) each: along dW's row and column index
-    else:  # no IDWT: A = B = identity, S = C
+        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])[:, None, :, None]  # (2, 1, L, 1)
+        L, p = taps.shape[2], torch.arange(taps.shape[2], device=device)
+        # A value paints dW rows 2 (r % h) + p - (L - 2) with tap taps[out_band, p], p < L; columns alike.
+        dw_rows, dw_cols = 2 * (r % h)[:, None] + p - (L - 2), 2 * (c % w)[:, None] + p - (L - 2)  # (k, L) each
+        row_taps, col_taps = taps[out_band, 0, :, 0], taps[in_band, 0, :, 0]  # (k, L) each
+    else:  # no IDWT: A = B = I, S = C
         s_row, s_col, taps, dw_rows, dw_cols = rows, cols, None, rows[:, None], cols[:, None]  # (k, 1) each
         row_taps = col_taps = torch.ones(k, 1, dtype=torch.float64, device=device)
-    rows_kept, cols_kept = (dw_rows >= 0) & (dw_rows < out_f), (dw_cols >= 0) & (dw_cols < in_f)  # inside the crop
-    t0_row, t0_col = row_taps[:, :1], col_taps[:, :1]  # (k, 1): the first taps _analyze divides its bands by (step 4)
-    S = _sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (s_row * C_cols + s_col)[:, None], t0_row * t0_col,
-                (C_rows, C_cols), dtype)
-    footprint = _entries(rows_kept[:, :, None] & cols_kept[:, None, :],  # (k, L, L) patches -> entries of dW
-                         dw_rows[:, :, None] * in_f + dw_cols[:, None, :], row_taps[:, :, None] * col_taps[:, None, :],
-                         dtype)
-    rows_at = torch.arange(out_f + 1, device=device) * in_f  # (out + 1,) where each row of W starts
-    plan = Plan(C_rows=C_rows, C_cols=C_cols, taps=None if taps is None else taps.tolist(), S=S,
-                pattern=_csr(S.row_ptr, S.col, torch.zeros(k, dtype=dtype, device=device), S.size),
-                AS=_sparse(rows_kept, dw_rows * C_cols + s_col[:, None], row_taps * t0_col, (out_f, C_cols), dtype),
-                BSt=_sparse(cols_kept, dw_cols * C_rows + s_row[:, None], col_taps * t0_row, (in_f, C_rows), dtype),
-                footprint=footprint, row_start=torch.searchsorted(footprint.index, rows_at).tolist())
+    inside = ((dw_rows >= 0) & (dw_rows < out_f))[:, :, None] & ((dw_cols >= 0) & (dw_cols < in_f))[:, None, :]
+    footprint = ((dw_rows[:, :, None] * in_f + dw_cols[:, None, :])[inside],  # (k, L, L) patches, cropped
+                 torch.arange(k, device=device)[:, None, None].expand_as(inside)[inside],
+                 (row_taps[:, :, None] * col_taps[:, None, :])[inside].to(dtype))
+    plan = Plan(number=len(_PLAN_BY_NUMBER), taps=None if taps is None else taps.to(dtype),
+                S=_sparse(s_row, s_col, C_rows, C_cols), St=_sparse(s_col, s_row, C_cols, C_rows), footprint=footprint)
     _PLANS[key] = plan
+    _PLAN_BY_NUMBER.append(plan)
     return plan
 
 
-def _entries(inside, index, tap, dtype):
-    """Entries of a matrix built from the k values; inside, index, tap: (k, ...) alike, outside the crop dropped."""
-    index, order = index[inside].sort()
-    return Entries(coef=inside.nonzero()[:, 0][order], index=index, tap=tap[inside][order].to(dtype))
-
-
-def _sparse(inside, index, tap, size, dtype):
-    """A matrix of `size` built from the k values (S, A S or B S^T), as a SparseMatrix."""
-    entries = _entries(inside, index, tap, dtype)
-    where, slot = torch.unique(entries.index, return_inverse=True)  # (nonzeros,) flat positions, (entries,)
-    rows = torch.bincount(where // size[1], minlength=size[0])  # (size[0],) nonzeros per row
-    return SparseMatrix(coef=entries.coef, slot=slot, tap=entries.tap,
-                        row_ptr=torch.cat([rows.new_zeros(1), rows.cumsum(0)]), col=where % size[1], size=size)
+def _sparse(row, col, n_rows, n_cols):
+    """The k entries at (row[e], col[e]), e = the coefficient, in CSR form."""
+    order = torch.argsort(row * n_cols + col)  # row-major
+    row_ptr = torch.searchsorted(row[order], torch.arange(n_rows + 1, device=row.device))  # first entry of each row
+    return Sparse(row_ptr=row_ptr.int(), col=col[order].int(), order=order)

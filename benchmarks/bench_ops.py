@@ -114,14 +114,19 @@ def adapted_layer(variant, out_f, in_f, k):
     return model
 
 
-def layer_call(model, x, g):
-    """One layer call on the recipe's path: autocast, checkpointed forward, then backward (which recomputes)."""
+def layer_call(model, x):
+    """One layer call on the recipe's path: autocast, checkpointed forward, then backward (which recomputes). The
+    gradient arrives in the output's dtype, as it does from the next layer's backward."""
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    y = forward()
+    g = torch.randn(y.shape, dtype=y.dtype)
+
     def call():
         x.grad = None
         model.zero_grad(set_to_none=True)  # as a training step leaves them: the backward makes the gradients anew
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
-        y.backward(g)
+        forward().backward(g)
     return call
 
 
@@ -129,10 +134,9 @@ def layer_counts(cases, k):
     rows = []
     for out_f, in_f, tokens in cases:
         x = torch.randn(1, tokens, in_f, requires_grad=True)
-        g = torch.randn(1, tokens, out_f, dtype=torch.bfloat16)
         counts = {}
         for variant in VARIANTS:
-            call = layer_call(adapted_layer(variant, out_f, in_f, min(k, out_f * in_f)), x, g)
+            call = layer_call(adapted_layer(variant, out_f, in_f, min(k, out_f * in_f)), x)
             call()  # warm-up: index plans, caches
             counts[variant] = counted_ops(call)
         rows.append((f"{in_f}->{out_f} x{tokens}" if in_f != out_f else f"{out_f}^2 x{tokens}", counts))
