@@ -455,23 +455,19 @@ def check_same_layers(path, want, have):
 # How training stays as cheap as LoRA
 # ======================================================================================================================
 # The definition builds dW (out x in) from k numbers, and autograd through it builds the dense gradient g^T x
-# (out x in, tokens * out * in multiply-adds) only to read k entries of its wavelet analysis. The fast path below
-# gives the same y and gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in about as many operations as
-# LoRA (on a GPU each is a kernel launch: benchmarks/bench_ops.py counts them). With x (N tokens x in), g = dL/dy:
-#
-# 1. dW = scaling * A S B^T, as delta_weight_separable computes it with dense matrices. A (out x C_rows) and B
-#    (in x C_cols) are one level of 1-D wavelet synthesis; S holds the k coefficients. The plan (_plan), made once
-#    per layer shape and positions, keeps S and S^T as sparse index tables (their values: the spectrum, reordered).
-# 2. Forward: y = x W^T + b + scaling * (A S B^T x^T)^T, right to left, each step one operation on all N tokens:
-#    B^T x^T is a wavelet analysis, one strided convolution of x^T (_analyze); S times it, one sparse matmul; A
-#    times that, one transposed convolution (_synthesize). The adapter runs in the spectrum's float32, so updates
-#    far below a bf16 W's precision still change y. With many tokens in float32 (N (out + in) >= out in) one matmul
-#    with W + dW is cheaper: dW scattered from each coefficient's L x L footprint, O(k L^2), into a copy of W.
-# 3. Backward: grad_x = g W + scaling * (B S^T A^T g^T)^T, the same three steps mirrored. The coefficient gradient
-#    dL/dS = scaling * (A^T g^T)(B^T x^T)^T is needed only at S's k entries: one sampled matmul
-#    (torch.sparse.sampled_addmm), O(N k). Nothing of size out x in is formed or saved.
-# 4. torch.compile: a sparse tensor cannot enter a traced graph, so there the two sparse products run as custom ops
-#    (torch.library), which the compiler calls as they are; the plan is made outside the trace (_plan_for).
+# (N out in multiply-adds) only to read k entries of its wavelet analysis. The fast path below gives the same y and
+# gradients (tests: float64, 1e-6) at about LoRA r=1's cost and in about as many operations (each is a kernel
+# launch on a GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
+# 1. dW = scaling * A S B^T, as delta_weight_separable computes it: A and B are one level of 1-D wavelet synthesis,
+#    S holds the k coefficients. The plan (_plan), made once per layer shape, keeps S and S^T as sparse tables.
+# 2. Forward: y = x W^T + b + scaling (A S B^T x^T)^T, right to left: B^T x^T is a wavelet analysis, one strided
+#    convolution (_analyze); S times it one sparse matmul; A times that one transposed convolution (_synthesize).
+#    All in the spectrum's float32: updates far below a bf16 W's precision still change y. With many tokens in
+#    float32 (N (out + in) >= out in) one matmul with W + dW is cheaper: dW's k L^2 entries added to a copy of W.
+# 3. Backward: grad_x = g W + scaling (B S^T A^T g^T)^T, the same steps mirrored. dL/dS = scaling (A^T g^T)(B^T x^T)^T
+#    is needed only at S's k entries: one sampled matmul (torch.sparse.sampled_addmm). Nothing out x in is made.
+# 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, which the
+#    compiler calls as they are, and the plan is made outside the traced graph (_plan_for).
 
 SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
 _WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
@@ -496,48 +492,45 @@ def _use_fast_path(fast, device):
 
 
 _PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> Plan: one per layer shape in a UNet
-_PLAN_BY_NUMBER = []  # how a compiled graph names a plan (a custom op takes tensors and numbers, not a Plan)
+_PLAN_BY_NUMBER = []  # a compiled graph names a plan by its number (a custom op takes tensors and numbers only)
 
 
 class Sparse(NamedTuple):
-    """A matrix of the k coefficients in CSR form (int32 indices, as the sparse kernels read them)."""
+    """k entries in CSR form (int32 indices, as the sparse kernels read them); their values are spectrum[order]."""
     row_ptr: torch.Tensor  # (rows + 1,): row i's entries are [row_ptr[i], row_ptr[i + 1])
-    col: torch.Tensor  # (k,): each entry's column
-    order: torch.Tensor  # (k,) int64: each entry's coefficient; the values are spectrum[order]
+    col: torch.Tensor  # (k,)
+    order: torch.Tensor  # (k,): each entry's coefficient
 
 
 class Plan(NamedTuple):
-    """What the fast path needs for one layer shape and one set of positions; shared by all layers that have both."""
-    number: int  # its place in _PLAN_BY_NUMBER
-    taps: torch.Tensor  # (2, 1, L, 1): rec_lo, rec_hi, the kernel of both convolutions (None without IDWT: A = B = I)
+    """Step 1 for one layer shape and one set of positions, shared by all layers that have both."""
+    number: int  # its index in _PLAN_BY_NUMBER
+    taps: torch.Tensor  # (2, 1, L, 1): rec_lo, rec_hi, both convolutions' kernel (None without IDWT: A = B = I)
     S: Sparse  # S (C_rows x C_cols), rows and columns in band order [low | high] (delta_weight_separable)
     St: Sparse  # S^T
-    footprint: tuple  # (index, coef, tap) of dW's entries: W.view(-1)[index] += scaling * spectrum[coef] * tap
+    footprint: tuple  # (index, coef, tap), k L^2 each: W + dW is W.view(-1)[index] += scaling spectrum[coef] tap
 
 
 def _fast_forward(layer, x):
     # Under autocast the frozen matmul runs in the autocast dtype, as nn.Linear's would; the adapter stays in
     # the spectrum's dtype. Every cast is explicit inside, so autocast is switched off there.
-    plan = _plan_for(layer, x.device)
     amp = torch.is_autocast_enabled(x.device.type)
-    args = (x, layer.base.weight, layer.base.bias, layer.waveft_spectrum, plan, layer.scaling,
-            torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype)
+    base_dtype = torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype
     with torch.autocast(x.device.type, enabled=False):
-        if torch.compiler.is_compiling():  # step 4: one opaque op for the compiler, the plan named by its number
-            return _compiled_linear(*args[:4], plan.number, *args[5:])
-        return _WaveFTFunction.apply(*args)
+        return _WaveFTFunction.apply(x, layer.base.weight, layer.base.bias, layer.waveft_spectrum,
+                                     _plan_for(layer, x.device), layer.scaling, base_dtype)
 
 
 def _plan_for(layer, device):
-    """The layer's plan, remembered between steps and remade when the positions change: replaced (another tensor,
-    e.g. by load_peft or .to(device)), edited in place (load, load_state_dict: the version counter moves) or given
-    new storage (.data = ...). A compiled graph cannot read versions or data pointers, so there the plan is used as
-    made eagerly: when the layer was made, moved or loaded (_refresh_plan), or last called uncompiled."""
+    """The layer's plan, remembered between steps and remade when the positions change: replaced (e.g. by load_peft
+    or .to(device)), edited in place (load, load_state_dict: the version counter moves) or given new storage
+    (.data = ...). A compiled graph can read no version or data pointer: it takes the plan made eagerly, when the
+    layer was made, moved or loaded (_refresh_plan) or last called uncompiled."""
     positions, dtype, memo = layer.waveft_positions, layer.waveft_spectrum.dtype, layer._plan_memo
     if torch.compiler.is_compiling():
         if memo is None or memo[0] is not positions or memo[1][2] != device:
-            raise RuntimeError("waveft: a layer's positions or device changed after its plan was made: call the model "
-                               "once uncompiled, then the compiled one")
+            raise RuntimeError("waveft: a layer's positions or device changed after its plan was made: call the "
+                               "model once uncompiled first")
         return memo[2]
     key = (positions._version, positions.data_ptr(), device, dtype)
     if memo is None or memo[0] is not positions or memo[1] != key:  # holding positions keeps `is` meaningful
@@ -557,125 +550,115 @@ class _WaveFTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):
-        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, plan, scaling, base_dtype)
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
+        if torch.compiler.is_compiling():  # step 4
+            return _forward_op(x, weight, bias, spectrum, plan.number, scaling, base_dtype)
+        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, plan, scaling, base_dtype)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        grads = _backward(g, *ctx.saved_tensors, ctx.plan, ctx.scaling, ctx.base_dtype, ctx.needs_input_grad[:4])
+        args, needs = (*ctx.saved_tensors, ctx.plan, ctx.scaling, ctx.base_dtype), ctx.needs_input_grad[:4]
+        if torch.compiler.is_compiling():  # step 4: empty tensors stand for None
+            grads = [grad if need else None for grad, need in zip(_backward_op(g, *args[:3], ctx.plan.number,
+                                                                               *args[4:], list(needs)), needs)]
+        else:
+            grads = _backward(g, *args, needs)
         return *grads, None, None, None
 
 
 def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
-    """(y, whether by one matmul with W + dW): step 2."""
+    """(y, whether it took one matmul with W + dW): step 2."""
     x2, (out_f, in_f) = x.reshape(-1, x.shape[-1]), weight.shape  # x2: (N, in)
     frozen = weight.to(base_dtype)  # W in the base matmul's dtype; the cast (if any) is transient, never saved
     bias = None if bias is None else bias.to(base_dtype)
-    # dense_matmul (many tokens): not to be confused with a layer's `merged` (dW folded into W by merge())
+    # dense_matmul, many tokens: not to be confused with a layer's `merged` (dW folded into W by merge())
     dense_matmul = x.dtype == frozen.dtype == spectrum.dtype and x2.shape[0] * (out_f + in_f) >= out_f * in_f
     if dense_matmul:
-        index, coef, tap = plan.footprint  # W + dW: a copy of W, the coefficients' footprints added, O(k L^2)
+        index, coef, tap = plan.footprint
         y = F.linear(x2, frozen.flatten().index_add(0, index, spectrum[coef] * tap, alpha=scaling).view_as(frozen),
                      bias)
     else:  # A S B^T x^T, right to left
-        adapter = _synthesize(_times(plan.S, spectrum, _analyze(x2, plan.taps, spectrum.dtype)), plan.taps, out_f)
+        Btx = _analyze(x2, plan.taps, spectrum.dtype)  # (C_cols, N)
+        adapter = _synthesize(_csr(plan.S, spectrum[plan.S.order], len(Btx)) @ Btx, plan.taps, out_f)  # (out, N)
         y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
     return y.reshape(*x.shape[:-1], out_f), dense_matmul
 
 
 def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
-    """[grad_x, grad_w, grad_b, grad_s], None where needs (one flag each) is False: step 3."""
+    """[grad_x, grad_w, grad_b, grad_s], each None unless its flag in needs is set: step 3."""
     x2, g2, cdt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), spectrum.dtype  # (N, in), (N, out)
-    grad_x = grad_w = grad_b = grad_s = None
+    grads = [None] * 4
     if needs[0] or needs[3]:
         Atg = _analyze(g2, plan.taps, cdt)  # (C_rows, N): A^T g^T
-    if needs[3]:  # scaling * (A^T g^T)(B^T x^T)^T, only at S's k entries (in CSR order), then in spectrum order
+    if needs[3]:  # scaling (A^T g^T)(B^T x^T)^T at S's k entries only (CSR order), put in spectrum order
         Btx = _analyze(x2, plan.taps, cdt)  # (C_cols, N)
-        pattern = _csr(plan.S, Atg.new_zeros(len(plan.S.col)), len(Atg), len(Btx))  # zeros: 0 * NaN would be NaN
-        sampled = torch.sparse.sampled_addmm(pattern, Atg, Btx.T, beta=0.0, alpha=scaling).values()  # (k,)
-        grad_s = torch.empty_like(spectrum).index_put_((plan.S.order,), sampled)
+        pattern = _csr(plan.S, Atg.new_zeros(len(plan.S.col)), len(Btx))  # zeros: beta=0 still turns NaN into NaN
+        sampled = torch.sparse.sampled_addmm(pattern, Atg, Btx.T, beta=0.0, alpha=scaling).values()
+        grads[3] = torch.empty_like(spectrum).index_put_((plan.S.order,), sampled)  # (k,)
     if needs[0]:  # g W + scaling (B S^T A^T g^T)^T
         frozen = weight.to(base_dtype)
-        adapter = _synthesize(_times(plan.St, spectrum, Atg), plan.taps, x2.shape[1])  # (in, N)
-        grad_x = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
+        adapter = _synthesize(_csr(plan.St, spectrum[plan.St.order], len(Atg)) @ Atg, plan.taps, x2.shape[1])
+        grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
     if needs[1]:  # only if someone unfroze W
-        grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+        grads[1] = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
     if needs[2]:
-        grad_b = g2.sum(0).to(weight.dtype)
-    return [grad_x, grad_w, grad_b, grad_s]
+        grads[2] = g2.sum(0).to(weight.dtype)
+    return grads
 
 
 def _add(y, adapter, scaling, dtype):
-    """y + scaling * adapter, computed in the adapter's dtype (or y's, if wider) and rounded once to dtype."""
+    """y + scaling adapter, computed in the adapter's dtype (or y's, if wider) and rounded once to dtype."""
     return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
 
 
 def _analyze(v, taps, dtype):
-    """v (N, n) -> B^T v^T (C, N): one level of wavelet analysis along n, coefficient-major (the layout the sparse
-    products read fastest), bands [low | high]. One copy (transposed, in the adapter's dtype), one convolution."""
-    n = v.shape[1] + (v.shape[1] % 2 if taps is not None else 0)  # odd n: one zero sample completes the last pair
-    vt = v.new_empty(n, v.shape[0], dtype=dtype)
-    if n > v.shape[1]:
+    """v (N, n) -> B^T v^T (C, N): one level of wavelet analysis along n, bands [low | high], coefficient-major (the
+    layout the sparse kernels read fastest): one copy (transposed, in the adapter's dtype), one convolution."""
+    vt = v.new_empty(v.shape[1] + (taps is not None and v.shape[1] % 2), v.shape[0], dtype=dtype)
+    if len(vt) > v.shape[1]:  # odd n: a zero completes the last pair
         vt[-1].zero_()
     vt[:v.shape[1]].copy_(v.T)
     if taps is None:  # no IDWT: B = I
         return vt
-    # Coefficient i of a band reads v at 2i + p - (L - 2), p < L (delta_weight_separable's B, transposed): a
-    # correlation with the synthesis taps, stride 2, L - 2 zeros in front (and behind: the longest band's end).
+    # Band coefficient i reads v at 2i + p - (L - 2), p < L (delta_weight_separable's B): a correlation with the
+    # synthesis taps at stride 2, after L - 2 zeros (and before as many: the high band's end).
     return F.conv2d(vt[None, None], taps, stride=(2, 1), padding=(taps.shape[2] - 2, 0)).view(-1, vt.shape[1])
 
 
 def _synthesize(u, taps, n):
-    """u (C, N) -> A u (n, N): each coefficient paints its band's L taps at 2i + p - (L - 2) (kept inside [0, n))."""
+    """u (C, N) -> A u (n, N): coefficient i paints its band's L taps at 2i + p - (L - 2), those inside [0, n)."""
     if taps is None:
         return u
-    return F.conv_transpose2d(u.view(1, 2, -1, u.shape[1]), taps, stride=(2, 1), padding=(taps.shape[2] - 2, 0))[
-        0, 0, :n]
+    u = u.view(1, 2, -1, u.shape[1])
+    return F.conv_transpose2d(u, taps, stride=(2, 1), padding=(taps.shape[2] - 2, 0))[0, 0, :n]
 
 
-def _times(m, spectrum, dense):
-    """(the matrix m, its values from the spectrum) @ dense: one sparse matmul."""
-    return _csr(m, spectrum[m.order], len(m.row_ptr) - 1, len(dense)) @ dense
-
-
-def _csr(m, values, rows, cols):
+def _csr(m, values, cols):
+    """The Sparse m with these values (in CSR order) as a torch CSR tensor of `cols` columns."""
     with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(m.row_ptr, m.col, values, size=(rows, cols), check_invariants=False)
+        return torch.sparse_csr_tensor(m.row_ptr, m.col, values, (len(m.row_ptr) - 1, cols), check_invariants=False)
 
 
-# Step 4: under torch.compile the layer is one custom op each way (sparse tensors cannot enter a traced graph).
-@torch.library.custom_op("waveft::linear", mutates_args=())
-def _compiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor,
-                     plan: int, scaling: float, base_dtype: torch.dtype) -> torch.Tensor:
+@torch.library.custom_op("waveft::forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor, plan: int,
+                scaling: float, base_dtype: torch.dtype) -> torch.Tensor:
     return _forward(x, weight, bias, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype)[0]
 
 
-@torch.library.custom_op("waveft::linear_backward", mutates_args=())
-def _compiled_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor, plan: int,
-                       scaling: float, base_dtype: torch.dtype, needs: list[bool]) -> list[torch.Tensor]:
+@torch.library.custom_op("waveft::backward", mutates_args=())
+def _backward_op(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor, plan: int,
+                 scaling: float, base_dtype: torch.dtype, needs: list[bool]) -> list[torch.Tensor]:
     grads = _backward(g, x, weight, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs)
     return [like.new_empty(0) if grad is None else grad for grad, like in zip(grads, (x, weight, weight, spectrum))]
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[3])  # x, W, spectrum
-    ctx.args = inputs[4:]  # plan, scaling, base_dtype
-
-
-def _compiled_gradients(ctx, g):
-    needs = list(ctx.needs_input_grad[:4])
-    grads = _compiled_backward(g, *ctx.saved_tensors, *ctx.args, needs)
-    return *(grad if need else None for grad, need in zip(grads, needs)), None, None, None
-
-
-_compiled_linear.register_autograd(_compiled_gradients, setup_context=_save_inputs)
-# What the compiler sees of the two ops: the shapes and dtypes of their results.
-_compiled_linear.register_fake(lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
-_compiled_backward.register_fake(lambda g, x, weight, spectrum, *args: [
-    like.new_empty(like.shape if need else (0,)) for like, need in zip((x, weight, weight[:, 0], spectrum), args[-1])])
+# What the compiler sees of the two custom ops: the shapes and dtypes of their results.
+_forward_op.register_fake(lambda x, weight, *_: x.new_empty(*x.shape[:-1], len(weight)))
+_backward_op.register_fake(lambda g, x, weight, spectrum, *args: [
+    like.new_empty(like.shape if need else 0) for like, need in zip((x, weight, weight[:, 0], spectrum), args[-1])])
 
 
 def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
@@ -694,9 +677,9 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         out_band, in_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
         s_row, s_col = out_band * h + r % h, in_band * w + c % w  # (k,) each: where the value sits in S
         taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])[:, None, :, None]  # (2, 1, L, 1)
-        L, p = taps.shape[2], torch.arange(taps.shape[2], device=device)
-        # A value paints dW rows 2 (r % h) + p - (L - 2) with tap taps[out_band, p], p < L; columns alike.
-        dw_rows, dw_cols = 2 * (r % h)[:, None] + p - (L - 2), 2 * (c % w)[:, None] + p - (L - 2)  # (k, L) each
+        p = torch.arange(taps.shape[2], device=device) - (taps.shape[2] - 2)  # (L,)
+        # A value paints dW rows 2 (r % h) + p - (L - 2), p < L, with its out band's taps; columns alike.
+        dw_rows, dw_cols = 2 * (r % h)[:, None] + p, 2 * (c % w)[:, None] + p  # (k, L) each
         row_taps, col_taps = taps[out_band, 0, :, 0], taps[in_band, 0, :, 0]  # (k, L) each
     else:  # no IDWT: A = B = I, S = C
         s_row, s_col, taps, dw_rows, dw_cols = rows, cols, None, rows[:, None], cols[:, None]  # (k, 1) each
@@ -713,7 +696,7 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
 
 
 def _sparse(row, col, n_rows, n_cols):
-    """The k entries at (row[e], col[e]), e = the coefficient, in CSR form."""
-    order = torch.argsort(row * n_cols + col)  # row-major
-    row_ptr = torch.searchsorted(row[order], torch.arange(n_rows + 1, device=row.device))  # first entry of each row
+    """The k entries at (row[e], col[e]) (e: the coefficient) in CSR form: sorted row-major."""
+    order = torch.argsort(row * n_cols + col)
+    row_ptr = torch.searchsorted(row[order], torch.arange(n_rows + 1, device=row.device))  # each row's first entry
     return Sparse(row_ptr=row_ptr.int(), col=col[order].int(), order=order)
