@@ -459,14 +459,17 @@ def check_same_layers(path, want, have):
 # gradients (tests: float64, 1e-6) at about LoRA r=1's cost and in about as many operations (each is a kernel
 # launch on a GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
 # 1. dW = scaling * A S B^T, as delta_weight_separable computes it: A and B are one level of 1-D wavelet synthesis,
-#    S holds the k coefficients. The plan (_plan), made once per layer shape, keeps S and S^T as sparse tables.
-# 2. Forward: y = x W^T + b + scaling (A S B^T x^T)^T, right to left: B^T x^T is a wavelet analysis, one strided
-#    convolution (_analyze); S times it one sparse matmul; A times that one transposed convolution (_synthesize).
-#    All in the spectrum's float32: updates far below a bf16 W's precision still change y. With many tokens in
-#    float32 (N (out + in) >= out in) one matmul with W + dW is cheaper: dW's k L^2 entries added to a copy of W.
-# 3. Backward: grad_x = g W + scaling (B S^T A^T g^T)^T, the same steps mirrored. dL/dS = scaling (A^T g^T)(B^T x^T)^T
-#    is needed only at S's k entries: one sampled matmul (torch.sparse.sampled_addmm). Nothing out x in is made.
-# 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, which the
+#    S holds the k coefficients. The plan (_plan), made once per layer shape, holds S, A S and B S^T as sparse
+#    matrices whose nonzeros are a fixed linear map of the spectrum (one sparse matrix-vector product per step).
+# 2. Forward: y = x W^T + b + scaling ((A S)(B^T x^T))^T. B^T x^T is a wavelet analysis, computed coefficient-major
+#    (the layout the sparse kernels read fastest) with one add per band (_analyze); A S times it is one sparse
+#    matmul. All in the spectrum's float32: updates far below a bf16 W's precision still change y. With many
+#    tokens in float32 (N (out + in) >= out in) one matmul with W + dW is cheaper: dW's k L^2 entries added to W.
+# 3. Backward: grad_x = g W + scaling ((B S^T)(A^T g^T))^T. dL/dS = scaling (A^T g^T)(B^T x^T)^T is needed only at
+#    S's k entries: one sampled matmul (torch.sparse.sampled_addmm). Nothing of size out x in is made or saved.
+# 4. _analyze divides each band by its first tap t0: a band t0 v[2i] + t1 v[2i+1] + ... starts as one
+#    torch.add(.., alpha=t1/t0) straight into the output (Haar: one add per band); the plan's maps multiply t0 back.
+# 5. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, which the
 #    compiler calls as they are, and the plan is made outside the traced graph (_plan_for).
 
 SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
@@ -496,19 +499,26 @@ _PLAN_BY_NUMBER = []  # a compiled graph names a plan by its number (a custom op
 
 
 class Sparse(NamedTuple):
-    """k entries in CSR form (int32 indices, as the sparse kernels read them); their values are spectrum[order]."""
-    row_ptr: torch.Tensor  # (rows + 1,): row i's entries are [row_ptr[i], row_ptr[i + 1])
-    col: torch.Tensor  # (k,)
-    order: torch.Tensor  # (k,): each entry's coefficient
+    """A matrix made from the k coefficients, in CSR form; its nonzeros are of_spectrum @ spectrum."""
+    row_ptr: torch.Tensor  # (rows + 1,): row i's nonzeros are [row_ptr[i], row_ptr[i + 1])
+    col: torch.Tensor  # (nonzeros,)
+    of_spectrum: torch.Tensor  # (nonzeros x k), sparse: the taps (and t0s) each nonzero takes of each coefficient
+    size: tuple  # (rows, cols)
 
 
 class Plan(NamedTuple):
     """Step 1 for one layer shape and one set of positions, shared by all layers that have both."""
     number: int  # its index in _PLAN_BY_NUMBER
-    taps: torch.Tensor  # (2, 1, L, 1): rec_lo, rec_hi, both convolutions' kernel (None without IDWT: A = B = I)
+    taps: list  # [[low-pass], [high-pass]] synthesis taps, for _analyze (None without IDWT: A = B = I)
     S: Sparse  # S (C_rows x C_cols), rows and columns in band order [low | high] (delta_weight_separable)
-    St: Sparse  # S^T
-    footprint: tuple  # (index, coef, tap), k L^2 each: W + dW is W.view(-1)[index] += scaling spectrum[coef] tap
+    pattern: torch.Tensor  # S's nonzeros as a CSR tensor of zeros: where sampled_addmm samples
+    to_spectrum: torch.Tensor  # (k x k), sparse: S.of_spectrum^T, the sampled values -> the spectrum's gradient
+    AS: Sparse  # A S (out x C_cols), k L nonzeros
+    BSt: Sparse  # B S^T (in x C_rows)
+    footprint: tuple  # dW's k L^2 entries: (positions in W.view(-1), sorted; of_spectrum; row i's from [i])
+
+    def __deepcopy__(self, memo):  # made once, never changed: a copied layer shares it
+        return self
 
 
 def _fast_forward(layer, x):
@@ -518,7 +528,7 @@ def _fast_forward(layer, x):
     base_dtype = torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype
     with torch.autocast(x.device.type, enabled=False):
         return _WaveFTFunction.apply(x, layer.base.weight, layer.base.bias, layer.waveft_spectrum,
-                                     _plan_for(layer, x.device), layer.scaling, base_dtype)
+                                     _plan_for(layer, x.device).number, layer.scaling, base_dtype)
 
 
 def _plan_for(layer, device):
@@ -549,57 +559,63 @@ class _WaveFTFunction(torch.autograd.Function):
     """y = x (W + dW)^T + b by steps 2 and 3 above; saves only x, W and the spectrum (nothing out x in)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):
+    def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):  # plan: its number
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
-        ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
-        if torch.compiler.is_compiling():  # step 4
-            return _forward_op(x, weight, bias, spectrum, plan.number, scaling, base_dtype)
-        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, plan, scaling, base_dtype)
+        ctx.args = (plan, scaling, base_dtype)
+        if torch.compiler.is_compiling():  # step 5
+            return _forward_op(x, weight, bias, spectrum, *ctx.args)
+        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        args, needs = (*ctx.saved_tensors, ctx.plan, ctx.scaling, ctx.base_dtype), ctx.needs_input_grad[:4]
-        if torch.compiler.is_compiling():  # step 4: empty tensors stand for None
-            grads = [grad if need else None for grad, need in zip(_backward_op(g, *args[:3], ctx.plan.number,
-                                                                               *args[4:], list(needs)), needs)]
-        else:
-            grads = _backward(g, *args, needs)
-        return *grads, None, None, None
+        needs = list(ctx.needs_input_grad[:4])
+        if torch.compiler.is_compiling():  # step 5: empty tensors stand for None
+            grads = _backward_op(g, *ctx.saved_tensors, *ctx.args, needs)
+            return *[grad if need else None for grad, need in zip(grads, needs)], None, None, None
+        plan, scaling, base_dtype = ctx.args
+        return *_backward(g, *ctx.saved_tensors, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs), None, None, None
 
 
 def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
     """(y, whether it took one matmul with W + dW): step 2."""
-    x2, (out_f, in_f) = x.reshape(-1, x.shape[-1]), weight.shape  # x2: (N, in)
+    x2, out_f = x.reshape(-1, x.shape[-1]), weight.shape[0]  # x2: (N, in)
     frozen = weight.to(base_dtype)  # W in the base matmul's dtype; the cast (if any) is transient, never saved
     bias = None if bias is None else bias.to(base_dtype)
-    # dense_matmul, many tokens: not to be confused with a layer's `merged` (dW folded into W by merge())
-    dense_matmul = x.dtype == frozen.dtype == spectrum.dtype and x2.shape[0] * (out_f + in_f) >= out_f * in_f
+    dense_matmul = _dense_matmul(x2, frozen, spectrum)  # not to be confused with a layer's `merged` (merge())
     if dense_matmul:
-        index, coef, tap = plan.footprint
-        y = F.linear(x2, frozen.flatten().index_add(0, index, spectrum[coef] * tap, alpha=scaling).view_as(frozen),
-                     bias)
-    else:  # A S B^T x^T, right to left
-        Btx = _analyze(x2, plan.taps, spectrum.dtype)  # (C_cols, N)
-        adapter = _synthesize(_csr(plan.S, spectrum[plan.S.order], len(Btx)) @ Btx, plan.taps, out_f)  # (out, N)
+        y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)
+    else:  # x W^T + b + scaling ((A S)(B^T x^T))^T
+        adapter = _csr(plan.AS, spectrum) @ _analyze(x2.to(spectrum.dtype), plan.taps, plan.S.size[1])  # (out, N)
         y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
     return y.reshape(*x.shape[:-1], out_f), dense_matmul
+
+
+def _dense_matmul(x2, frozen, spectrum):
+    """Many tokens (N (out + in) >= out in), all in one dtype: one matmul with W + dW costs less (step 2)."""
+    return x2.dtype == frozen.dtype == spectrum.dtype and len(x2) * sum(frozen.shape) >= frozen.numel()
 
 
 def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
     """[grad_x, grad_w, grad_b, grad_s], each None unless its flag in needs is set: step 3."""
     x2, g2, cdt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), spectrum.dtype  # (N, in), (N, out)
-    grads = [None] * 4
-    if needs[0] or needs[3]:
-        Atg = _analyze(g2, plan.taps, cdt)  # (C_rows, N): A^T g^T
-    if needs[3]:  # scaling (A^T g^T)(B^T x^T)^T at S's k entries only (CSR order), put in spectrum order
-        Btx = _analyze(x2, plan.taps, cdt)  # (C_cols, N)
-        pattern = _csr(plan.S, Atg.new_zeros(len(plan.S.col)), len(Btx))  # zeros: beta=0 still turns NaN into NaN
-        sampled = torch.sparse.sampled_addmm(pattern, Atg, Btx.T, beta=0.0, alpha=scaling).values()
-        grads[3] = torch.empty_like(spectrum).index_put_((plan.S.order,), sampled)  # (k,)
-    if needs[0]:  # g W + scaling (B S^T A^T g^T)^T
-        frozen = weight.to(base_dtype)
-        adapter = _synthesize(_csr(plan.St, spectrum[plan.St.order], len(Atg)) @ Atg, plan.taps, x2.shape[1])
+    frozen, grads = weight.to(base_dtype), [None] * 4
+    dense_matmul = _dense_matmul(x2, frozen, spectrum)
+    if needs[3] or (needs[0] and not dense_matmul):
+        Atg = _analyze(g2.to(cdt), plan.taps, plan.S.size[0])  # (C_rows, N): A^T g^T, each band / its t0
+    if needs[3]:  # scaling (A^T g^T)(B^T x^T)^T at S's k nonzeros (in CSR order), then in spectrum order
+        Btx = _analyze(x2.to(cdt), plan.taps, plan.S.size[1]).T  # (N, C_cols)
+        grads[3] = plan.to_spectrum @ torch.sparse.sampled_addmm(plan.pattern, Atg, Btx, beta=0.0,
+                                                                 alpha=scaling).values()  # (k,)
+        del Btx  # every tensor freed before the next is made lowers the peak memory
+    if needs[0] and dense_matmul:  # g (W + dW), a quarter of W's rows at a time (the transient: a quarter of W)
+        bounds, grad_x = [len(frozen) * i // 4 for i in range(5)], g2.new_zeros(x2.shape)
+        for r0, r1 in zip(bounds, bounds[1:]):
+            grad_x.addmm_(g2[:, r0:r1], _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1))
+        grads[0] = grad_x.reshape(x.shape)
+    elif needs[0]:  # g W + scaling ((B S^T)(A^T g^T))^T
+        adapter = _csr(plan.BSt, spectrum) @ Atg  # (in, N)
+        del Atg
         grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
     if needs[1]:  # only if someone unfroze W
         grads[1] = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
@@ -613,33 +629,38 @@ def _add(y, adapter, scaling, dtype):
     return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
 
 
-def _analyze(v, taps, dtype):
-    """v (N, n) -> B^T v^T (C, N): one level of wavelet analysis along n, bands [low | high], coefficient-major (the
-    layout the sparse kernels read fastest): one copy (transposed, in the adapter's dtype), one convolution."""
-    vt = v.new_empty(v.shape[1] + (taps is not None and v.shape[1] % 2), v.shape[0], dtype=dtype)
-    if len(vt) > v.shape[1]:  # odd n: a zero completes the last pair
-        vt[-1].zero_()
-    vt[:v.shape[1]].copy_(v.T)
+def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
+    """Rows r0:r1 of W + dW (all by default): a copy of W with dW's entries there added, O(k L^2)."""
+    r1 = len(weight) if r1 is None else r1
+    index, of_spectrum, row_start = plan.footprint
+    lo, hi = row_start[r0], row_start[r1]  # dW's entries in these rows (sorted by position)
+    block = weight[r0:r1]
+    delta = (of_spectrum @ spectrum)[lo:hi]
+    return block.flatten().index_add(0, index[lo:hi] - r0 * weight.shape[1], delta, alpha=scaling).view_as(block)
+
+
+def _analyze(v, taps, n_coef):
+    """v (N, n) -> (n_coef, N): B^T v^T with each band divided by its first tap (step 4), bands [low | high],
+    coefficient-major (the layout the sparse kernels read fastest). Coefficient i of a band reads v at
+    2i + p - (L - 2), p < L: hence the L - 2 zeros in front (and enough behind for the last coefficient)."""
     if taps is None:  # no IDWT: B = I
-        return vt
-    # Band coefficient i reads v at 2i + p - (L - 2), p < L (delta_weight_separable's B): a correlation with the
-    # synthesis taps at stride 2, after L - 2 zeros (and before as many: the high band's end).
-    return F.conv2d(vt[None, None], taps, stride=(2, 1), padding=(taps.shape[2] - 2, 0)).view(-1, vt.shape[1])
+        return v.T.contiguous()
+    L, half = len(taps[0]), n_coef // 2
+    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (N, n_coef + L - 2)
+    out = v.new_empty(n_coef, len(v))
+    for t, dst in zip(taps, out.view(2, half, -1)):  # t: one band's L taps; dst: (half, N), its coefficients
+        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst.T)
+        for p in range(2, L):
+            dst.T.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
+    return out
 
 
-def _synthesize(u, taps, n):
-    """u (C, N) -> A u (n, N): coefficient i paints its band's L taps at 2i + p - (L - 2), those inside [0, n)."""
-    if taps is None:
-        return u
-    u = u.view(1, 2, -1, u.shape[1])
-    return F.conv_transpose2d(u, taps, stride=(2, 1), padding=(taps.shape[2] - 2, 0))[0, 0, :n]
-
-
-def _csr(m, values, cols):
-    """The Sparse m with these values (in CSR order) as a torch CSR tensor of `cols` columns."""
+def _csr(m, spectrum=None):
+    """The Sparse m, its nonzeros made from the spectrum (zeros without one), as a torch CSR tensor."""
+    values = m.of_spectrum @ spectrum if spectrum is not None else m.col.new_zeros(len(m.col), dtype=m.of_spectrum.dtype)
     with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(m.row_ptr, m.col, values, (len(m.row_ptr) - 1, cols), check_invariants=False)
+        return torch.sparse_csr_tensor(m.row_ptr, m.col, values, m.size, check_invariants=False)
 
 
 @torch.library.custom_op("waveft::forward", mutates_args=())
@@ -676,27 +697,51 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         # half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
         out_band, in_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
         s_row, s_col = out_band * h + r % h, in_band * w + c % w  # (k,) each: where the value sits in S
-        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])[:, None, :, None]  # (2, 1, L, 1)
-        p = torch.arange(taps.shape[2], device=device) - (taps.shape[2] - 2)  # (L,)
+        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
+        p = torch.arange(taps.shape[1], device=device) - (taps.shape[1] - 2)  # (L,)
         # A value paints dW rows 2 (r % h) + p - (L - 2), p < L, with its out band's taps; columns alike.
         dw_rows, dw_cols = 2 * (r % h)[:, None] + p, 2 * (c % w)[:, None] + p  # (k, L) each
-        row_taps, col_taps = taps[out_band, 0, :, 0], taps[in_band, 0, :, 0]  # (k, L) each
+        row_taps, col_taps = taps[out_band], taps[in_band]  # (k, L) each
     else:  # no IDWT: A = B = I, S = C
         s_row, s_col, taps, dw_rows, dw_cols = rows, cols, None, rows[:, None], cols[:, None]  # (k, 1) each
         row_taps = col_taps = torch.ones(k, 1, dtype=torch.float64, device=device)
-    inside = ((dw_rows >= 0) & (dw_rows < out_f))[:, :, None] & ((dw_cols >= 0) & (dw_cols < in_f))[:, None, :]
-    footprint = ((dw_rows[:, :, None] * in_f + dw_cols[:, None, :])[inside],  # (k, L, L) patches, cropped
-                 torch.arange(k, device=device)[:, None, None].expand_as(inside)[inside],
-                 (row_taps[:, :, None] * col_taps[:, None, :])[inside].to(dtype))
-    plan = Plan(number=len(_PLAN_BY_NUMBER), taps=None if taps is None else taps.to(dtype),
-                S=_sparse(s_row, s_col, C_rows, C_cols), St=_sparse(s_col, s_row, C_cols, C_rows), footprint=footprint)
+    rows_in, cols_in = (dw_rows >= 0) & (dw_rows < out_f), (dw_cols >= 0) & (dw_cols < in_f)  # inside the crop
+    t0_row, t0_col = row_taps[:, :1], col_taps[:, :1]  # (k, 1): what _analyze divided by (step 4)
+    S = _sparse(s_row[:, None] * C_cols + s_col[:, None], t0_row * t0_col, (C_rows, C_cols), dtype)
+    footprint = _entries(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], row_taps[:, :, None] * col_taps[:, None, :],
+                         dtype, rows_in[:, :, None] & cols_in[:, None, :])  # (k, L, L) patches
+    plan = Plan(number=len(_PLAN_BY_NUMBER), taps=None if taps is None else taps.tolist(), S=S,
+                pattern=_csr(S), to_spectrum=_transposed(S.of_spectrum),
+                footprint=(*footprint, torch.searchsorted(footprint[0], torch.arange(out_f + 1, device=device) * in_f)
+                           .tolist()),
+                AS=_sparse(dw_rows * C_cols + s_col[:, None], row_taps * t0_col, (out_f, C_cols), dtype, rows_in),
+                BSt=_sparse(dw_cols * C_rows + s_row[:, None], col_taps * t0_row, (in_f, C_rows), dtype, cols_in))
     _PLANS[key] = plan
     _PLAN_BY_NUMBER.append(plan)
     return plan
 
 
-def _sparse(row, col, n_rows, n_cols):
-    """The k entries at (row[e], col[e]) (e: the coefficient) in CSR form: sorted row-major."""
-    order = torch.argsort(row * n_cols + col)
-    row_ptr = torch.searchsorted(row[order], torch.arange(n_rows + 1, device=row.device))  # each row's first entry
-    return Sparse(row_ptr=row_ptr.int(), col=col[order].int(), order=order)
+def _entries(index, tap, dtype, inside):
+    """Coefficient i puts tap[i, ...] at flat positions index[i, ...] (where inside; at one place they add up):
+    (the sorted positions, the sparse (positions x k) map from the spectrum to the values there)."""
+    coef = torch.arange(len(index), device=index.device).view(-1, *[1] * (index.dim() - 1)).expand_as(index)[inside]
+    where, slot = torch.unique(index[inside], return_inverse=True)  # slot: each entry's position in `where`
+    of_spectrum = torch.sparse_coo_tensor(torch.stack([slot, coef]), tap[inside].to(dtype), (len(where), len(index)),
+                                          check_invariants=False)
+    with warnings.catch_warnings():  # "sparse CSR is beta" (as in _csr)
+        warnings.simplefilter("ignore")
+        return where, of_spectrum.coalesce().to_sparse_csr()
+
+
+def _transposed(m):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return m.t().to_sparse_csr()
+
+
+def _sparse(index, tap, size, dtype, inside=None):
+    """The matrix of `size` built from the k coefficients as `_entries` places them, as a Sparse."""
+    where, of_spectrum = _entries(index, tap, dtype, torch.ones_like(index, dtype=torch.bool) if inside is None
+                                  else inside)
+    row_ptr = torch.searchsorted(where // size[1], torch.arange(size[0] + 1, device=index.device))
+    return Sparse(row_ptr=row_ptr.int(), col=(where % size[1]).int(), of_spectrum=of_spectrum, size=size)
