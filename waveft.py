@@ -455,25 +455,25 @@ def check_same_layers(path, want, have):
 # How training stays as cheap as LoRA
 # ======================================================================================================================
 # The definition builds dW (out x in) from k numbers, and autograd through it builds the dense gradient g^T x
-# (N out in multiply-adds) only to read k entries of its wavelet analysis. The fast path below gives the same y and
-# gradients (tests: float64, 1e-6) at about LoRA r=1's cost and in about as many operations (each is a kernel
-# launch on a GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
-# 1. dW = scaling * A S B^T, as delta_weight_separable computes it: A and B are one level of 1-D wavelet synthesis,
-#    S holds the k coefficients. The plan (_plan), made once per layer shape, holds S, A S and B S^T as sparse
-#    matrices whose nonzeros are a fixed linear map of the spectrum (one sparse matrix-vector product per step).
-# 2. Forward: y = x W^T + b + scaling ((A S)(B^T x^T))^T. B^T x^T is a wavelet analysis, computed coefficient-major
-#    (the layout the sparse kernels read fastest) with one add per band (_analyze); A S times it is one sparse
-#    matmul. All in the spectrum's float32: updates far below a bf16 W's precision still change y. With many
-#    tokens in float32 (N (out + in) >= out in) one matmul with W + dW is cheaper: dW's k L^2 entries added to W.
-# 3. Backward: grad_x = g W + scaling ((B S^T)(A^T g^T))^T. dL/dS = scaling (A^T g^T)(B^T x^T)^T is needed only at
-#    S's k entries: one sampled matmul (torch.sparse.sampled_addmm). Nothing of size out x in is made or saved.
-# 4. _analyze divides each band by its first tap t0: a band t0 v[2i] + t1 v[2i+1] + ... starts as one
-#    torch.add(.., alpha=t1/t0) straight into the output (Haar: one add per band); the plan's maps multiply t0 back.
-# 5. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, which the
+# (N out in multiply-adds) only to read k entries of its wavelet analysis. But dW has few nonzeros: each of the k
+# coefficients paints an L x L patch (delta_weight_separable: A S B^T), so dW has at most k L^2 (Haar: 4k). The
+# fast path keeps dW sparse and gives the same y and gradients (tests: float64, 1e-6) at about LoRA r=1's cost and
+# in fewer operations than LoRA (each is a kernel launch on a GPU: benchmarks/bench_ops.py counts them). With x
+# (N tokens x in) and g = dL/dy:
+# 1. The plan (_plan), made once per layer shape and positions: dW / scaling and its transpose as sparse CSR
+#    matrices whose nonzeros are M @ spectrum, M a fixed sparse map (each nonzero: taps times coefficients).
+# 2. Forward: y = x W^T + b + scaling (dW x^T)^T: one sparse matmul, in the spectrum's float32, so updates far
+#    below a bf16 W's precision still change y. With many tokens in float32 (N (out + in) >= out in) one matmul
+#    with W + dW (dW's entries added to a copy of W) costs less.
+# 3. Backward: grad_x = g W + scaling (dW^T g^T)^T. The coefficients' gradient: dL/d(dW) = g^T x is needed only at
+#    dW's nonzeros, one sampled matmul (torch.sparse.sampled_addmm, O(N k L^2)), then M^T takes it to the k
+#    coefficients. Nothing of size out x in is made or saved.
+# 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, which the
 #    compiler calls as they are, and the plan is made outside the traced graph (_plan_for).
 
 SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
 _WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")  # stable for the ops used here (torch 2)
 
 
 def fast_path_supported(device_type):
@@ -499,23 +499,22 @@ _PLAN_BY_NUMBER = []  # a compiled graph names a plan by its number (a custom op
 
 
 class Sparse(NamedTuple):
-    """A matrix made from the k coefficients, in CSR form; its nonzeros are of_spectrum @ spectrum."""
-    row_ptr: torch.Tensor  # (rows + 1,): row i's nonzeros are [row_ptr[i], row_ptr[i + 1])
-    col: torch.Tensor  # (nonzeros,)
-    of_spectrum: torch.Tensor  # (nonzeros x k), sparse: the taps (and t0s) each nonzero takes of each coefficient
+    """dW / scaling (or its transpose) in CSR form: row i's nonzeros are [row_ptr[i], row_ptr[i + 1])."""
+    row_ptr: torch.Tensor  # (rows + 1,) int32, as the sparse kernels read it
+    col: torch.Tensor  # (nonzeros,) int32
+    M: torch.Tensor  # (nonzeros x k), sparse: the nonzeros are M @ spectrum
     size: tuple  # (rows, cols)
 
 
 class Plan(NamedTuple):
-    """Step 1 for one layer shape and one set of positions, shared by all layers that have both."""
+    """Step 1, for one layer shape and one set of positions: shared by all layers that have both."""
     number: int  # its index in _PLAN_BY_NUMBER
-    taps: list  # [[low-pass], [high-pass]] synthesis taps, for _analyze (None without IDWT: A = B = I)
-    S: Sparse  # S (C_rows x C_cols), rows and columns in band order [low | high] (delta_weight_separable)
-    pattern: torch.Tensor  # S's nonzeros as a CSR tensor of zeros: where sampled_addmm samples
-    to_spectrum: torch.Tensor  # (k x k), sparse: S.of_spectrum^T, the sampled values -> the spectrum's gradient
-    AS: Sparse  # A S (out x C_cols), k L nonzeros
-    BSt: Sparse  # B S^T (in x C_rows)
-    footprint: tuple  # dW's k L^2 entries: (positions in W.view(-1), sorted; of_spectrum; row i's from [i])
+    dW: Sparse  # dW / scaling, its nonzeros sorted row-major
+    dWt: Sparse  # (dW / scaling)^T
+    index: torch.Tensor  # (nonzeros,) dW's nonzeros' positions in W.view(-1), sorted
+    row_start: list  # dW's nonzeros in rows r0:r1 are [row_start[r0], row_start[r1])
+    pattern: torch.Tensor  # dW's nonzeros as a CSR tensor of zeros: where sampled_addmm samples
+    Mt: torch.Tensor  # (k x nonzeros), sparse: dW.M^T, from dW's nonzeros back to the coefficients
 
     def __deepcopy__(self, memo):  # made once, never changed: a copied layer shares it
         return self
@@ -562,7 +561,7 @@ class _WaveFTFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):  # plan: its number
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
         ctx.args = (plan, scaling, base_dtype)
-        if torch.compiler.is_compiling():  # step 5
+        if torch.compiler.is_compiling():  # step 4
             return _forward_op(x, weight, bias, spectrum, *ctx.args)
         y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype)
         return y
@@ -570,7 +569,7 @@ class _WaveFTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         needs = list(ctx.needs_input_grad[:4])
-        if torch.compiler.is_compiling():  # step 5: empty tensors stand for None
+        if torch.compiler.is_compiling():  # step 4: empty tensors stand for None
             grads = _backward_op(g, *ctx.saved_tensors, *ctx.args, needs)
             return *[grad if need else None for grad, need in zip(grads, needs)], None, None, None
         plan, scaling, base_dtype = ctx.args
@@ -585,8 +584,8 @@ def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
     dense_matmul = _dense_matmul(x2, frozen, spectrum)  # not to be confused with a layer's `merged` (merge())
     if dense_matmul:
         y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)
-    else:  # x W^T + b + scaling ((A S)(B^T x^T))^T
-        adapter = _csr(plan.AS, spectrum) @ _analyze(x2.to(spectrum.dtype), plan.taps, plan.S.size[1])  # (out, N)
+    else:  # x W^T + b + scaling (dW x^T)^T
+        adapter = _csr(plan.dW, spectrum) @ _transposed(x2, spectrum.dtype)  # (out, N)
         y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
     return y.reshape(*x.shape[:-1], out_f), dense_matmul
 
@@ -599,23 +598,18 @@ def _dense_matmul(x2, frozen, spectrum):
 def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
     """[grad_x, grad_w, grad_b, grad_s], each None unless its flag in needs is set: step 3."""
     x2, g2, cdt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), spectrum.dtype  # (N, in), (N, out)
-    frozen, grads = weight.to(base_dtype), [None] * 4
-    dense_matmul = _dense_matmul(x2, frozen, spectrum)
-    if needs[3] or (needs[0] and not dense_matmul):
-        Atg = _analyze(g2.to(cdt), plan.taps, plan.S.size[0])  # (C_rows, N): A^T g^T, each band / its t0
-    if needs[3]:  # scaling (A^T g^T)(B^T x^T)^T at S's k nonzeros (in CSR order), then in spectrum order
-        Btx = _analyze(x2.to(cdt), plan.taps, plan.S.size[1]).T  # (N, C_cols)
-        grads[3] = plan.to_spectrum @ torch.sparse.sampled_addmm(plan.pattern, Atg, Btx, beta=0.0,
-                                                                 alpha=scaling).values()  # (k,)
-        del Btx  # every tensor freed before the next is made lowers the peak memory
-    if needs[0] and dense_matmul:  # g (W + dW), a quarter of W's rows at a time (the transient: a quarter of W)
+    frozen, grads, gt = weight.to(base_dtype), [None] * 4, _transposed(g2, cdt)  # gt: (out, N)
+    if needs[3]:  # scaling g^T x at dW's nonzeros (sampled), then M^T: the coefficients' gradient
+        sampled = torch.sparse.sampled_addmm(plan.pattern, gt, _transposed(x2, cdt).T, beta=0.0, alpha=scaling)
+        grads[3] = plan.Mt @ sampled.values()  # (k,)
+    if needs[0] and _dense_matmul(x2, frozen, spectrum):  # g (W + dW), a quarter of W at a time (the transient)
         bounds, grad_x = [len(frozen) * i // 4 for i in range(5)], g2.new_zeros(x2.shape)
         for r0, r1 in zip(bounds, bounds[1:]):
             grad_x.addmm_(g2[:, r0:r1], _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1))
         grads[0] = grad_x.reshape(x.shape)
-    elif needs[0]:  # g W + scaling ((B S^T)(A^T g^T))^T
-        adapter = _csr(plan.BSt, spectrum) @ Atg  # (in, N)
-        del Atg
+    elif needs[0]:  # g W + scaling (dW^T g^T)^T
+        adapter = _csr(plan.dWt, spectrum) @ gt  # (in, N)
+        del gt  # every tensor freed before the next is made lowers the peak memory
         grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
     if needs[1]:  # only if someone unfroze W
         grads[1] = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
@@ -624,43 +618,27 @@ def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
     return grads
 
 
+def _transposed(v, dtype):
+    """v^T in dtype, contiguous (one copy): the sparse kernels read their dense operand's rows."""
+    return v.new_empty(v.shape[::-1], dtype=dtype).copy_(v.T)
+
+
 def _add(y, adapter, scaling, dtype):
     """y + scaling adapter, computed in the adapter's dtype (or y's, if wider) and rounded once to dtype."""
     return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
 
 
+def _csr(m, spectrum):
+    """The Sparse m as a torch CSR tensor, its nonzeros made from the spectrum."""
+    return torch.sparse_csr_tensor(m.row_ptr, m.col, m.M @ spectrum, m.size, check_invariants=False)
+
+
 def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
-    """Rows r0:r1 of W + dW (all by default): a copy of W with dW's entries there added, O(k L^2)."""
+    """Rows r0:r1 of W + dW (all by default): a copy of W with dW's nonzeros there added, O(k L^2)."""
     r1 = len(weight) if r1 is None else r1
-    index, of_spectrum, row_start = plan.footprint
-    lo, hi = row_start[r0], row_start[r1]  # dW's entries in these rows (sorted by position)
-    block = weight[r0:r1]
-    delta = (of_spectrum @ spectrum)[lo:hi]
-    return block.flatten().index_add(0, index[lo:hi] - r0 * weight.shape[1], delta, alpha=scaling).view_as(block)
-
-
-def _analyze(v, taps, n_coef):
-    """v (N, n) -> (n_coef, N): B^T v^T with each band divided by its first tap (step 4), bands [low | high],
-    coefficient-major (the layout the sparse kernels read fastest). Coefficient i of a band reads v at
-    2i + p - (L - 2), p < L: hence the L - 2 zeros in front (and enough behind for the last coefficient)."""
-    if taps is None:  # no IDWT: B = I
-        return v.T.contiguous()
-    L, half = len(taps[0]), n_coef // 2
-    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (N, n_coef + L - 2)
-    out = v.new_empty(n_coef, len(v))
-    for t, dst in zip(taps, out.view(2, half, -1)):  # t: one band's L taps; dst: (half, N), its coefficients
-        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst.T)
-        for p in range(2, L):
-            dst.T.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
-    return out
-
-
-def _csr(m, spectrum=None):
-    """The Sparse m, its nonzeros made from the spectrum (zeros without one), as a torch CSR tensor."""
-    values = m.of_spectrum @ spectrum if spectrum is not None else m.col.new_zeros(len(m.col), dtype=m.of_spectrum.dtype)
-    with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(m.row_ptr, m.col, values, m.size, check_invariants=False)
+    lo, hi = plan.row_start[r0], plan.row_start[r1]
+    block, delta = weight[r0:r1], (plan.dW.M @ spectrum)[lo:hi]
+    return block.flatten().index_add(0, plan.index[lo:hi] - r0 * weight.shape[1], delta, alpha=scaling).view_as(block)
 
 
 @torch.library.custom_op("waveft::forward", mutates_args=())
@@ -688,60 +666,41 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     if key in _PLANS:
         return _PLANS[key]
     (out_f, in_f), k = shape, positions.shape[1]
-    C_rows, C_cols = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
     rows, cols = positions.to(device)  # (k,) each
     if use_idwt:
+        C_rows, C_cols = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
         h, w = C_rows // 2, C_cols // 2  # C's quarters are h x w
         r, c = rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2  # (k,) each: positions in the padded C
         # The band of each value along dW's out and in axes, read from C's halves (the quarter table): C's right
         # half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
         out_band, in_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
-        s_row, s_col = out_band * h + r % h, in_band * w + c % w  # (k,) each: where the value sits in S
-        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
+        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): rec_lo, rec_hi
         p = torch.arange(taps.shape[1], device=device) - (taps.shape[1] - 2)  # (L,)
         # A value paints dW rows 2 (r % h) + p - (L - 2), p < L, with its out band's taps; columns alike.
         dw_rows, dw_cols = 2 * (r % h)[:, None] + p, 2 * (c % w)[:, None] + p  # (k, L) each
         row_taps, col_taps = taps[out_band], taps[in_band]  # (k, L) each
-    else:  # no IDWT: A = B = I, S = C
-        s_row, s_col, taps, dw_rows, dw_cols = rows, cols, None, rows[:, None], cols[:, None]  # (k, 1) each
+    else:  # no IDWT: dW = scaling C, one entry per coefficient
+        dw_rows, dw_cols = rows[:, None], cols[:, None]  # (k, 1) each
         row_taps = col_taps = torch.ones(k, 1, dtype=torch.float64, device=device)
-    rows_in, cols_in = (dw_rows >= 0) & (dw_rows < out_f), (dw_cols >= 0) & (dw_cols < in_f)  # inside the crop
-    t0_row, t0_col = row_taps[:, :1], col_taps[:, :1]  # (k, 1): what _analyze divided by (step 4)
-    S = _sparse(s_row[:, None] * C_cols + s_col[:, None], t0_row * t0_col, (C_rows, C_cols), dtype)
-    footprint = _entries(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], row_taps[:, :, None] * col_taps[:, None, :],
-                         dtype, rows_in[:, :, None] & cols_in[:, None, :])  # (k, L, L) patches
-    plan = Plan(number=len(_PLAN_BY_NUMBER), taps=None if taps is None else taps.tolist(), S=S,
-                pattern=_csr(S), to_spectrum=_transposed(S.of_spectrum),
-                footprint=(*footprint, torch.searchsorted(footprint[0], torch.arange(out_f + 1, device=device) * in_f)
-                           .tolist()),
-                AS=_sparse(dw_rows * C_cols + s_col[:, None], row_taps * t0_col, (out_f, C_cols), dtype, rows_in),
-                BSt=_sparse(dw_cols * C_rows + s_row[:, None], col_taps * t0_row, (in_f, C_rows), dtype, cols_in))
+    inside = ((dw_rows >= 0) & (dw_rows < out_f))[:, :, None] & ((dw_cols >= 0) & (dw_cols < in_f))[:, None, :]
+    tap = row_taps[:, :, None] * col_taps[:, None, :]  # (k, L, L): each coefficient's patch, cropped by `inside`
+    dW, index = _sparse(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], tap, inside, (out_f, in_f), dtype)
+    dWt, _ = _sparse(dw_cols[:, None, :] * out_f + dw_rows[:, :, None], tap, inside, (in_f, out_f), dtype)
+    zeros = torch.zeros(len(index), dtype=dtype, device=device)
+    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index, Mt=dW.M.t().to_sparse_csr(),
+                row_start=torch.searchsorted(index, torch.arange(out_f + 1, device=device) * in_f).tolist(),
+                pattern=torch.sparse_csr_tensor(dW.row_ptr, dW.col, zeros, dW.size, check_invariants=False))
     _PLANS[key] = plan
     _PLAN_BY_NUMBER.append(plan)
     return plan
 
 
-def _entries(index, tap, dtype, inside):
-    """Coefficient i puts tap[i, ...] at flat positions index[i, ...] (where inside; at one place they add up):
-    (the sorted positions, the sparse (positions x k) map from the spectrum to the values there)."""
-    coef = torch.arange(len(index), device=index.device).view(-1, *[1] * (index.dim() - 1)).expand_as(index)[inside]
-    where, slot = torch.unique(index[inside], return_inverse=True)  # slot: each entry's position in `where`
-    of_spectrum = torch.sparse_coo_tensor(torch.stack([slot, coef]), tap[inside].to(dtype), (len(where), len(index)),
-                                          check_invariants=False)
-    with warnings.catch_warnings():  # "sparse CSR is beta" (as in _csr)
-        warnings.simplefilter("ignore")
-        return where, of_spectrum.coalesce().to_sparse_csr()
-
-
-def _transposed(m):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return m.t().to_sparse_csr()
-
-
-def _sparse(index, tap, size, dtype, inside=None):
-    """The matrix of `size` built from the k coefficients as `_entries` places them, as a Sparse."""
-    where, of_spectrum = _entries(index, tap, dtype, torch.ones_like(index, dtype=torch.bool) if inside is None
-                                  else inside)
+def _sparse(index, tap, inside, size, dtype):
+    """Coefficient i puts tap[i, ...] at flat positions index[i, ...] of a matrix of `size` (where inside; entries at
+    one place add up): (its Sparse, its nonzeros' flat positions, sorted)."""
+    coef = torch.arange(len(index), device=index.device)[:, None, None].expand_as(index)[inside]
+    where, slot = torch.unique(index[inside], return_inverse=True)  # slot: each entry's nonzero
+    M = torch.sparse_coo_tensor(torch.stack([slot, coef]), tap[inside].to(dtype), (len(where), len(index)),
+                                check_invariants=False).to_sparse_csr()  # (coalesced: entries at one place add)
     row_ptr = torch.searchsorted(where // size[1], torch.arange(size[0] + 1, device=index.device))
-    return Sparse(row_ptr=row_ptr.int(), col=(where % size[1]).int(), of_spectrum=of_spectrum, size=size)
+    return Sparse(row_ptr=row_ptr.int(), col=(where % size[1]).int(), M=M, size=size), where
