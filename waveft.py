@@ -473,7 +473,10 @@ def check_same_layers(path, want, have):
 
 SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
 _WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
-warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")  # stable for the ops used here (torch 2)
+with warnings.catch_warnings():  # torch warns once per process that sparse CSR is beta (it is stable for the ops
+    warnings.simplefilter("ignore")  # used here, since torch 2.0): said here, to no one, instead of in a user's run
+    torch.sparse_csr_tensor(torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0),
+                            (0, 0), check_invariants=False)
 
 
 def fast_path_supported(device_type):
@@ -701,6 +704,6 @@ def _sparse(index, tap, inside, size, dtype):
     coef = torch.arange(len(index), device=index.device)[:, None, None].expand_as(index)[inside]
     where, slot = torch.unique(index[inside], return_inverse=True)  # slot: each entry's nonzero
     M = torch.sparse_coo_tensor(torch.stack([slot, coef]), tap[inside].to(dtype), (len(where), len(index)),
-                                check_invariants=False).to_sparse_csr()  # (coalesced: entries at one place add)
+                                check_invariants=False).to_sparse_csr()
     row_ptr = torch.searchsorted(where // size[1], torch.arange(size[0] + 1, device=index.device))
     return Sparse(row_ptr=row_ptr.int(), col=(where % size[1]).int(), M=M, size=size), where

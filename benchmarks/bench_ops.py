@@ -130,17 +130,19 @@ def layer_call(model, x):
     return call
 
 
+def layer_count(variant, out_f, in_f, tokens, k=K):
+    """{op: calls} of one layer call of the variant (after a warm-up call: index plans, caches)."""
+    torch.manual_seed(0)
+    call = layer_call(adapted_layer(variant, out_f, in_f, min(k, out_f * in_f)),
+                      torch.randn(1, tokens, in_f, requires_grad=True))
+    call()
+    return counted_ops(call)
+
+
 def layer_counts(cases, k):
-    rows = []
-    for out_f, in_f, tokens in cases:
-        x = torch.randn(1, tokens, in_f, requires_grad=True)
-        counts = {}
-        for variant in VARIANTS:
-            call = layer_call(adapted_layer(variant, out_f, in_f, min(k, out_f * in_f)), x)
-            call()  # warm-up: index plans, caches
-            counts[variant] = counted_ops(call)
-        rows.append((f"{in_f}->{out_f} x{tokens}" if in_f != out_f else f"{out_f}^2 x{tokens}", counts))
-    return rows
+    return [(f"{in_f}->{out_f} x{tokens}" if in_f != out_f else f"{out_f}^2 x{tokens}",
+             {variant: layer_count(variant, out_f, in_f, tokens, k) for variant in VARIANTS})
+            for out_f, in_f, tokens in cases]
 
 
 def step_counts(k, resolution=128):
