@@ -105,8 +105,9 @@ class WaveFTLinear(nn.Module):
         return self.scaling * full[:out_f, :in_f]  # the first out x in block
 
     def delta_weight_separable(self):
-        """The same dW as the fast path (second half) sees it, with explicit dense matrices: scaling * A S B^T.
-        A reference to read and test against delta_weight (it builds out x C_rows and in x C_cols matrices).
+        """The same dW written separably, with explicit dense matrices: scaling * A S B^T. It shows why dW is sparse
+        (each coefficient of S paints an L x L patch: A's column times B's column), which the fast path (second
+        half) builds directly. A reference to read and test against delta_weight (out x C_rows, in x C_cols).
 
         IDWT2 is separable: A (out x C_rows) is the 1-D synthesis along the out axis (its column j: what a unit
         coefficient j paints there, _synthesis_matrix), B (in x C_cols) the one along the in axis. S is C in band
@@ -571,12 +572,14 @@ class _WaveFTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        needs = list(ctx.needs_input_grad[:4])
-        if torch.compiler.is_compiling():  # step 4: empty tensors stand for None
-            grads = _backward_op(g, *ctx.saved_tensors, *ctx.args, needs)
-            return *[grad if need else None for grad, need in zip(grads, needs)], None, None, None
-        plan, scaling, base_dtype = ctx.args
-        return *_backward(g, *ctx.saved_tensors, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs), None, None, None
+        needs, (plan, scaling, base_dtype) = list(ctx.needs_input_grad[:4]), ctx.args
+        with torch.autocast(g.device.type, enabled=False):  # (even if called under autocast) as in forward
+            if torch.compiler.is_compiling():  # step 4: empty tensors stand for None
+                grads = _backward_op(g, *ctx.saved_tensors, plan, scaling, base_dtype, needs)
+                grads = [grad if need else None for grad, need in zip(grads, needs)]
+            else:
+                grads = _backward(g, *ctx.saved_tensors, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs)
+        return *grads, None, None, None
 
 
 def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):

@@ -146,7 +146,8 @@ def layer_counts(cases, k):
 
 
 def step_counts(k, resolution=128):
-    """Ops of one bench_train.py step per variant: float32, and the recipe's bf16 + checkpointing."""
+    """Ops of one bench_train.py step per variant: float32 (bench_train's), and the recipe's: bf16 UNet, bf16
+    autocast around the forward only (as train_dreambooth.py), gradient checkpointing."""
     import bench_train
     rows = []
     base = bench_train.mid_size_unet()
@@ -158,21 +159,13 @@ def step_counts(k, resolution=128):
                 unet.bfloat16()  # the adapters stay float32
                 unet.enable_gradient_checkpointing()
                 unet.train()
+                unet.forward = torch.autocast("cpu", dtype=torch.bfloat16)(unet.forward)
             step = bench_train.make_step(unet, params, optimizer, resolution)
-            if recipe:
-                step = autocast_bf16(step)
             step()  # warm-up
             counts[variant] = counted_ops(step)
             del unet, params, optimizer, step
         rows.append((f"mid-size UNet step, {'bf16 + checkpointing' if recipe else 'float32'}", counts))
     return rows
-
-
-def autocast_bf16(step):
-    def wrapped():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            step()  # make_step's backward runs inside too: autocast leaves backward's dtypes alone
-    return wrapped
 
 
 def table(rows):
