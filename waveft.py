@@ -456,21 +456,18 @@ def check_same_layers(path, want, have):
 # How training stays as cheap as LoRA
 # ======================================================================================================================
 # The definition builds dW (out x in) from k numbers, and autograd through it builds the dense gradient g^T x
-# (N out in multiply-adds) only to read k entries of its wavelet analysis. But dW has few nonzeros: each of the k
-# coefficients paints an L x L patch (delta_weight_separable: A S B^T), so dW has at most k L^2 (Haar: 4k). The
-# fast path keeps dW sparse and gives the same y and gradients (tests: float64, 1e-6) at about LoRA r=1's cost and
-# in fewer operations than LoRA (each is a kernel launch on a GPU: benchmarks/bench_ops.py counts them). With x
-# (N tokens x in) and g = dL/dy:
-# 1. The plan (_plan), made once per layer shape and positions: dW / scaling and its transpose as sparse CSR
-#    matrices whose nonzeros are M @ spectrum, M a fixed sparse map (each nonzero: taps times coefficients).
-# 2. Forward: y = x W^T + b + scaling (dW x^T)^T: one sparse matmul, in the spectrum's float32, so updates far
-#    below a bf16 W's precision still change y. With many tokens in float32 (N (out + in) >= out in) one matmul
-#    with W + dW (dW's entries added to a copy of W) costs less.
-# 3. Backward: grad_x = g W + scaling (dW^T g^T)^T. The coefficients' gradient: dL/d(dW) = g^T x is needed only at
-#    dW's nonzeros, one sampled matmul (torch.sparse.sampled_addmm, O(N k L^2)), then M^T takes it to the k
-#    coefficients. Nothing of size out x in is made or saved.
-# 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, which the
-#    compiler calls as they are, and the plan is made outside the traced graph (_plan_for).
+# (N out in multiply-adds) only to read k entries of its wavelet analysis. But each coefficient paints an L x L patch
+# (delta_weight_separable), so dW has at most k L^2 nonzeros (Haar: 4k). The fast path keeps dW sparse: the same y
+# and gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in fewer operations (each a kernel launch on a
+# GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
+# 1. The plan (_plan), made once per layer shape: dW / scaling and its transpose as sparse CSR matrices whose
+#    nonzeros are M @ spectrum, M a fixed sparse map (each nonzero: taps times coefficients).
+# 2. Forward: y = x W^T + b + scaling (dW x^T)^T, one sparse matmul in the spectrum's float32 (updates far below a
+#    bf16 W's precision still change y). With many float32 tokens (N (out + in) >= out in), one matmul with W + dW.
+# 3. Backward: grad_x = g W + scaling (dW^T g^T)^T. dL/d(dW) = g^T x is needed only at dW's nonzeros: one sampled
+#    matmul (torch.sparse.sampled_addmm), then M^T takes it to the k coefficients. Nothing out x in is made.
+# 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, and the plan is
+#    made outside the traced graph (_plan_for).
 
 SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
 _WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
