@@ -1,4 +1,5 @@
-"""Shared timing helpers for the scripts in benchmarks/ (median wall time, one plain-text table).
+"""Shared helpers for the scripts in benchmarks/: median wall time, one plain-text table, and a quiet profiler
+(torch.profiler without kineto's start/stop lines on stderr).
 
 Each benchmark compares against its baseline in the same process; these few helpers keep every
 script's output in the same format. Deliberately no statistics beyond the median.
