@@ -588,7 +588,7 @@ def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
     if dense_matmul:
         y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)
     else:  # x W^T + b + scaling (dW x^T)^T
-        adapter = _csr(plan.dW, spectrum) @ _transposed(x2, spectrum.dtype)  # (out, N)
+        adapter = _times(plan.dW, spectrum, _transposed(x2, spectrum.dtype))  # (out, N)
         y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
     return y.reshape(*x.shape[:-1], out_f), dense_matmul
 
@@ -606,13 +606,14 @@ def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
         sampled = torch.sparse.sampled_addmm(plan.pattern, gt, _transposed(x2, cdt).T, beta=0.0, alpha=scaling)
         grads[3] = plan.Mt @ sampled.values()  # (k,)
     if needs[0] and _dense_matmul(x2, frozen, spectrum):  # g (W + dW), a quarter of W at a time (the transient)
+        del gt  # every tensor freed before the next is made lowers the peak memory
         bounds, grad_x = [len(frozen) * i // 4 for i in range(5)], g2.new_zeros(x2.shape)
         for r0, r1 in zip(bounds, bounds[1:]):
             grad_x.addmm_(g2[:, r0:r1], _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1))
         grads[0] = grad_x.reshape(x.shape)
     elif needs[0]:  # g W + scaling (dW^T g^T)^T
-        adapter = _csr(plan.dWt, spectrum) @ gt  # (in, N)
-        del gt  # every tensor freed before the next is made lowers the peak memory
+        adapter = _times(plan.dWt, spectrum, gt)  # (in, N)
+        del gt
         grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
     if needs[1]:  # only if someone unfroze W
         grads[1] = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
@@ -631,9 +632,12 @@ def _add(y, adapter, scaling, dtype):
     return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
 
 
-def _csr(m, spectrum):
-    """The Sparse m as a torch CSR tensor, its nonzeros made from the spectrum."""
-    return torch.sparse_csr_tensor(m.row_ptr, m.col, m.M @ spectrum, m.size, check_invariants=False)
+def _times(m, spectrum, dense):
+    """(the Sparse m, its nonzeros made from the spectrum) @ dense: one sparse matmul into one new tensor (torch's @
+    would make a second, zeroed one: a higher peak)."""
+    out = dense.new_empty(m.size[0], dense.shape[1])  # beta=0: never read
+    csr = torch.sparse_csr_tensor(m.row_ptr, m.col, m.M @ spectrum, m.size, check_invariants=False)
+    return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
 def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
