@@ -461,11 +461,13 @@ def check_same_layers(path, want, have):
 # and gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in fewer operations (each a kernel launch on a
 # GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
 # 1. The plan (_plan), made once per layer shape: dW / scaling and its transpose as sparse CSR matrices whose
-#    nonzeros are M @ spectrum, M a fixed sparse map (each nonzero: taps times coefficients).
+#    nonzeros are M @ spectrum, M a fixed sparse map (each nonzero: taps times coefficients); A^T and B^T, the 1-D
+#    wavelet analyses, as sparse matrices; S's k entries.
 # 2. Forward: y = x W^T + b + scaling (dW x^T)^T, one sparse matmul in the spectrum's float32 (updates far below a
 #    bf16 W's precision still change y). With many float32 tokens (N (out + in) >= out in), one matmul with W + dW.
-# 3. Backward: grad_x = g W + scaling (dW^T g^T)^T. dL/d(dW) = g^T x is needed only at dW's nonzeros: one sampled
-#    matmul (torch.sparse.sampled_addmm), then M^T takes it to the k coefficients. Nothing out x in is made.
+# 3. Backward: grad_x = g W + scaling (dW^T g^T)^T. The coefficients' gradient dL/dS = scaling (A^T g^T)(B^T x^T)^T
+#    (delta_weight_separable's S) is needed only at S's k entries: two analyses (a sparse matmul each), then one
+#    sampled matmul (torch.sparse.sampled_addmm). Nothing of size out x in is made or saved.
 # 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, and the plan is
 #    made outside the traced graph (_plan_for).
 
@@ -514,8 +516,10 @@ class Plan(NamedTuple):
     dWt: Sparse  # (dW / scaling)^T
     index: torch.Tensor  # (nonzeros,) dW's nonzeros' positions in W.view(-1), sorted
     row_start: list  # dW's nonzeros in rows r0:r1 are [row_start[r0], row_start[r1])
-    pattern: torch.Tensor  # dW's nonzeros as a CSR tensor of zeros: where sampled_addmm samples
-    Mt: torch.Tensor  # (k x nonzeros), sparse: dW.M^T, from dW's nonzeros back to the coefficients
+    At: torch.Tensor  # A^T (C_rows x out), CSR: the 1-D analysis along out (None without IDWT: A = I)
+    Bt: torch.Tensor  # B^T (C_cols x in), CSR
+    S: torch.Tensor  # S (C_rows x C_cols), CSR of zeros: where sampled_addmm samples (delta_weight_separable's S)
+    order: torch.Tensor  # (k,): the coefficient of each of S's entries (CSR order)
 
     def __deepcopy__(self, memo):  # made once, never changed: a copied layer shares it
         return self
@@ -588,7 +592,7 @@ def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
     if dense_matmul:
         y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)
     else:  # x W^T + b + scaling (dW x^T)^T
-        adapter = _times(plan.dW, spectrum, _transposed(x2, spectrum.dtype))  # (out, N)
+        adapter = _times(_csr(plan.dW, spectrum), _transposed(x2, spectrum.dtype))  # (out, N)
         y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
     return y.reshape(*x.shape[:-1], out_f), dense_matmul
 
@@ -602,17 +606,19 @@ def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
     """[grad_x, grad_w, grad_b, grad_s], each None unless its flag in needs is set: step 3."""
     x2, g2, cdt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), spectrum.dtype  # (N, in), (N, out)
     frozen, grads, gt = weight.to(base_dtype), [None] * 4, _transposed(g2, cdt)  # gt: (out, N)
-    if needs[3]:  # scaling g^T x at dW's nonzeros (sampled), then M^T: the coefficients' gradient
-        sampled = torch.sparse.sampled_addmm(plan.pattern, gt, _transposed(x2, cdt).T, beta=0.0, alpha=scaling)
-        grads[3] = plan.Mt @ sampled.values()  # (k,)
+    if needs[3]:  # dL/dS = scaling (A^T g^T)(B^T x^T)^T, needed only at S's k entries (in CSR order)
+        Atg, Btx = _analyze(plan.At, gt), _analyze(plan.Bt, _transposed(x2, cdt))  # (C_rows, N), (C_cols, N)
+        sampled = torch.sparse.sampled_addmm(plan.S, Atg, Btx.T, beta=0.0, alpha=scaling).values()
+        del Atg, Btx  # every tensor freed before the next is made lowers the peak memory
+        grads[3] = torch.empty_like(spectrum).index_put_((plan.order,), sampled)  # (k,) in spectrum order
     if needs[0] and _dense_matmul(x2, frozen, spectrum):  # g (W + dW), a quarter of W at a time (the transient)
-        del gt  # every tensor freed before the next is made lowers the peak memory
+        del gt
         bounds, grad_x = [len(frozen) * i // 4 for i in range(5)], g2.new_zeros(x2.shape)
         for r0, r1 in zip(bounds, bounds[1:]):
             grad_x.addmm_(g2[:, r0:r1], _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1))
         grads[0] = grad_x.reshape(x.shape)
     elif needs[0]:  # g W + scaling (dW^T g^T)^T
-        adapter = _times(plan.dWt, spectrum, gt)  # (in, N)
+        adapter = _times(_csr(plan.dWt, spectrum), gt)  # (in, N)
         del gt
         grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
     if needs[1]:  # only if someone unfroze W
@@ -632,12 +638,20 @@ def _add(y, adapter, scaling, dtype):
     return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
 
 
-def _times(m, spectrum, dense):
-    """(the Sparse m, its nonzeros made from the spectrum) @ dense: one sparse matmul into one new tensor (torch's @
-    would make a second, zeroed one: a higher peak)."""
-    out = dense.new_empty(m.size[0], dense.shape[1])  # beta=0: never read
-    csr = torch.sparse_csr_tensor(m.row_ptr, m.col, m.M @ spectrum, m.size, check_invariants=False)
+def _csr(m, spectrum):
+    """The Sparse m as a torch CSR tensor, its nonzeros made from the spectrum."""
+    return torch.sparse_csr_tensor(m.row_ptr, m.col, m.M @ spectrum, m.size, check_invariants=False)
+
+
+def _times(csr, dense):
+    """csr @ dense into one new tensor (torch's @ would make a second, zeroed one: a higher peak)."""
+    out = dense.new_empty(csr.shape[0], dense.shape[1])  # beta=0: never read
     return torch.addmm(out, csr, dense, beta=0.0, out=out)
+
+
+def _analyze(At, vt):
+    """A^T v^T: one level of 1-D wavelet analysis of each column of vt (n, N), as (C, N) (B^T x^T alike)."""
+    return vt if At is None else _times(At, vt)
 
 
 def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
@@ -674,32 +688,56 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         return _PLANS[key]
     (out_f, in_f), k = shape, positions.shape[1]
     rows, cols = positions.to(device)  # (k,) each
+    C_rows, C_cols = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
     if use_idwt:
-        C_rows, C_cols = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
         h, w = C_rows // 2, C_cols // 2  # C's quarters are h x w
         r, c = rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2  # (k,) each: positions in the padded C
         # The band of each value along dW's out and in axes, read from C's halves (the quarter table): C's right
         # half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
         out_band, in_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
+        s_row, s_col = out_band * h + r % h, in_band * w + c % w  # (k,) each: where the value sits in S
         taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): rec_lo, rec_hi
         p = torch.arange(taps.shape[1], device=device) - (taps.shape[1] - 2)  # (L,)
         # A value paints dW rows 2 (r % h) + p - (L - 2), p < L, with its out band's taps; columns alike.
         dw_rows, dw_cols = 2 * (r % h)[:, None] + p, 2 * (c % w)[:, None] + p  # (k, L) each
         row_taps, col_taps = taps[out_band], taps[in_band]  # (k, L) each
-    else:  # no IDWT: dW = scaling C, one entry per coefficient
-        dw_rows, dw_cols = rows[:, None], cols[:, None]  # (k, 1) each
+    else:  # no IDWT: dW = scaling C = scaling S, one entry per coefficient
+        s_row, s_col, dw_rows, dw_cols = rows, cols, rows[:, None], cols[:, None]  # (k, 1) each
         row_taps = col_taps = torch.ones(k, 1, dtype=torch.float64, device=device)
     inside = ((dw_rows >= 0) & (dw_rows < out_f))[:, :, None] & ((dw_cols >= 0) & (dw_cols < in_f))[:, None, :]
     tap = row_taps[:, :, None] * col_taps[:, None, :]  # (k, L, L): each coefficient's patch, cropped by `inside`
     dW, index = _sparse(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], tap, inside, (out_f, in_f), dtype)
     dWt, _ = _sparse(dw_cols[:, None, :] * out_f + dw_rows[:, :, None], tap, inside, (in_f, out_f), dtype)
-    zeros = torch.zeros(len(index), dtype=dtype, device=device)
-    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index, Mt=dW.M.t().to_sparse_csr(),
+    order = torch.argsort(s_row * C_cols + s_col)  # S's k entries row-major, as CSR keeps them
+    S_ptr = torch.searchsorted(s_row[order], torch.arange(C_rows + 1, device=device))  # each row's first entry
+    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index,
                 row_start=torch.searchsorted(index, torch.arange(out_f + 1, device=device) * in_f).tolist(),
-                pattern=torch.sparse_csr_tensor(dW.row_ptr, dW.col, zeros, dW.size, check_invariants=False))
+                At=_analysis(out_f, C_rows, wavelet, dtype, device) if use_idwt else None,
+                Bt=_analysis(in_f, C_cols, wavelet, dtype, device) if use_idwt else None,
+                S=torch.sparse_csr_tensor(S_ptr.int(), s_col[order].int(), torch.zeros(k, dtype=dtype, device=device),
+                                          (C_rows, C_cols), check_invariants=False), order=order)
     _PLANS[key] = plan
     _PLAN_BY_NUMBER.append(plan)
     return plan
+
+
+def _analysis(n, n_coef, wavelet, dtype, device):
+    """A^T (n_coef x n) as a CSR tensor: _synthesis_matrix's A, transposed (coefficient j reads its band's L taps at
+    2 (j % h) + p - (L - 2), those inside [0, n); h = n_coef / 2)."""
+    taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L)
+    j, p = torch.arange(n_coef, device=device)[:, None], torch.arange(taps.shape[1], device=device)
+    at = 2 * (j % (n_coef // 2)) + p - (taps.shape[1] - 2)  # (n_coef, L)
+    inside = (at >= 0) & (at < n)
+    return _int32(torch.sparse_coo_tensor(torch.stack([j.expand_as(at)[inside], at[inside]]),
+                                          taps[j // (n_coef // 2), p][inside].to(dtype), (n_coef, n),
+                                          check_invariants=False))
+
+
+def _int32(coo):
+    """A sparse matrix as CSR with int32 indices, as the sparse kernels read them (int64 ones: converted per call)."""
+    csr = coo.to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                   check_invariants=False)
 
 
 def _sparse(index, tap, inside, size, dtype):
@@ -707,7 +745,7 @@ def _sparse(index, tap, inside, size, dtype):
     one place add up): (its Sparse, its nonzeros' flat positions, sorted)."""
     coef = torch.arange(len(index), device=index.device)[:, None, None].expand_as(index)[inside]
     where, slot = torch.unique(index[inside], return_inverse=True)  # slot: each entry's nonzero
-    M = torch.sparse_coo_tensor(torch.stack([slot, coef]), tap[inside].to(dtype), (len(where), len(index)),
-                                check_invariants=False).to_sparse_csr()
+    M = _int32(torch.sparse_coo_tensor(torch.stack([slot, coef]), tap[inside].to(dtype), (len(where), len(index)),
+                                       check_invariants=False))
     row_ptr = torch.searchsorted(where // size[1], torch.arange(size[0] + 1, device=index.device))
     return Sparse(row_ptr=row_ptr.int(), col=(where % size[1]).int(), M=M, size=size), where
