@@ -501,25 +501,18 @@ _PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> Pl
 _PLAN_BY_NUMBER = []  # a compiled graph names a plan by its number (a custom op takes tensors and numbers only)
 
 
-class Sparse(NamedTuple):
-    """dW / scaling (or its transpose) in CSR form: row i's nonzeros are [row_ptr[i], row_ptr[i + 1])."""
-    row_ptr: torch.Tensor  # (rows + 1,) int32, as the sparse kernels read it
-    col: torch.Tensor  # (nonzeros,) int32
-    M: torch.Tensor  # (nonzeros x k), sparse: the nonzeros are M @ spectrum
-    size: tuple  # (rows, cols)
-
-
 class Plan(NamedTuple):
-    """Step 1, for one layer shape and one set of positions: shared by all layers that have both."""
+    """Step 1, for one layer shape and one set of positions: shared by all layers that have both. Sparse matrices are
+    CSR tensors with int32 indices (as the sparse kernels read them: int64 ones would be converted at every call)."""
     number: int  # its index in _PLAN_BY_NUMBER
-    dW: Sparse  # dW / scaling, its nonzeros sorted row-major
-    dWt: Sparse  # (dW / scaling)^T
-    index: torch.Tensor  # (nonzeros,) dW's nonzeros' positions in W.view(-1), sorted
-    row_start: list  # dW's nonzeros in rows r0:r1 are [row_start[r0], row_start[r1])
-    At: torch.Tensor  # A^T (C_rows x out), CSR: the 1-D analysis along out (None without IDWT: A = I)
-    Bt: torch.Tensor  # B^T (C_cols x in), CSR
-    S: torch.Tensor  # S (C_rows x C_cols), CSR of zeros: where sampled_addmm samples (delta_weight_separable's S)
-    order: torch.Tensor  # (k,): the coefficient of each of S's entries (CSR order)
+    dW: tuple  # (pattern, M): dW / scaling's nonzeros are M @ spectrum (M: nonzeros x k, sparse)
+    dWt: tuple  # the same for (dW / scaling)^T
+    index: torch.Tensor  # dW's nonzeros' positions in W.view(-1), sorted; those of rows r0:r1 are
+    row_start: list  # [row_start[r0], row_start[r1])
+    At: torch.Tensor  # A^T (C_rows x out): the 1-D analysis along out (None without IDWT: A = B = I)
+    Bt: torch.Tensor  # B^T (C_cols x in)
+    S: torch.Tensor  # S (C_rows x C_cols), zeros: where sampled_addmm samples (delta_weight_separable's S)
+    order: torch.Tensor  # (k,): the coefficient of each of S's entries, in their CSR order
 
     def __deepcopy__(self, memo):  # made once, never changed: a copied layer shares it
         return self
@@ -639,8 +632,10 @@ def _add(y, adapter, scaling, dtype):
 
 
 def _csr(m, spectrum):
-    """The Sparse m as a torch CSR tensor, its nonzeros made from the spectrum."""
-    return torch.sparse_csr_tensor(m.row_ptr, m.col, m.M @ spectrum, m.size, check_invariants=False)
+    """dW / scaling (or its transpose) as a CSR tensor: m's pattern with the nonzeros M @ spectrum."""
+    pattern, M = m
+    return torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), M @ spectrum, pattern.shape,
+                                   check_invariants=False)
 
 
 def _times(csr, dense):
@@ -658,7 +653,7 @@ def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
     """Rows r0:r1 of W + dW (all by default): a copy of W with dW's nonzeros there added, O(k L^2)."""
     r1 = len(weight) if r1 is None else r1
     lo, hi = plan.row_start[r0], plan.row_start[r1]
-    block, delta = weight[r0:r1], (plan.dW.M @ spectrum)[lo:hi]
+    block, delta = weight[r0:r1], (plan.dW[1] @ spectrum)[lo:hi]
     return block.flatten().index_add(0, plan.index[lo:hi] - r0 * weight.shape[1], delta, alpha=scaling).view_as(block)
 
 
@@ -705,47 +700,41 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         s_row, s_col, dw_rows, dw_cols = rows, cols, rows[:, None], cols[:, None]  # (k, 1) each
         row_taps = col_taps = torch.ones(k, 1, dtype=torch.float64, device=device)
     inside = ((dw_rows >= 0) & (dw_rows < out_f))[:, :, None] & ((dw_cols >= 0) & (dw_cols < in_f))[:, None, :]
-    tap = row_taps[:, :, None] * col_taps[:, None, :]  # (k, L, L): each coefficient's patch, cropped by `inside`
-    dW, index = _sparse(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], tap, inside, (out_f, in_f), dtype)
-    dWt, _ = _sparse(dw_cols[:, None, :] * out_f + dw_rows[:, :, None], tap, inside, (in_f, out_f), dtype)
-    order = torch.argsort(s_row * C_cols + s_col)  # S's k entries row-major, as CSR keeps them
-    S_ptr = torch.searchsorted(s_row[order], torch.arange(C_rows + 1, device=device))  # each row's first entry
-    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index,
+    tap = (row_taps[:, :, None] * col_taps[:, None, :]).to(dtype)  # (k, L, L): each coefficient's patch of dW
+    dW, index = _patches(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], tap, inside, (out_f, in_f))
+    dWt, _ = _patches(dw_cols[:, None, :] * out_f + dw_rows[:, :, None], tap, inside, (in_f, out_f))
+    At, Bt = (_analysis(n, n_coef, wavelet, dtype, device) if use_idwt else None
+              for n, n_coef in ((out_f, C_rows), (in_f, C_cols)))
+    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index, At=At, Bt=Bt,
                 row_start=torch.searchsorted(index, torch.arange(out_f + 1, device=device) * in_f).tolist(),
-                At=_analysis(out_f, C_rows, wavelet, dtype, device) if use_idwt else None,
-                Bt=_analysis(in_f, C_cols, wavelet, dtype, device) if use_idwt else None,
-                S=torch.sparse_csr_tensor(S_ptr.int(), s_col[order].int(), torch.zeros(k, dtype=dtype, device=device),
-                                          (C_rows, C_cols), check_invariants=False), order=order)
+                S=_csr_of(s_row, s_col, torch.zeros(k, dtype=dtype, device=device), (C_rows, C_cols)),
+                order=torch.argsort(s_row * C_cols + s_col))  # row-major, as CSR keeps them
     _PLANS[key] = plan
     _PLAN_BY_NUMBER.append(plan)
     return plan
 
 
+def _patches(flat, tap, inside, size):
+    """dW / scaling (or its transpose) from the coefficients' patches: flat[i, ...] where coefficient i puts
+    tap[i, ...] (where inside; overlaps add up). ((its pattern, M), its nonzeros' flat positions, sorted)."""
+    where, nonzero = torch.unique(flat[inside], return_inverse=True)
+    coef = torch.arange(len(flat), device=flat.device)[:, None, None].expand_as(flat)[inside]
+    pattern = _csr_of(where // size[1], where % size[1], torch.zeros_like(where, dtype=tap.dtype), size)
+    return (pattern, _csr_of(nonzero, coef, tap[inside], (len(where), len(flat)))), where
+
+
 def _analysis(n, n_coef, wavelet, dtype, device):
-    """A^T (n_coef x n) as a CSR tensor: _synthesis_matrix's A, transposed (coefficient j reads its band's L taps at
-    2 (j % h) + p - (L - 2), those inside [0, n); h = n_coef / 2)."""
-    taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L)
+    """A^T (n_coef x n): coefficient j reads its band's taps at 2 (j % h) + p - (L - 2), p < L, those inside [0, n)
+    (h = n_coef / 2; _synthesis_matrix's A, transposed)."""
+    taps = torch.stack(dwt.wavelet_filters(wavelet, dtype, device)[2:])  # (2, L): rec_lo, rec_hi
     j, p = torch.arange(n_coef, device=device)[:, None], torch.arange(taps.shape[1], device=device)
-    at = 2 * (j % (n_coef // 2)) + p - (taps.shape[1] - 2)  # (n_coef, L)
-    inside = (at >= 0) & (at < n)
-    return _int32(torch.sparse_coo_tensor(torch.stack([j.expand_as(at)[inside], at[inside]]),
-                                          taps[j // (n_coef // 2), p][inside].to(dtype), (n_coef, n),
-                                          check_invariants=False))
+    reads, h = 2 * (j % (n_coef // 2)) + p - (taps.shape[1] - 2), n_coef // 2  # (n_coef, L)
+    inside = (reads >= 0) & (reads < n)
+    return _csr_of(j.expand_as(reads)[inside], reads[inside], taps[j // h, p][inside], (n_coef, n))
 
 
-def _int32(coo):
-    """A sparse matrix as CSR with int32 indices, as the sparse kernels read them (int64 ones: converted per call)."""
-    csr = coo.to_sparse_csr()
-    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+def _csr_of(rows, cols, values, size):
+    """The sparse matrix with values[e] at (rows[e], cols[e]) (repeats add up) as a CSR tensor, int32 indices."""
+    csr = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size, check_invariants=False).to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), size,
                                    check_invariants=False)
-
-
-def _sparse(index, tap, inside, size, dtype):
-    """Coefficient i puts tap[i, ...] at flat positions index[i, ...] of a matrix of `size` (where inside; entries at
-    one place add up): (its Sparse, its nonzeros' flat positions, sorted)."""
-    coef = torch.arange(len(index), device=index.device)[:, None, None].expand_as(index)[inside]
-    where, slot = torch.unique(index[inside], return_inverse=True)  # slot: each entry's nonzero
-    M = _int32(torch.sparse_coo_tensor(torch.stack([slot, coef]), tap[inside].to(dtype), (len(where), len(index)),
-                                       check_invariants=False))
-    row_ptr = torch.searchsorted(where // size[1], torch.arange(size[0] + 1, device=index.device))
-    return Sparse(row_ptr=row_ptr.int(), col=(where % size[1]).int(), M=M, size=size), where
