@@ -509,10 +509,10 @@ class Plan(NamedTuple):
     dWt: tuple  # the same for (dW / scaling)^T
     index: torch.Tensor  # dW's nonzeros' positions in W.view(-1), sorted; those of rows r0:r1 are
     row_start: list  # [row_start[r0], row_start[r1])
-    At: torch.Tensor  # A^T (C_rows x out): the 1-D analysis along out (None without IDWT: A = B = I)
-    Bt: torch.Tensor  # B^T (C_cols x in)
+    taps: list  # [[low-pass], [high-pass]] synthesis taps, for _analyze (None without IDWT: A = B = I)
     S: torch.Tensor  # S (C_rows x C_cols), zeros: where sampled_addmm samples (delta_weight_separable's S)
     order: torch.Tensor  # (k,): the coefficient of each of S's entries, in their CSR order
+    first_taps: torch.Tensor  # (k,) in that order: t0 (out band) * t0 (in band), what _analyze divided by
 
     def __deepcopy__(self, memo):  # made once, never changed: a copied layer shares it
         return self
@@ -598,21 +598,20 @@ def _dense_matmul(x2, frozen, spectrum):
 def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
     """[grad_x, grad_w, grad_b, grad_s], each None unless its flag in needs is set: step 3."""
     x2, g2, cdt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), spectrum.dtype  # (N, in), (N, out)
-    frozen, grads, gt = weight.to(base_dtype), [None] * 4, _transposed(g2, cdt)  # gt: (out, N)
+    frozen, grads = weight.to(base_dtype), [None] * 4
     if needs[3]:  # dL/dS = scaling (A^T g^T)(B^T x^T)^T, needed only at S's k entries (in CSR order)
-        Atg, Btx = _analyze(plan.At, gt), _analyze(plan.Bt, _transposed(x2, cdt))  # (C_rows, N), (C_cols, N)
+        Atg = _analyze(g2.to(cdt), plan.taps, plan.S.shape[0])  # (C_rows, N), each band / its first tap
+        Btx = _analyze(x2.to(cdt), plan.taps, plan.S.shape[1])  # (C_cols, N)
         sampled = torch.sparse.sampled_addmm(plan.S, Atg, Btx.T, beta=0.0, alpha=scaling).values()
         del Atg, Btx  # every tensor freed before the next is made lowers the peak memory
-        grads[3] = torch.empty_like(spectrum).index_put_((plan.order,), sampled)  # (k,) in spectrum order
+        grads[3] = torch.empty_like(spectrum).index_put_((plan.order,), sampled.mul_(plan.first_taps))  # (k,)
     if needs[0] and _dense_matmul(x2, frozen, spectrum):  # g (W + dW), a quarter of W at a time (the transient)
-        del gt
         bounds, grad_x = [len(frozen) * i // 4 for i in range(5)], g2.new_zeros(x2.shape)
         for r0, r1 in zip(bounds, bounds[1:]):
             grad_x.addmm_(g2[:, r0:r1], _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1))
         grads[0] = grad_x.reshape(x.shape)
     elif needs[0]:  # g W + scaling (dW^T g^T)^T
-        adapter = _times(_csr(plan.dWt, spectrum), gt)  # (in, N)
-        del gt
+        adapter = _times(_csr(plan.dWt, spectrum), _transposed(g2, cdt))  # (in, N)
         grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
     if needs[1]:  # only if someone unfroze W
         grads[1] = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
@@ -644,9 +643,22 @@ def _times(csr, dense):
     return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
-def _analyze(At, vt):
-    """A^T v^T: one level of 1-D wavelet analysis of each column of vt (n, N), as (C, N) (B^T x^T alike)."""
-    return vt if At is None else _times(At, vt)
+def _analyze(v, taps, n_coef):
+    """v (N, n) -> (n_coef, N): B^T v^T, one level of 1-D wavelet analysis, bands [low | high], coefficient-major
+    (the layout sampled_addmm reads fastest), each band divided by its first tap t0: written t0 (v[2i] + t1/t0
+    v[2i+1] + ...), a band starts as one torch.add(.., alpha=t1/t0) straight into the output (Haar: a single add
+    or subtract per band); the plan's first_taps multiply t0 back. Coefficient i of a band reads v at 2i + p - (L - 2),
+    p < L: hence L - 2 zeros in front (and enough behind for the last coefficient)."""
+    if taps is None:  # no IDWT: B = I
+        return v.T.contiguous()
+    L, half = len(taps[0]), n_coef // 2
+    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (N, n_coef + L - 2)
+    out = v.new_empty(n_coef, len(v))
+    for t, dst in zip(taps, out.view(2, half, -1)):  # t: one band's L taps; dst: (half, N), its coefficients
+        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst.T)
+        for p in range(2, L):
+            dst.T.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
+    return out
 
 
 def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
@@ -703,12 +715,12 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
     tap = (row_taps[:, :, None] * col_taps[:, None, :]).to(dtype)  # (k, L, L): each coefficient's patch of dW
     dW, index = _patches(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], tap, inside, (out_f, in_f))
     dWt, _ = _patches(dw_cols[:, None, :] * out_f + dw_rows[:, :, None], tap, inside, (in_f, out_f))
-    At, Bt = (_analysis(n, n_coef, wavelet, dtype, device) if use_idwt else None
-              for n, n_coef in ((out_f, C_rows), (in_f, C_cols)))
-    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index, At=At, Bt=Bt,
+    order = torch.argsort(s_row * C_cols + s_col)  # S's entries row-major, as CSR keeps them
+    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index,
                 row_start=torch.searchsorted(index, torch.arange(out_f + 1, device=device) * in_f).tolist(),
-                S=_csr_of(s_row, s_col, torch.zeros(k, dtype=dtype, device=device), (C_rows, C_cols)),
-                order=torch.argsort(s_row * C_cols + s_col))  # row-major, as CSR keeps them
+                taps=taps.tolist() if use_idwt else None, order=order, first_taps=(row_taps[:, 0] * col_taps[:, 0])[
+                    order].to(dtype), S=_csr_of(s_row, s_col, torch.zeros(k, dtype=dtype, device=device),
+                                                (C_rows, C_cols)))
     _PLANS[key] = plan
     _PLAN_BY_NUMBER.append(plan)
     return plan
@@ -721,16 +733,6 @@ def _patches(flat, tap, inside, size):
     coef = torch.arange(len(flat), device=flat.device)[:, None, None].expand_as(flat)[inside]
     pattern = _csr_of(where // size[1], where % size[1], torch.zeros_like(where, dtype=tap.dtype), size)
     return (pattern, _csr_of(nonzero, coef, tap[inside], (len(where), len(flat)))), where
-
-
-def _analysis(n, n_coef, wavelet, dtype, device):
-    """A^T (n_coef x n): coefficient j reads its band's taps at 2 (j % h) + p - (L - 2), p < L, those inside [0, n)
-    (h = n_coef / 2; _synthesis_matrix's A, transposed)."""
-    taps = torch.stack(dwt.wavelet_filters(wavelet, dtype, device)[2:])  # (2, L): rec_lo, rec_hi
-    j, p = torch.arange(n_coef, device=device)[:, None], torch.arange(taps.shape[1], device=device)
-    reads, h = 2 * (j % (n_coef // 2)) + p - (taps.shape[1] - 2), n_coef // 2  # (n_coef, L)
-    inside = (reads >= 0) & (reads < n)
-    return _csr_of(j.expand_as(reads)[inside], reads[inside], taps[j // h, p][inside], (n_coef, n))
 
 
 def _csr_of(rows, cols, values, size):
