@@ -457,17 +457,16 @@ def check_same_layers(path, want, have):
 # ======================================================================================================================
 # The definition builds dW (out x in) from k numbers, and autograd through it builds the dense gradient g^T x
 # (N out in multiply-adds) only to read k entries of its wavelet analysis. But each coefficient paints an L x L patch
-# (delta_weight_separable), so dW has at most k L^2 nonzeros (Haar: 4k). The fast path keeps dW sparse: the same y
-# and gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in fewer operations (each a kernel launch on a
-# GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
-# 1. The plan (_plan), made once per layer shape: dW / scaling and its transpose as sparse CSR matrices whose
-#    nonzeros are M @ spectrum, M a fixed sparse map (each nonzero: taps times coefficients); A^T and B^T, the 1-D
-#    wavelet analyses, as sparse matrices; S's k entries.
+# (delta_weight_separable: A S B^T), so dW has at most k L^2 nonzeros (Haar: 4k). The fast path keeps dW sparse: the
+# same y and gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in fewer operations (each a kernel launch
+# on a GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
+# 1. The plan (_plan), made once per layer shape: dW / scaling and its transpose as sparse matrices whose nonzeros
+#    are M @ spectrum (M a fixed sparse map: each nonzero's taps times coefficients), and S's k entries.
 # 2. Forward: y = x W^T + b + scaling (dW x^T)^T, one sparse matmul in the spectrum's float32 (updates far below a
 #    bf16 W's precision still change y). With many float32 tokens (N (out + in) >= out in), one matmul with W + dW.
 # 3. Backward: grad_x = g W + scaling (dW^T g^T)^T. The coefficients' gradient dL/dS = scaling (A^T g^T)(B^T x^T)^T
-#    (delta_weight_separable's S) is needed only at S's k entries: two analyses (a sparse matmul each), then one
-#    sampled matmul (torch.sparse.sampled_addmm). Nothing of size out x in is made or saved.
+#    is needed only at S's k entries: two 1-D wavelet analyses (_analyze), then one sampled matmul
+#    (torch.sparse.sampled_addmm). Nothing of size out x in is made or saved.
 # 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, and the plan is
 #    made outside the traced graph (_plan_for).
 
@@ -585,7 +584,7 @@ def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
     if dense_matmul:
         y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)
     else:  # x W^T + b + scaling (dW x^T)^T
-        adapter = _times(_csr(plan.dW, spectrum), _transposed(x2, spectrum.dtype))  # (out, N)
+        adapter = _times(plan.dW, spectrum, _transposed(x2, spectrum.dtype))  # (out, N)
         y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
     return y.reshape(*x.shape[:-1], out_f), dense_matmul
 
@@ -611,7 +610,7 @@ def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
             grad_x.addmm_(g2[:, r0:r1], _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1))
         grads[0] = grad_x.reshape(x.shape)
     elif needs[0]:  # g W + scaling (dW^T g^T)^T
-        adapter = _times(_csr(plan.dWt, spectrum), _transposed(g2, cdt))  # (in, N)
+        adapter = _times(plan.dWt, spectrum, _transposed(g2, cdt))  # (in, N)
         grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
     if needs[1]:  # only if someone unfroze W
         grads[1] = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
@@ -630,25 +629,20 @@ def _add(y, adapter, scaling, dtype):
     return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
 
 
-def _csr(m, spectrum):
-    """dW / scaling (or its transpose) as a CSR tensor: m's pattern with the nonzeros M @ spectrum."""
-    pattern, M = m
-    return torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), M @ spectrum, pattern.shape,
-                                   check_invariants=False)
-
-
-def _times(csr, dense):
-    """csr @ dense into one new tensor (torch's @ would make a second, zeroed one: a higher peak)."""
-    out = dense.new_empty(csr.shape[0], dense.shape[1])  # beta=0: never read
+def _times(m, spectrum, dense):
+    """(dW / scaling or its transpose: m's pattern, its nonzeros M @ spectrum) @ dense: one sparse matmul, into one
+    new tensor (torch's @ would make a second, zeroed one: a higher peak)."""
+    (pattern, M), out = m, dense.new_empty(m[0].shape[0], dense.shape[1])  # beta=0: out is never read
+    csr = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), M @ spectrum, pattern.shape,
+                                  check_invariants=False)
     return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
 def _analyze(v, taps, n_coef):
-    """v (N, n) -> (n_coef, N): B^T v^T, one level of 1-D wavelet analysis, bands [low | high], coefficient-major
-    (the layout sampled_addmm reads fastest), each band divided by its first tap t0: written t0 (v[2i] + t1/t0
-    v[2i+1] + ...), a band starts as one torch.add(.., alpha=t1/t0) straight into the output (Haar: a single add
-    or subtract per band); the plan's first_taps multiply t0 back. Coefficient i of a band reads v at 2i + p - (L - 2),
-    p < L: hence L - 2 zeros in front (and enough behind for the last coefficient)."""
+    """v (N, n) -> (n_coef, N): B^T v^T, one level of 1-D analysis, bands [low | high], coefficient-major (as
+    sampled_addmm reads it fastest). Band coefficient i is sum_p t[p] v[2i + p - (L - 2)] (hence L - 2 zeros in front),
+    computed divided by t[0]: one torch.add(.., alpha=t1/t0) straight into the output (Haar: one add per band);
+    the plan's first_taps multiply t[0] back."""
     if taps is None:  # no IDWT: B = I
         return v.T.contiguous()
     L, half = len(taps[0]), n_coef // 2
