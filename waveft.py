@@ -522,9 +522,10 @@ def _fast_forward(layer, x):
     # the spectrum's dtype. Every cast is explicit inside, so autocast is switched off there.
     amp = torch.is_autocast_enabled(x.device.type)
     base_dtype = torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype
+    args = (x, layer.base.weight, layer.base.bias, layer.waveft_spectrum, _plan_for(layer, x.device).number,
+            layer.scaling, base_dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return _WaveFTFunction.apply(x, layer.base.weight, layer.base.bias, layer.waveft_spectrum,
-                                     _plan_for(layer, x.device).number, layer.scaling, base_dtype)
+        return _forward_op(*args) if torch.compiler.is_compiling() else _WaveFTFunction.apply(*args)  # step 4
 
 
 def _plan_for(layer, device):
@@ -557,22 +558,14 @@ class _WaveFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):  # plan: its number
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
-        ctx.args = (plan, scaling, base_dtype)
-        if torch.compiler.is_compiling():  # step 4
-            return _forward_op(x, weight, bias, spectrum, *ctx.args)
-        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype)
+        ctx.args = (_PLAN_BY_NUMBER[plan], scaling, base_dtype)
+        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, *ctx.args)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        needs, (plan, scaling, base_dtype) = list(ctx.needs_input_grad[:4]), ctx.args
-        with torch.autocast(g.device.type, enabled=False):  # (even if called under autocast) as in forward
-            if torch.compiler.is_compiling():  # step 4: empty tensors stand for None
-                grads = _backward_op(g, *ctx.saved_tensors, plan, scaling, base_dtype, needs)
-                grads = [grad if need else None for grad, need in zip(grads, needs)]
-            else:
-                grads = _backward(g, *ctx.saved_tensors, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs)
-        return *grads, None, None, None
+        with torch.autocast(g.device.type, enabled=False):  # (even when called under autocast) as in forward
+            return *_backward(g, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[:4]), None, None, None
 
 
 def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
@@ -663,6 +656,9 @@ def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
     return block.flatten().index_add(0, plan.index[lo:hi] - r0 * weight.shape[1], delta, alpha=scaling).view_as(block)
 
 
+# Step 4: what torch.compile calls instead of _WaveFTFunction, the same two functions as opaque custom ops (the
+# compiler sees only the shapes of their results, register_fake). A custom op takes tensors and numbers only: the
+# plan goes by its number, a gradient not asked for comes back as an empty tensor.
 @torch.library.custom_op("waveft::forward", mutates_args=())
 def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor, plan: int,
                 scaling: float, base_dtype: torch.dtype) -> torch.Tensor:
@@ -672,11 +668,23 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 @torch.library.custom_op("waveft::backward", mutates_args=())
 def _backward_op(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor, plan: int,
                  scaling: float, base_dtype: torch.dtype, needs: list[bool]) -> list[torch.Tensor]:
-    grads = _backward(g, x, weight, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs)
+    with torch.autocast(g.device.type, enabled=False):
+        grads = _backward(g, x, weight, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs)
     return [like.new_empty(0) if grad is None else grad for grad, like in zip(grads, (x, weight, weight, spectrum))]
 
 
-# What the compiler sees of the two custom ops: the shapes and dtypes of their results.
+def _save_for_backward_op(ctx, inputs, output):
+    x, weight, _, spectrum, *ctx.args = inputs
+    ctx.save_for_backward(x, weight, spectrum)
+
+
+def _gradients_by_op(ctx, g):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = _backward_op(g, *ctx.saved_tensors, *ctx.args, needs)
+    return *[grad if need else None for grad, need in zip(grads, needs)], None, None, None
+
+
+_forward_op.register_autograd(_gradients_by_op, setup_context=_save_for_backward_op)
 _forward_op.register_fake(lambda x, weight, *_: x.new_empty(*x.shape[:-1], len(weight)))
 _backward_op.register_fake(lambda g, x, weight, spectrum, *args: [
     like.new_empty(like.shape if need else 0) for like, need in zip((x, weight, weight[:, 0], spectrum), args[-1])])

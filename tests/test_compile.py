@@ -48,7 +48,6 @@ def assert_compiled_equals_eager(fn, backend, *args):
     assert not dynamo_warnings, dynamo_warnings
 
 
-BACKEND = "aot_eager"
 X = torch.randn(2, 12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
@@ -214,7 +213,7 @@ def test_train_compile_gives_the_eager_losses(tmp_path, monkeypatch, tiny_run_di
     import csv
     import train_dreambooth
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=BACKEND, **kw))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
     run = train_dreambooth.main(["--subject", "dog6", "--k", "2000", "--model", "tiny", "--data-dir",
                                  str(dreambooth_dir), "--output-dir", str(tmp_path), "--resolution", "64",
                                  "--steps", "2", "--grad-accum", "2", "--validation-prompts", "0", "--compile"])
