@@ -86,13 +86,14 @@ class Options:
     device: str = "auto"  # cuda if available, else cpu
     fixed_noise: bool = False  # debug: same image, noise and timestep every micro-batch (learning-signal test)
     fast: bool = True  # false: each layer computes the definition F.linear(x, W + dW, b) (teaching; same result)
+    compile: bool = False  # torch.compile the UNet for training: same result; off by default, CUDA too (docs/training.md)
     save_merged: bool = False  # also write <run>/merged_unet: the UNet with dW folded in, for plain diffusers
 
 
 # Options that cannot change the adapter: they are left out of the run's folder name.
 NO_EFFECT_ON_RESULT = {"data_dir", "output_dir", "run_name", "overwrite", "resume", "checkpoint_every", "class_dir",
                        "validation_prompts", "sample_steps", "device", "gradient_checkpointing", "fast",
-                       "save_merged"}
+                       "compile", "save_merged"}
 # Options that may change between an interrupted run and its --resume (--steps extends a run; the photos, like the
 # dataset, may have moved); others are refused.
 RESUMABLE = NO_EFFECT_ON_RESULT | {"steps", "images"}
@@ -385,6 +386,7 @@ def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_d
     from diffusers import DDPMScheduler  # here, not at the top: a bad command line fails before its seconds of import
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.mixed_precision == "bf16")
+    unet = torch.compile(pipe.unet, fullgraph=True) if opts.compile else pipe.unet  # one graph, compiled in step 1
     checkpoint_path = run_dir / "checkpoint.pt"
     progress = tqdm(total=opts.steps, initial=start, desc=run_dir.name, disable=rank != 0)  # counts finished steps
     with runs.ctrl_c_finishes_the_step() as stop_requested, progress, runs.closing_log(log):
@@ -394,7 +396,7 @@ def train(pipe, cached, params, optimizer, generator, passes, start, opts, run_d
                              else 0, opts.grad_accum, generator, opts.seed if opts.fixed_noise else None)
             step_loss, step_prior = 0.0, 0.0
             for photo, class_image, seed in plan[rank::world_size]:
-                losses = micro_batch_losses(pipe.unet, scheduler, cached, photo, class_image, seed, device, autocast)
+                losses = micro_batch_losses(unet, scheduler, cached, photo, class_image, seed, device, autocast)
                 # DreamBooth's objective: instance MSE + weight * class-prior MSE (two explicit terms)
                 loss = losses[0] + (opts.prior_loss_weight * losses[1] if cached.prior else 0)
                 (loss / opts.grad_accum).backward()  # / grad_accum even in a short step (as accelerate does)

@@ -84,7 +84,9 @@ class WaveFTLinear(nn.Module):
         self.waveft_spectrum = nn.Parameter(torch.zeros(k, dtype=dtype, device=base.weight.device))  # zero: dW = 0
         self.register_buffer("waveft_positions", draw_positions(base.out_features, base.in_features, k, seed)
                              .to(base.weight.device, copy=True))  # (2, k) rows, cols; own copy (the cache is shared)
-        self._plan_memo = None  # the fast path's index plan for the current positions (see _plan_for)
+        self._plan_memo = None  # the fast path's index plan for the current positions (second half: _plan_for)
+        self.register_load_state_dict_post_hook(_refresh_plan)  # new positions, new plan
+        _refresh_plan(self)  # made now, outside any torch.compile trace
 
     def coefficients(self):
         """C (C_rows x C_cols): zeros, with the k values at their positions + (L - 2) // 2 (centred)."""
@@ -103,8 +105,9 @@ class WaveFTLinear(nn.Module):
         return self.scaling * full[:out_f, :in_f]  # the first out x in block
 
     def delta_weight_separable(self):
-        """The same dW as the fast path (second half) sees it, with explicit dense matrices: scaling * A S B^T.
-        A reference to read and test against delta_weight (it builds out x C_rows and in x C_cols matrices).
+        """The same dW written separably, with explicit dense matrices: scaling * A S B^T. It shows why dW is sparse
+        (each coefficient of S paints an L x L patch: A's column times B's column), which the fast path (second
+        half) builds directly. A reference to read and test against delta_weight (out x C_rows, in x C_cols).
 
         IDWT2 is separable: A (out x C_rows) is the 1-D synthesis along the out axis (its column j: what a unit
         coefficient j paints there, _synthesis_matrix), B (in x C_cols) the one along the in axis. S is C in band
@@ -134,7 +137,9 @@ class WaveFTLinear(nn.Module):
         return _fast_forward(self, x)
 
     def _apply(self, fn, recurse=True):  # behind .to(dtype), .half(), .cuda(): adapters stay float32
-        return _apply_keeping_adapters_float32(self, fn, recurse)
+        _apply_keeping_adapters_float32(self, fn, recurse)
+        _refresh_plan(self)  # on the new device
+        return self
 
 
 def _synthesis_matrix(n, n_coef, wavelet, dtype, device):
@@ -401,7 +406,9 @@ def load(model, path, fast=True):
         model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
         layers = dict(adapted_layers(model))
     for (name, attr), value in values.items():
-        getattr(layers[name], attr).copy_(value)  # new positions: the layer's index plan follows (_plan_for)
+        getattr(layers[name], attr).copy_(value)
+    for layer in layers.values():
+        _refresh_plan(layer)  # new positions: the fast path's index plan follows
     return meta
 
 
@@ -449,30 +456,26 @@ def check_same_layers(path, want, have):
 # How training stays as cheap as LoRA
 # ======================================================================================================================
 # The definition builds dW (out x in) from k numbers, and autograd through it builds the dense gradient g^T x
-# (out x in, tokens * out * in multiply-adds) only to read k entries of its wavelet analysis. The fast path below
-# gives the same y and the same gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in four steps.
-#
-# 1. dW = scaling * A S B^T, as delta_weight_separable computes it with dense matrices; here (_plan) S, A S and
-#    B S^T are index tables of their k (or k L) entries. Coefficient (s_row, s_col) of S paints an L x L patch of
-#    dW: its "footprint".
-# 2. The coefficient gradient (_WaveFTFunction.backward). With g = dL/dy (N tokens x out), dL/d(dW) = g^T x, so
-#        dL/dS = scaling * A^T g^T x B,    dL/dS[s_row, s_col] = scaling * sum_n (A^T g_n)[s_row] (B^T x_n)[s_col].
-#    A^T g and B^T x are 1-D wavelet analyses, L multiply-adds per value (_analyze); of their outer product only the
-#    k entries where S has a coefficient are needed: torch.sparse.sampled_addmm. O(N (out + in + k)) in all.
-# 3. Forward and input gradient, whichever keeps the smaller transient (_WaveFTFunction.forward):
-#    many tokens, N (out + in) >= out in: one matmul with W + dW, dW scattered from the footprints (O(k L^2); a
-#    copy of W that is never saved, a quarter of it at a time for grad_x);
-#    few tokens (e.g. cross-attention to_k/to_v on 77 text tokens), or a bf16/fp16 W: y = x W^T + b + scaling
-#    (A S)(B^T x)^T and grad_x = g W + scaling (B S^T)(A^T g)^T, with A S and B S^T sparse (k L nonzeros). The
-#    adapter then runs in the spectrum's float32, so updates far below a bf16 W's precision still change y.
-# 4. Why each band is divided by its first tap (_analyze). A band is sum_{p<L} t[p] v[2i + p] (v padded). Written as
-#    t[0] (v[2i] + t[1]/t[0] v[2i+1] + ...), its first two terms are one torch.add(..., alpha=t[1]/t[0]) straight
-#    into the output, with no separate multiply pass: for Haar (L = 2, taps +-1/sqrt(2)) a band is a single add or
-#    subtract. The factor t[0] is put back where it costs nothing, in the plan's k (or k L) tap values: S.tap holds
-#    t0_row * t0_col for the sampled gradient, A S's taps carry t0_col (it multiplies B^T x / t0_col), B S^T's t0_row.
+# (N out in multiply-adds) only to read k entries of its wavelet analysis. But each coefficient paints an L x L patch
+# (delta_weight_separable: A S B^T), so dW has at most k L^2 nonzeros (Haar: 4k). The fast path keeps dW sparse: the
+# same y and gradients (tests: float64, 1e-6) at about LoRA r=1's cost, in fewer operations (each a kernel launch
+# on a GPU: benchmarks/bench_ops.py counts them). With x (N tokens x in) and g = dL/dy:
+# 1. The plan (_plan), made once per layer shape: dW / scaling and its transpose as sparse matrices whose nonzeros
+#    are M @ spectrum (M a fixed sparse map: each nonzero's taps times coefficients), and S's k entries.
+# 2. Forward: y = x W^T + b + scaling (dW x^T)^T, one sparse matmul in the spectrum's float32 (updates far below a
+#    bf16 W's precision still change y). With many float32 tokens (N (out + in) >= out in), one matmul with W + dW.
+# 3. Backward: grad_x = g W + scaling (dW^T g^T)^T. The coefficients' gradient dL/dS = scaling (A^T g^T)(B^T x^T)^T
+#    is needed only at S's k entries: two 1-D wavelet analyses (_analyze), then one sampled matmul
+#    (torch.sparse.sampled_addmm). Nothing of size out x in is made or saved.
+# 4. torch.compile cannot trace sparse tensors: there, forward and backward are one custom op each, and the plan is
+#    made outside the traced graph (_plan_for).
 
 SPARSE_CSR_DEVICES = ("cpu", "cuda")  # device types with the sparse CSR kernels the fast path uses (mps has none)
 _WARNED_DEVICES = set()  # device types whose fallback to the definition was announced
+with warnings.catch_warnings():  # torch warns once per process that sparse CSR is beta (it is stable for the ops
+    warnings.simplefilter("ignore")  # used here, since torch 2.0): said here, to no one, instead of in a user's run
+    torch.sparse_csr_tensor(torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0),
+                            (0, 0), check_invariants=False)
 
 
 def fast_path_supported(device_type):
@@ -494,170 +497,207 @@ def _use_fast_path(fast, device):
 
 
 _PLANS = {}  # (positions' bytes, shape, wavelet, use_idwt, device, dtype) -> Plan: one per layer shape in a UNet
-
-
-class Entries(NamedTuple):
-    """A matrix built from the k coefficients as a list of entries: entry e adds spectrum[coef[e]] * tap[e] at
-    flat position index[e]. Sorted by index (row-major), so the entries of a block of rows are one slice."""
-    coef: torch.Tensor  # (entries,) int64: which of the k coefficients
-    index: torch.Tensor  # (entries,) int64: flat position in the matrix
-    tap: torch.Tensor  # (entries,) the product of filter taps that multiplies the coefficient there
-
-
-class SparseMatrix(NamedTuple):
-    """The same matrix in CSR form, entries at one place summed: nonzero[slot[e]] += spectrum[coef[e]] * tap[e]."""
-    coef: torch.Tensor  # (entries,) int64: which of the k coefficients
-    slot: torch.Tensor  # (entries,) int64: which nonzero it adds to
-    tap: torch.Tensor  # (entries,)
-    row_ptr: torch.Tensor  # (rows + 1,) CSR: row i's nonzeros are [row_ptr[i], row_ptr[i + 1])
-    col: torch.Tensor  # (nonzeros,) CSR: the column of each nonzero
-    size: tuple  # (rows, cols)
+_PLAN_BY_NUMBER = []  # a compiled graph names a plan by its number (a custom op takes tensors and numbers only)
 
 
 class Plan(NamedTuple):
-    """Index tables of dW = scaling * A S B^T for one set of positions and one layer shape (shared by all layers
-    that have both): built once from the positions, filled with the current spectrum at each step."""
-    C_rows: int  # C's and S's height: the length of A^T g (per token), out + L - 2 rounded up to even
-    C_cols: int  # C's and S's width: the length of B^T x, in + L - 2 rounded up to even
-    taps: list  # [[low-pass], [high-pass]] synthesis filters, for _analyze (None without IDWT: A, B = identity)
-    S: SparseMatrix  # S (C_rows x C_cols), k entries; tap = t0_row * t0_col, undoing _analyze's division
-    pattern: torch.Tensor  # S's sparsity pattern as a CSR tensor of zeros: where sampled_addmm samples
-    AS: SparseMatrix  # A S (out x C_cols), k L entries: y's adapter term is (A S)(B^T x)
-    BSt: SparseMatrix  # B S^T (in x C_rows), k L entries: grad_x's adapter term is (B S^T)(A^T g)
-    footprint: Entries  # dW itself: each coefficient's L x L patch (cropped) as flat indices into W (out * in)
-    row_start: list  # footprint entries in W's rows r0:r1 are [row_start[r0], row_start[r1])
+    """Step 1, for one layer shape and one set of positions: shared by all layers that have both. Sparse matrices are
+    CSR tensors with int32 indices (as the sparse kernels read them: int64 ones would be converted at every call)."""
+    number: int  # its index in _PLAN_BY_NUMBER
+    dW: tuple  # (pattern, M): dW / scaling's nonzeros are M @ spectrum (M: nonzeros x k, sparse)
+    dWt: tuple  # the same for (dW / scaling)^T
+    index: torch.Tensor  # dW's nonzeros' positions in W.view(-1), sorted; those of rows r0:r1 are
+    row_start: list  # [row_start[r0], row_start[r1])
+    taps: list  # [[low-pass], [high-pass]] synthesis taps, for _analyze (None without IDWT: A = B = I)
+    S: torch.Tensor  # S (C_rows x C_cols), zeros: where sampled_addmm samples (delta_weight_separable's S)
+    order: torch.Tensor  # (k,): the coefficient of each of S's entries, in their CSR order
+    first_taps: torch.Tensor  # (k,) in that order: t0 (out band) * t0 (in band), what _analyze divided by
+
+    def __deepcopy__(self, memo):  # made once, never changed: a copied layer shares it
+        return self
 
 
 def _fast_forward(layer, x):
     # Under autocast the frozen matmul runs in the autocast dtype, as nn.Linear's would; the adapter stays in
     # the spectrum's dtype. Every cast is explicit inside, so autocast is switched off there.
-    plan = _plan_for(layer, x.device)
     amp = torch.is_autocast_enabled(x.device.type)
     base_dtype = torch.get_autocast_dtype(x.device.type) if amp else layer.base.weight.dtype
+    args = (x, layer.base.weight, layer.base.bias, layer.waveft_spectrum, _plan_for(layer, x.device).number,
+            layer.scaling, base_dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return _WaveFTFunction.apply(x, layer.base.weight, layer.base.bias, layer.waveft_spectrum, plan,
-                                     layer.scaling, base_dtype)
+        return _forward_op(*args) if torch.compiler.is_compiling() else _WaveFTFunction.apply(*args)  # step 4
 
 
 def _plan_for(layer, device):
-    """The layer's plan, remembered between steps and rebuilt when the positions change: replaced (another
-    tensor, e.g. by load_peft or .to(device)), edited in place (load and load_state_dict copy into the buffer: its
-    version counter moves) or given new storage (.data = ...). O(1) per forward when nothing changed."""
-    positions, dtype = layer.waveft_positions, layer.waveft_spectrum.dtype
+    """The layer's plan, remembered between steps and remade when the positions change: replaced (e.g. by load_peft
+    or .to(device)), edited in place (load, load_state_dict: the version counter moves) or given new storage
+    (.data = ...). A compiled graph can read no version or data pointer: it takes the plan made eagerly, when the
+    layer was made, moved or loaded (_refresh_plan) or last called uncompiled."""
+    positions, dtype, memo = layer.waveft_positions, layer.waveft_spectrum.dtype, layer._plan_memo
+    if torch.compiler.is_compiling():
+        if memo is None or memo[0] is not positions or memo[1][2] != device:
+            raise RuntimeError("waveft: a layer's positions or device changed after its plan was made: call the "
+                               "model once uncompiled first")
+        return memo[2]
     key = (positions._version, positions.data_ptr(), device, dtype)
-    memo = layer._plan_memo  # (positions, key, plan); holding positions keeps `is` meaningful
-    if memo is None or memo[0] is not positions or memo[1] != key:
+    if memo is None or memo[0] is not positions or memo[1] != key:  # holding positions keeps `is` meaningful
         plan = _plan(positions, layer.base.weight.shape, layer.wavelet, layer.use_idwt, device, dtype)
         layer._plan_memo = memo = (positions, key, plan)
     return memo[2]
+
+
+def _refresh_plan(layer, *_):
+    """Make a WaveFT layer's plan now, outside any compiled graph (the layer is new, moved, cast or loaded)."""
+    if isinstance(layer, WaveFTLinear) and layer.fast and fast_path_supported(layer.waveft_positions.device.type):
+        _plan_for(layer, layer.waveft_positions.device)
 
 
 class _WaveFTFunction(torch.autograd.Function):
     """y = x (W + dW)^T + b by steps 2 and 3 above; saves only x, W and the spectrum (nothing out x in)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):
-        x2, cdt = x.reshape(-1, x.shape[-1]), spectrum.dtype  # (N, in); cdt: the adapter's compute dtype
-        n, (out_f, in_f) = x2.shape[0], weight.shape
-        frozen = weight.to(base_dtype)  # W in the base matmul's dtype; the cast (if any) is transient, never saved
-        bias = None if bias is None else bias.to(base_dtype)
-        # dense_matmul: y (and grad_x) by one matmul with W + dW (step 3, many tokens). Not to be confused with a
-        # layer's `merged` (dW folded into W by merge(), for inference).
-        ctx.dense_matmul = x.dtype == frozen.dtype == cdt and n * (out_f + in_f) >= out_f * in_f
-        if ctx.dense_matmul:  # many tokens: one matmul; W + dW is a copy of W plus k L^2 scattered values
-            y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)  # (N, out)
-        else:  # few tokens or low-precision W: y = x W^T + b + scaling ((A S)(B^T x))^T, the adapter in cdt
-            Btx = _analyze(x2.to(cdt), plan.taps, plan.C_cols)  # (C_cols, N): B^T x, each band / its first tap
-            z = _sparse_times(plan.AS, spectrum, Btx)  # (out, N)
-            del Btx  # every free before the next allocation lowers the peak memory
-            y = F.linear(x2.to(frozen.dtype), frozen, bias).to(cdt).add_(z.T, alpha=scaling)  # (N, out)
+    def forward(ctx, x, weight, bias, spectrum, plan, scaling, base_dtype):  # plan: its number
         ctx.save_for_backward(x, weight, spectrum)  # x and W exist anyway: nothing new is kept alive
-        ctx.plan, ctx.scaling, ctx.base_dtype = plan, scaling, base_dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+        ctx.args = (_PLAN_BY_NUMBER[plan], scaling, base_dtype)
+        y, ctx.dense_matmul = _forward(x, weight, bias, spectrum, *ctx.args)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, spectrum = ctx.saved_tensors
-        plan, scaling, cdt, frozen = ctx.plan, ctx.scaling, spectrum.dtype, weight.to(ctx.base_dtype)
-        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, in), (N, out)
-        grad_x = grad_w = grad_b = grad_s = None
-        Atg = None  # (C_rows, N): A^T g, each band divided by its first tap (step 4)
-        if ctx.needs_input_grad[3] or not ctx.dense_matmul:
-            Atg = _analyze(g2.to(cdt), plan.taps, plan.C_rows)
-        if ctx.needs_input_grad[3]:  # step 2: only the k sampled entries of scaling * (A^T g)(B^T x)^T
-            Btx = _analyze(x2.to(cdt), plan.taps, plan.C_cols)  # (C_cols, N)
-            sampled = torch.sparse.sampled_addmm(plan.pattern, Atg, Btx.T, beta=0.0, alpha=scaling).values()  # (k,)
-            del Btx  # every free before the next allocation lowers the peak memory
-            # S's k entries are sorted by index, i.e. in the CSR order of `sampled`; tap puts the first taps back
-            grad_s = torch.empty_like(spectrum).index_put_((plan.S.coef,), sampled.mul_(plan.S.tap))  # (k,)
-            del sampled
-        if ctx.needs_input_grad[0]:
-            if ctx.dense_matmul:  # step 3: g (W + dW), summed over 4 blocks of rows: the transient is a quarter of W
-                Atg, bounds = None, [frozen.shape[0] * i // 4 for i in range(5)]
-                for r0, r1 in zip(bounds, bounds[1:]):
-                    block = _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1)  # (r1 - r0, in)
-                    grad_x = g2[:, r0:r1] @ block if grad_x is None else grad_x.addmm_(g2[:, r0:r1], block)
-            else:  # g W + scaling ((B S^T)(A^T g))^T
-                z = _sparse_times(plan.BSt, spectrum, Atg)  # (in, N)
-                Atg = None
-                grad_x = (g2.to(frozen.dtype) @ frozen).to(cdt).add_(z.T, alpha=scaling)  # (N, in)
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # only if someone unfroze W
-            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None
+        with torch.autocast(g.device.type, enabled=False):  # (even when called under autocast) as in forward
+            return *_backward(g, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[:4]), None, None, None
+
+
+def _forward(x, weight, bias, spectrum, plan, scaling, base_dtype):
+    """(y, whether it took one matmul with W + dW): step 2."""
+    x2, out_f = x.reshape(-1, x.shape[-1]), weight.shape[0]  # x2: (N, in)
+    frozen = weight.to(base_dtype)  # W in the base matmul's dtype; the cast (if any) is transient, never saved
+    bias = None if bias is None else bias.to(base_dtype)
+    dense_matmul = _dense_matmul(x2, frozen, spectrum)  # not to be confused with a layer's `merged` (merge())
+    if dense_matmul:
+        y = F.linear(x2, _weight_plus_delta(frozen, spectrum, plan, scaling), bias)
+    else:  # x W^T + b + scaling (dW x^T)^T
+        adapter = _times(plan.dW, spectrum, _transposed(x2, spectrum.dtype))  # (out, N)
+        y = _add(F.linear(x2.to(frozen.dtype), frozen, bias), adapter.T, scaling, x.dtype)  # (N, out)
+    return y.reshape(*x.shape[:-1], out_f), dense_matmul
+
+
+def _dense_matmul(x2, frozen, spectrum):
+    """Many tokens (N (out + in) >= out in), all in one dtype: one matmul with W + dW costs less (step 2)."""
+    return x2.dtype == frozen.dtype == spectrum.dtype and len(x2) * sum(frozen.shape) >= frozen.numel()
+
+
+def _backward(g, x, weight, spectrum, plan, scaling, base_dtype, needs):
+    """[grad_x, grad_w, grad_b, grad_s], each None unless its flag in needs is set: step 3."""
+    x2, g2, cdt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), spectrum.dtype  # (N, in), (N, out)
+    frozen, grads = weight.to(base_dtype), [None] * 4
+    if needs[3]:  # dL/dS = scaling (A^T g^T)(B^T x^T)^T, needed only at S's k entries (in CSR order)
+        Atg = _analyze(g2.to(cdt), plan.taps, plan.S.shape[0])  # (C_rows, N), each band / its first tap
+        Btx = _analyze(x2.to(cdt), plan.taps, plan.S.shape[1])  # (C_cols, N)
+        sampled = torch.sparse.sampled_addmm(plan.S, Atg, Btx.T, beta=0.0, alpha=scaling).values()
+        del Atg, Btx  # every tensor freed before the next is made lowers the peak memory
+        grads[3] = torch.empty_like(spectrum).index_put_((plan.order,), sampled.mul_(plan.first_taps))  # (k,)
+    if needs[0] and _dense_matmul(x2, frozen, spectrum):  # g (W + dW), a quarter of W at a time (the transient)
+        bounds, grad_x = [len(frozen) * i // 4 for i in range(5)], g2.new_zeros(x2.shape)
+        for r0, r1 in zip(bounds, bounds[1:]):
+            grad_x.addmm_(g2[:, r0:r1], _weight_plus_delta(frozen, spectrum, plan, scaling, r0, r1))
+        grads[0] = grad_x.reshape(x.shape)
+    elif needs[0]:  # g W + scaling (dW^T g^T)^T
+        adapter = _times(plan.dWt, spectrum, _transposed(g2, cdt))  # (in, N)
+        grads[0] = _add(g2.to(frozen.dtype) @ frozen, adapter.T, scaling, x.dtype).reshape(x.shape)
+    if needs[1]:  # only if someone unfroze W
+        grads[1] = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+    if needs[2]:
+        grads[2] = g2.sum(0).to(weight.dtype)
+    return grads
+
+
+def _transposed(v, dtype):
+    """v^T in dtype, contiguous (one copy): the sparse kernels read their dense operand's rows."""
+    return v.new_empty(v.shape[::-1], dtype=dtype).copy_(v.T)
+
+
+def _add(y, adapter, scaling, dtype):
+    """y + scaling adapter, computed in the adapter's dtype (or y's, if wider) and rounded once to dtype."""
+    return y.add_(adapter, alpha=scaling) if y.dtype == dtype else torch.add(y, adapter, alpha=scaling).to(dtype)
+
+
+def _times(m, spectrum, dense):
+    """(dW / scaling or its transpose: m's pattern, its nonzeros M @ spectrum) @ dense: one sparse matmul, into one
+    new tensor (torch's @ would make a second, zeroed one: a higher peak)."""
+    (pattern, M), out = m, dense.new_empty(m[0].shape[0], dense.shape[1])  # beta=0: out is never read
+    csr = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), M @ spectrum, pattern.shape,
+                                  check_invariants=False)
+    return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
 def _analyze(v, taps, n_coef):
-    """v (M, n) -> (n_coef, M) = (v A)^T with each band divided by its first tap: the adjoint of synthesis-and-crop,
-    rows [low | high] (step 4 says why the division; the plan's taps multiply it back).
-
-    Coefficient-major, as sampled_addmm and the sparse matmul want it. Coefficient i of a band reads v at
-    2i + p - (L - 2), p < L: hence the L - 2 zeros in front (and enough behind for the last coefficient)."""
-    if taps is None:  # no IDWT: A is the identity
+    """v (N, n) -> (n_coef, N): B^T v^T, one level of 1-D analysis, bands [low | high], coefficient-major (as
+    sampled_addmm reads it fastest). Band coefficient i is sum_p t[p] v[2i + p - (L - 2)] (hence L - 2 zeros in front),
+    computed divided by t[0]: one torch.add(.., alpha=t1/t0) straight into the output (Haar: one add per band);
+    the plan's first_taps multiply t[0] back."""
+    if taps is None:  # no IDWT: B = I
         return v.T.contiguous()
     L, half = len(taps[0]), n_coef // 2
-    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (M, n_coef + L - 2)
-    out = torch.empty(n_coef, v.shape[0], dtype=v.dtype, device=v.device)  # (n_coef, M)
-    for t, dst in zip(taps, out.view(2, half, -1)):  # t: one band's L taps; dst: (half, M), its coefficients
-        dst = dst.T  # (M, half)
-        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst)
+    vp = F.pad(v, (L - 2, n_coef - v.shape[1])) if n_coef + L - 2 != v.shape[1] else v  # (N, n_coef + L - 2)
+    out = v.new_empty(n_coef, len(v))
+    for t, dst in zip(taps, out.view(2, half, -1)):  # t: one band's L taps; dst: (half, N), its coefficients
+        torch.add(vp[:, 0:n_coef:2], vp[:, 1:n_coef + 1:2], alpha=t[1] / t[0], out=dst.T)
         for p in range(2, L):
-            dst.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
+            dst.T.add_(vp[:, p:p + n_coef:2], alpha=t[p] / t[0])
     return out
 
 
-def _sparse_times(m, spectrum, dense):
-    """(A S) @ dense, (out x C_cols) @ (C_cols, N) -> (out, N) (or B S^T @ dense): one sparse matmul."""
-    nonzeros = spectrum.new_zeros(len(m.col)).index_add_(0, m.slot, spectrum[m.coef] * m.tap)
-    out = dense.new_zeros(m.size[0], dense.shape[1])
-    return torch.addmm(out, _csr(m.row_ptr, m.col, nonzeros, m.size), dense, out=out)  # (not @: slower)
-
-
-def _csr(row_ptr, col, values, size):
-    with warnings.catch_warnings():  # "sparse CSR is beta": stable for the ops used here since torch 2.0
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(row_ptr, col, values, size=size, check_invariants=False)
-
-
 def _weight_plus_delta(weight, spectrum, plan, scaling, r0=0, r1=None):
-    """Rows r0:r1 of W + dW (all by default), scattering the coefficients' L x L footprints: O(k L^2) work."""
-    e, r1 = plan.footprint, weight.shape[0] if r1 is None else r1
-    lo, hi = plan.row_start[r0], plan.row_start[r1]  # the entries that fall into these rows
-    dw = scaling * spectrum[e.coef[lo:hi]] * e.tap[lo:hi]  # (entries,)
-    block = weight[r0:r1]  # (r1 - r0, in)
-    return block.reshape(-1).index_add(0, e.index[lo:hi] - r0 * weight.shape[1], dw).view_as(block)
+    """Rows r0:r1 of W + dW (all by default): a copy of W with dW's nonzeros there added, O(k L^2)."""
+    r1 = len(weight) if r1 is None else r1
+    lo, hi = plan.row_start[r0], plan.row_start[r1]
+    block, delta = weight[r0:r1], (plan.dW[1] @ spectrum)[lo:hi]
+    return block.flatten().index_add(0, plan.index[lo:hi] - r0 * weight.shape[1], delta, alpha=scaling).view_as(block)
+
+
+# Step 4: what torch.compile calls instead of _WaveFTFunction, the same two functions as opaque custom ops (the
+# compiler sees only the shapes of their results, register_fake). A custom op takes tensors and numbers only: the
+# plan goes by its number, a gradient not asked for comes back as an empty tensor.
+@torch.library.custom_op("waveft::forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spectrum: torch.Tensor, plan: int,
+                scaling: float, base_dtype: torch.dtype) -> torch.Tensor:
+    return _forward(x, weight, bias, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype)[0]
+
+
+@torch.library.custom_op("waveft::backward", mutates_args=())
+def _backward_op(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spectrum: torch.Tensor, plan: int,
+                 scaling: float, base_dtype: torch.dtype, needs: list[bool]) -> list[torch.Tensor]:
+    with torch.autocast(g.device.type, enabled=False):
+        grads = _backward(g, x, weight, spectrum, _PLAN_BY_NUMBER[plan], scaling, base_dtype, needs)
+    return [like.new_empty(0) if grad is None else grad for grad, like in zip(grads, (x, weight, weight, spectrum))]
+
+
+def _save_for_backward_op(ctx, inputs, output):
+    x, weight, _, spectrum, *ctx.args = inputs
+    ctx.save_for_backward(x, weight, spectrum)
+
+
+def _gradients_by_op(ctx, g):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = _backward_op(g, *ctx.saved_tensors, *ctx.args, needs)
+    return *[grad if need else None for grad, need in zip(grads, needs)], None, None, None
+
+
+_forward_op.register_autograd(_gradients_by_op, setup_context=_save_for_backward_op)
+_forward_op.register_fake(lambda x, weight, *_: x.new_empty(*x.shape[:-1], len(weight)))
+_backward_op.register_fake(lambda g, x, weight, spectrum, *args: [
+    like.new_empty(like.shape if need else 0) for like, need in zip((x, weight, weight[:, 0], spectrum), args[-1])])
 
 
 def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
-    """The Plan of dW = scaling * A S B^T for these positions (step 1), built once and shared by all layers."""
+    """The Plan for these positions (step 1), made once and shared by all layers."""
     key = (positions.cpu().numpy().tobytes(), tuple(shape), wavelet, use_idwt, str(device), dtype)
     if key in _PLANS:
         return _PLANS[key]
     (out_f, in_f), k = shape, positions.shape[1]
-    C_rows, C_cols = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
     rows, cols = positions.to(device)  # (k,) each
+    C_rows, C_cols = _padded(out_f, wavelet, use_idwt), _padded(in_f, wavelet, use_idwt)
     if use_idwt:
         h, w = C_rows // 2, C_cols // 2  # C's quarters are h x w
         r, c = rows + (C_rows - out_f) // 2, cols + (C_cols - in_f) // 2  # (k,) each: positions in the padded C
@@ -665,42 +705,40 @@ def _plan(positions, shape, wavelet, use_idwt, device, dtype=torch.float32):
         # half (cH, cD) is high-pass along the out axis, its bottom half (cV, cD) along the in axis.
         out_band, in_band = (c >= w).long(), (r >= h).long()  # (k,) each: 0 low, 1 high
         s_row, s_col = out_band * h + r % h, in_band * w + c % w  # (k,) each: where the value sits in S
-        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): lo, hi
-        L = taps.shape[1]
-        # A value paints dW rows 2 * (r % h) + p - (L-2) with tap taps[out_band, p], p < L; columns alike.
-        dw_rows = 2 * (r % h)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        dw_cols = 2 * (c % w)[:, None] + torch.arange(L, device=device) - (L - 2)  # (k, L)
-        row_taps, col_taps = taps[out_band], taps[in_band]  # (k, L) each: along dW's row and column index
-    else:  # no IDWT: A = B = identity, S = C
-        s_row, s_col, taps, dw_rows, dw_cols = rows, cols, None, rows[:, None], cols[:, None]  # (k, 1) each
+        taps = torch.stack(dwt.wavelet_filters(wavelet, torch.float64, device)[2:])  # (2, L): rec_lo, rec_hi
+        p = torch.arange(taps.shape[1], device=device) - (taps.shape[1] - 2)  # (L,)
+        # A value paints dW rows 2 (r % h) + p - (L - 2), p < L, with its out band's taps; columns alike.
+        dw_rows, dw_cols = 2 * (r % h)[:, None] + p, 2 * (c % w)[:, None] + p  # (k, L) each
+        row_taps, col_taps = taps[out_band], taps[in_band]  # (k, L) each
+    else:  # no IDWT: dW = scaling C = scaling S, one entry per coefficient
+        s_row, s_col, dw_rows, dw_cols = rows, cols, rows[:, None], cols[:, None]  # (k, 1) each
         row_taps = col_taps = torch.ones(k, 1, dtype=torch.float64, device=device)
-    rows_kept, cols_kept = (dw_rows >= 0) & (dw_rows < out_f), (dw_cols >= 0) & (dw_cols < in_f)  # inside the crop
-    t0_row, t0_col = row_taps[:, :1], col_taps[:, :1]  # (k, 1): the first taps _analyze divides its bands by (step 4)
-    S = _sparse(torch.ones(k, 1, dtype=torch.bool, device=device), (s_row * C_cols + s_col)[:, None], t0_row * t0_col,
-                (C_rows, C_cols), dtype)
-    footprint = _entries(rows_kept[:, :, None] & cols_kept[:, None, :],  # (k, L, L) patches -> entries of dW
-                         dw_rows[:, :, None] * in_f + dw_cols[:, None, :], row_taps[:, :, None] * col_taps[:, None, :],
-                         dtype)
-    rows_at = torch.arange(out_f + 1, device=device) * in_f  # (out + 1,) where each row of W starts
-    plan = Plan(C_rows=C_rows, C_cols=C_cols, taps=None if taps is None else taps.tolist(), S=S,
-                pattern=_csr(S.row_ptr, S.col, torch.zeros(k, dtype=dtype, device=device), S.size),
-                AS=_sparse(rows_kept, dw_rows * C_cols + s_col[:, None], row_taps * t0_col, (out_f, C_cols), dtype),
-                BSt=_sparse(cols_kept, dw_cols * C_rows + s_row[:, None], col_taps * t0_row, (in_f, C_rows), dtype),
-                footprint=footprint, row_start=torch.searchsorted(footprint.index, rows_at).tolist())
+    inside = ((dw_rows >= 0) & (dw_rows < out_f))[:, :, None] & ((dw_cols >= 0) & (dw_cols < in_f))[:, None, :]
+    tap = (row_taps[:, :, None] * col_taps[:, None, :]).to(dtype)  # (k, L, L): each coefficient's patch of dW
+    dW, index = _patches(dw_rows[:, :, None] * in_f + dw_cols[:, None, :], tap, inside, (out_f, in_f))
+    dWt, _ = _patches(dw_cols[:, None, :] * out_f + dw_rows[:, :, None], tap, inside, (in_f, out_f))
+    order = torch.argsort(s_row * C_cols + s_col)  # S's entries row-major, as CSR keeps them
+    plan = Plan(number=len(_PLAN_BY_NUMBER), dW=dW, dWt=dWt, index=index,
+                row_start=torch.searchsorted(index, torch.arange(out_f + 1, device=device) * in_f).tolist(),
+                taps=taps.tolist() if use_idwt else None, order=order, first_taps=(row_taps[:, 0] * col_taps[:, 0])[
+                    order].to(dtype), S=_csr_of(s_row, s_col, torch.zeros(k, dtype=dtype, device=device),
+                                                (C_rows, C_cols)))
     _PLANS[key] = plan
+    _PLAN_BY_NUMBER.append(plan)
     return plan
 
 
-def _entries(inside, index, tap, dtype):
-    """Entries of a matrix built from the k values; inside, index, tap: (k, ...) alike, outside the crop dropped."""
-    index, order = index[inside].sort()
-    return Entries(coef=inside.nonzero()[:, 0][order], index=index, tap=tap[inside][order].to(dtype))
+def _patches(flat, tap, inside, size):
+    """dW / scaling (or its transpose) from the coefficients' patches: flat[i, ...] where coefficient i puts
+    tap[i, ...] (where inside; overlaps add up). ((its pattern, M), its nonzeros' flat positions, sorted)."""
+    where, nonzero = torch.unique(flat[inside], return_inverse=True)
+    coef = torch.arange(len(flat), device=flat.device)[:, None, None].expand_as(flat)[inside]
+    pattern = _csr_of(where // size[1], where % size[1], torch.zeros_like(where, dtype=tap.dtype), size)
+    return (pattern, _csr_of(nonzero, coef, tap[inside], (len(where), len(flat)))), where
 
 
-def _sparse(inside, index, tap, size, dtype):
-    """A matrix of `size` built from the k values (S, A S or B S^T), as a SparseMatrix."""
-    entries = _entries(inside, index, tap, dtype)
-    where, slot = torch.unique(entries.index, return_inverse=True)  # (nonzeros,) flat positions, (entries,)
-    rows = torch.bincount(where // size[1], minlength=size[0])  # (size[0],) nonzeros per row
-    return SparseMatrix(coef=entries.coef, slot=slot, tap=entries.tap,
-                        row_ptr=torch.cat([rows.new_zeros(1), rows.cumsum(0)]), col=where % size[1], size=size)
+def _csr_of(rows, cols, values, size):
+    """The sparse matrix with values[e] at (rows[e], cols[e]) (repeats add up) as a CSR tensor, int32 indices."""
+    csr = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size, check_invariants=False).to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), size,
+                                   check_invariants=False)

@@ -1,6 +1,7 @@
 """One adapted linear layer at SDXL's attention shapes: forward+backward time and memory vs a frozen nn.Linear.
 
     python benchmarks/bench_layer.py [--threads 2]     (CPU, about 1-2 minutes)
+    python benchmarks/bench_layer.py --compile         (then compiled: the compile's seconds, the compiled step)
 
 Cases: 640 x 640 with 4096 tokens, 1280 x 1280 with 1024 tokens, 2048 -> 1280 with 77 tokens (cross-attention
 to_k). Variants, all on the same random weight, float32: the frozen nn.Linear (baseline), our LoRA r=1,
@@ -20,12 +21,9 @@ Memory, two honest CPU measures (torch has no CPU allocator statistics):
 Before timing, the script checks that our WaveFT and PEFT's give the same y and spectrum gradient.
 """
 import argparse
-import contextlib
 import copy
 import os
-import re
 import sys
-import tempfile
 import time
 
 import torch
@@ -34,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import waveft  # noqa: E402
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, without_kineto_start_stop_lines  # noqa: E402
 
 CASES = [(640, 640, 4096, 15), (1280, 1280, 1024, 15), (1280, 2048, 77, 45)]  # (out, in, tokens, timed steps)
 K, WARMUP = 2592, 3
@@ -68,28 +66,6 @@ def step(model, x, g):
     y = model(x)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return y, torch.autograd.grad(y, [x] + trainable, g)
-
-
-@contextlib.contextmanager
-def without_kineto_start_stop_lines():
-    """torch.profiler's C++ library (kineto) writes "USDT: ... profiler_start" and "... profiler_stop" to the process's
-    stderr (file descriptor 2, below Python) each time a profile starts and stops. Its log level (KINETO_LOG_LEVEL)
-    can hide those only together with kineto's errors, so stderr is caught while profiling and written back
-    without exactly those two lines: every other message, Python's warnings included, still shows."""
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-            caught.seek(0)
-            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
-                if not re.match(r"USDT:.*\] profiler_(start|stop)\s*$", line):
-                    sys.stderr.write(line)
 
 
 def peak_mb(model, x, g):
@@ -126,10 +102,12 @@ def check_against_peft(made, x, g):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the project machines have 2 cores)")
+    parser.add_argument("--compile", action="store_true", help="then our two adapters under torch.compile (inductor, "
+                        "fullgraph): the compile's seconds (a fresh process: no cached kernels) and the compiled step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    rows = []
+    rows, compiled_rows = [], []
     for out_f, in_f, tokens, runs in CASES:
         made = variants(out_f, in_f)
         x = torch.randn(tokens, in_f, requires_grad=True)
@@ -149,6 +127,8 @@ def main():
             rows.append([f"{in_f}->{out_f} x{tokens}", name, med[name], f"{med[name] / base_ms:.2f}x",
                          f"{med[name] / med['our LoRA r=1']:.2f}x", mem[name][0], f"{mem[name][0] / base_mb:.2f}x",
                          mem[name][1]])
+        for name in ("our LoRA r=1", "ours WaveFT k=2592") if args.compile else ():
+            compiled_rows.append([f"{in_f}->{out_f} x{tokens}", name, *compiled_step(made[name], x, g, runs), med[name]])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of 15 (45 for 77 tokens) "
           "fwd+bwd steps; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (trust the ratios only near 0-1: "
@@ -156,6 +136,22 @@ def main():
     print_table(["layer x tokens", "variant", "fwd+bwd ms", "vs frozen", "vs our LoRA", "peak MB", "peak vs frozen",
                  "saved MB"], rows)
     print(f"spectrum of one layer: {K * 4 / 2**20:.3f} MB (k={K} float32)")
+    if compiled_rows:
+        print_table(["layer x tokens", "variant", "compile s", "compiled fwd+bwd ms", "eager ms"], compiled_rows)
+
+
+def compiled_step(model, x, g, runs):
+    """(seconds of the first compiled step, which compiles forward and backward; median ms of the next `runs`)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    start = time.perf_counter()
+    step(compiled, x, g)
+    compile_s, times = time.perf_counter() - start, []
+    for _ in range(runs):
+        start = time.perf_counter()
+        step(compiled, x, g)
+        times.append((time.perf_counter() - start) * 1e3)
+    return compile_s, sorted(times)[len(times) // 2]
 
 
 if __name__ == "__main__":

@@ -6,20 +6,26 @@ One step is train_dreambooth.py's micro-batch (batch 1): noise a latent to a ran
 schedule, UNet forward under autocast with encoder_hidden_states (1, 77, 2048), text_embeds (1, 1280) and time_ids
 (1, 6), float32 MSE to the noise, backward, gradient clipping, AdamW, zero_grad. Step i gets the same inputs in
 every variant. The UNet (sdxl.build_sdxl_unet: random weights, allocated once in bf16, 5.1 GB) is built once and
-the variants take turns on it (inject, warm up, time, remove), so memory never holds two UNets. The variants run
-one after the other, not interleaved, so load from other processes can skew the ratios: time on a quiet machine
-(the load average is printed before and after). On a busy CPU, multi-threaded ops wait for descheduled threads
-(a 64 px forward took 16 s with 2 threads at load 7, 1.8 s with 1): there, compare runs with --threads 1.
+the variants take turns on it, interleaved: in round r each variant is injected, takes step r (a fresh AdamW) and
+is removed again, so memory never holds two UNets and load from other processes hits every variant alike. The
+table gives each variant's median step, its run-to-run spread ((slowest - fastest) / median) and the range of
+its per-round ratio to ours LoRA r=1. On a busy CPU, multi-threaded ops wait for descheduled threads (a 64 px
+forward took 16 s with 2 threads at load 7, 1.8 s with 1): there, compare runs with --threads 1.
 
-Peak memory per variant, measured from just after injection to the end of its steps (so injection transients do
-not count, optimizer state does):
-- CUDA: torch.cuda.max_memory_allocated (weights + adapter + optimizer + activations), reset per variant;
-- CPU: the process's peak resident set size (VmHWM), reset per variant through /proc/self/clear_refs after freed
+--compile then times each variant with the UNet under torch.compile(fullgraph=True), one variant at a time (a
+compiled graph belongs to one set of adapters): the first step compiles (its time is reported), then --warmup and
+--steps steps. With inductor on the CPU the compile of the full UNet takes many minutes: a GPU measurement.
+
+Peak memory per variant: the largest over its steps, each measured from just before the step (after injection,
+so injection transients do not count; AdamW's state is made in the step and counts):
+- CUDA: torch.cuda.max_memory_allocated (weights + adapter + optimizer + activations), reset per step;
+- CPU: the process's peak resident set size (VmHWM), reset per step through /proc/self/clear_refs after freed
   heap is handed back to the OS (malloc_trim). It includes the UNet and the Python process, the same for every
-  variant; "step transient" is the peak minus the resident size just before the variant's first step.
+  variant; "step transient" is the peak minus the resident size just before the step.
 
     python benchmarks/bench_sdxl.py                                    # CPU, 256 px, ~3 min on 2 idle cores, ~8 GB
     python benchmarks/bench_sdxl.py --device cuda --resolution 1024    # the GPU table
+    python benchmarks/bench_sdxl.py --device cuda --resolution 1024 --compile   # and compiled
     python benchmarks/bench_sdxl.py --steps 1 --warmup 0 --resolution 128 --variants ours-lora  # does it run?
 """
 import argparse
@@ -70,6 +76,8 @@ def remove(unet, variant):
         if isinstance(module, BaseTunerLayer):
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(unet, "peft_config"):  # inject_adapter_in_model's note of its config: gone with the adapter
+        del unet.peft_config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,9 +157,9 @@ def rss_gb():
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_variant(unet, scheduler, variant, args, device):
-    """Inject, warm up, time `args.steps` steps, remove. Returns the numbers of one table row and the gradient of the
-    adapter after the first step ({parameter name: grad}, for comparing the two WaveFTs)."""
+def timed_step(unet, scheduler, variant, args, device, index):
+    """Inject the variant, take training step `index` (timed), remove it again. Returns (step s, inject s, peak
+    memory, transient memory, the adapter's gradients {name: grad} for step 0 else None, trainable count)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -159,31 +167,68 @@ def run_variant(unet, scheduler, variant, args, device):
     sync()
     inject_s = time.perf_counter() - start
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    batch = make_inputs(index, args.resolution, device)
     before = reset_peak_memory(device)
-    first_grads, times = None, []
-    for i in range(args.warmup + args.steps):
-        batch = make_inputs(i, args.resolution, device)
-        sync()
-        start = time.perf_counter()
-        loss, grads = train_step(unet, scheduler, optimizer, params, batch, device, keep_gradients=i == 0)
-        elapsed = time.perf_counter() - start  # (step 0 also copies 1.5 M gradient values out: about a millisecond)
-        if i == 0:
-            first_grads = grads
-            if len(first_grads) != len(params):  # e.g. checkpointing that silently drops the adapter's gradients
-                raise RuntimeError(f"{VARIANTS[variant]}: only {len(first_grads)} of {len(params)} adapter tensors "
-                                   "got a gradient")
-        if not torch.isfinite(torch.tensor(loss)):
-            raise FloatingPointError(f"{VARIANTS[variant]}: loss {loss} at step {i}")
-        if i >= args.warmup:
-            times.append(elapsed)
-        print(f"  {VARIANTS[variant]} step {i + 1}/{args.warmup + args.steps}"
-              f"{' (warm-up)' if i < args.warmup else ''}: {elapsed:.2f} s, loss {loss:.4f}", flush=True)
+    sync()
+    start = time.perf_counter()
+    loss, grads = train_step(unet, scheduler, optimizer, params, batch, device, keep_gradients=index == 0)
+    elapsed = time.perf_counter() - start  # (step 0 also copies 1.5 M gradient values out: about a millisecond)
     peak = peak_memory(device)
+    if index == 0 and len(grads) != len(params):  # e.g. checkpointing that silently drops the adapter's gradients
+        raise RuntimeError(f"{VARIANTS[variant]}: only {len(grads)} of {len(params)} adapter tensors got a gradient")
+    if not torch.isfinite(torch.tensor(loss)):
+        raise FloatingPointError(f"{VARIANTS[variant]}: loss {loss} at step {index}")
     trainable = sum(p.numel() for p in params)
     del optimizer, params
     remove(unet, variant)
-    return dict(trainable=trainable, inject_s=inject_s, step_ms=1e3 * statistics.median(times), peak=peak,
-                transient=peak - before), first_grads
+    return elapsed, inject_s, peak, peak - before, grads, trainable, loss
+
+
+def run_interleaved(unet, scheduler, variants, args, device):
+    """Round r: every variant in turn takes step r on the one UNet (inject, step, remove), so that load from other
+    processes hits all of them alike. Returns {variant: row numbers} and the first step's gradients per variant."""
+    times, rows, grads = {v: [] for v in variants}, {}, {}
+    for r in range(args.warmup + args.steps):
+        for variant in variants:
+            step_s, inject_s, peak, transient, first_grads, trainable, loss = timed_step(
+                unet, scheduler, variant, args, device, r)
+            grads[variant] = first_grads if r == 0 else grads[variant]
+            row = rows.setdefault(variant, dict(trainable=trainable, inject_s=[], peak=0, transient=0))
+            row["inject_s"].append(inject_s)
+            row["peak"], row["transient"] = max(row["peak"], peak), max(row["transient"], transient)
+            if r >= args.warmup:
+                times[variant].append(step_s)
+            print(f"  round {r + 1}/{args.warmup + args.steps}{' (warm-up)' if r < args.warmup else ''}, "
+                  f"{VARIANTS[variant]}: {step_s:.2f} s, loss {loss:.4f}", flush=True)
+    for variant, row in rows.items():
+        row.update(step_ms=1e3 * statistics.median(times[variant]), inject_s=statistics.median(row["inject_s"]),
+                   times=times[variant])
+    return rows, grads
+
+
+def run_compiled(unet, scheduler, variant, args, device):
+    """--compile: the variant injected once, the UNet compiled (fullgraph), warm-up steps (the first compiles), timed
+    steps. Not interleaved: a compiled graph belongs to one set of adapters."""
+    params = inject(unet, variant, args.k)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    model, times = torch.compile(unet, fullgraph=True), []
+    for i in range(1 + args.warmup + args.steps):
+        batch = make_inputs(i, args.resolution, device)
+        start = time.perf_counter()
+        loss, _ = train_step(model, scheduler, optimizer, params, batch, device)
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        print(f"  compiled {VARIANTS[variant]} step {i + 1}: {elapsed:.2f} s{' (compiles)' if i == 0 else ''}, "
+              f"loss {loss:.4f}", flush=True)
+    del optimizer, params
+    remove(unet, variant)
+    torch._dynamo.reset()
+    return dict(compile_s=times[0], step_ms=1e3 * statistics.median(times[1 + args.warmup:]))
+
+
+def spread(times):
+    """Run-to-run spread of a variant's step times: (slowest - fastest) / median, in percent."""
+    return 100 * (max(times) - min(times)) / statistics.median(times)
 
 
 def compare_gradients(ours, peft):
@@ -208,6 +253,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)} (default all, in this order)")
+    parser.add_argument("--compile", action="store_true",
+                        help="then time each variant with the UNet torch.compile'd (fullgraph) too, after its compile")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -235,9 +282,8 @@ def main():
     print(f"built SDXL's UNet: {sum(p.numel() for p in unet.parameters()):,} parameters in bf16 on {device} in "
           f"{time.perf_counter() - start:.1f} s; resident memory {rss_gb():.1f} GB", flush=True)
 
-    results, grads = {}, {}
-    for variant in variants:
-        results[variant], grads[variant] = run_variant(unet, scheduler, variant, args, device)
+    results, grads = run_interleaved(unet, scheduler, variants, args, device)
+    compiled = {v: run_compiled(unet, scheduler, v, args, device) for v in variants} if args.compile else {}
     if "ours-waveft" in grads and "peft-waveft" in grads:
         print(f"check: first-step spectrum gradients of our WaveFT and PEFT's, relative L2 difference "
               f"{compare_gradients(grads['ours-waveft'], grads['peft-waveft']):.1e} (bf16; unrelated would be ~1.4)")
@@ -246,12 +292,18 @@ def main():
     ref = results[reference]
     rows = [[VARIANTS[v], f"{r['trainable']:,}", f"{r['inject_s']:.2f}", f"{r['step_ms']:.0f}",
              r["step_ms"] / ref["step_ms"], f"{r['peak'] / 2**30:.2f}", r["peak"] / ref["peak"],
-             f"{r['transient'] / 2**30:.2f}"] for v, r in results.items()]
+             f"{r['transient'] / 2**30:.2f}", f"{spread(r['times']):.0f} %"] for v, r in results.items()]
+    rows += [[f"{VARIANTS[v]}, compiled", f"{results[v]['trainable']:,}", f"compile {r['compile_s']:.0f} s",
+              f"{r['step_ms']:.0f}", r["step_ms"] / ref["step_ms"], "", "", "", ""] for v, r in compiled.items()]
     memory = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
     print(f"\nSDXL base UNet, bf16 autocast + gradient checkpointing, batch 1, {args.resolution} px, {device}, "
-          f"median of {args.steps} steps:")
+          f"median of {args.steps} interleaved rounds:")
     print_table(["variant", "trainable", "inject s", "step ms", f"x {VARIANTS[reference]}",
-                 f"{memory} GB", f"x {VARIANTS[reference]}", "step transient GB"], rows)
+                 f"{memory} GB", f"x {VARIANTS[reference]}", "step transient GB", "spread"], rows)
+    for v in variants:  # the ratio of each round, taken within the round: load hits both of its steps alike
+        ratios = [t / t_ref for t, t_ref in zip(results[v]["times"], ref["times"])]
+        print(f"{VARIANTS[v]} / {VARIANTS[reference]}, per round: {min(ratios):.2f} to {max(ratios):.2f} "
+              f"(median {statistics.median(ratios):.2f})")
     if {"ours-lora", "ours-waveft", "peft-waveft"} <= results.keys():
         lora, ours, peft = (results[v] for v in ("ours-lora", "ours-waveft", "peft-waveft"))
         print(f"targets: ours WaveFT <= 1.15x ours LoRA r=1 (got {ours['step_ms'] / lora['step_ms']:.2f}); "

@@ -1,8 +1,14 @@
-"""Shared timing helpers for the scripts in benchmarks/ (median wall time, one plain-text table).
+"""Shared helpers for the scripts in benchmarks/: median wall time, one plain-text table, and a quiet profiler
+(torch.profiler without kineto's start/stop lines on stderr).
 
 Each benchmark compares against its baseline in the same process; these few helpers keep every
 script's output in the same format. Deliberately no statistics beyond the median.
 """
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import time
 
 
@@ -48,3 +54,25 @@ def print_table(header, rows):
     lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print("\n".join(lines), flush=True)
+
+
+@contextlib.contextmanager
+def without_kineto_start_stop_lines():
+    """torch.profiler's C++ library (kineto) writes "USDT: ... profiler_start" and "... profiler_stop" to the process's
+    stderr (file descriptor 2, below Python) each time a profile starts and stops. Its log level (KINETO_LOG_LEVEL)
+    can hide those only together with kineto's errors, so stderr is caught while profiling and written back
+    without exactly those two lines: every other message, Python's warnings included, still shows."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not re.match(r"USDT:.*\] profiler_(start|stop)\s*$", line):
+                    sys.stderr.write(line)

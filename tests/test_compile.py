@@ -6,6 +6,7 @@ to be right). The filters are now python floats designed at import, outside any 
 backend (eager, aot_eager and the default inductor, which compiles C++ and is therefore kept to one small dwt
 case) with the plain eager call."""
 import copy
+import json
 import warnings
 
 import pytest
@@ -129,3 +130,95 @@ def test_waveft_layer_aot_eager_equals_eager():
     torch.testing.assert_close(y_compiled, y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_compiled, grad, rtol=1e-12, atol=1e-12)
     assert grad.abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole-graph compile (issue 16): fullgraph=True, so that any graph break fails. The fast path's sparse kernels run
+# inside one custom op each way, so the compiled layer computes exactly what the eager one does.
+
+def recipe_layer(shape=(12, 9), k=23):
+    """A WaveFT layer on the recipe's path: bf16 frozen weight (odd in: padded and cropped), float32 spectrum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(shape[1], shape[0])).to(torch.bfloat16)
+    (spectrum,) = waveft.inject(model, k=k, wavelet="db2", target_modules=["0"])
+    with torch.no_grad():
+        spectrum.normal_()
+    return model, spectrum
+
+
+def autocast_output_and_grads(model, spectrum, x, g):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    return (y, *torch.autograd.grad(y, (x, spectrum), g))
+
+
+@pytest.mark.parametrize("eager_first", [False, True])
+def test_waveft_layer_compiles_whole_graph(eager_first):
+    """aot_eager (forward and backward traced into one joint graph), fullgraph: compiled before any eager call (the
+    plan is made when the layer is made) or after one (no data-pointer comparison in the graph); under bf16
+    autocast, few and many tokens. The compiled layer gives the eager outputs and gradients exactly."""
+    model, spectrum = recipe_layer()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for tokens in (2, 40):  # the factored path and, in float32, one matmul with W + dW (below: float64 model)
+        x = torch.randn(tokens, 9, requires_grad=True)
+        g = torch.randn(tokens, 12)
+        runs = [autocast_output_and_grads(m, spectrum, x, g) for m in ((model, compiled) if eager_first
+                                                                       else (compiled, model))]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+    model64 = nn.Sequential(nn.Linear(9, 12)).double()
+    (s64,) = waveft.inject(model64, k=23, wavelet="db2", target_modules=["0"])
+    x, g = torch.randn(40, 9, dtype=torch.float64, requires_grad=True), torch.randn(40, 12, dtype=torch.float64)
+    assert model64(x).grad_fn.dense_matmul  # many float64 tokens: the W + dW path, compiled too
+    for a, b in zip(output_and_grad(torch.compile(model64, backend="aot_eager", fullgraph=True), s64, x, g),
+                    output_and_grad(model64, s64, x, g)):
+        assert torch.equal(a, b)
+
+
+def test_compiled_layer_follows_new_positions_and_device_moves():
+    """The plan is made outside the graph, so whatever changes the positions must remake it before a compiled call:
+    load_state_dict (in place: the layer's hook), a move (.to: _apply). The compiled layer then equals eager."""
+    model, spectrum = recipe_layer()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, g = torch.randn(3, 9, requires_grad=True), torch.randn(3, 12)
+    before = autocast_output_and_grads(compiled, spectrum, x, g)
+    state = model.state_dict()
+    state["0.waveft_positions"] = waveft.draw_positions(12, 9, 23, seed=1)
+    model.load_state_dict(state)
+    after = autocast_output_and_grads(compiled, spectrum, x, g)
+    assert not torch.equal(after[0], before[0])
+    for a, b in zip(after, autocast_output_and_grads(model, spectrum, x, g)):
+        assert torch.equal(a, b)
+    model.float()  # a cast (_apply): the plan is looked up again, the same one
+    assert torch.equal(compiled(x), model(x))
+
+
+def test_waveft_layer_inductor_equals_eager():
+    """The default backend on one layer (its C++ is scalar, as in test_dwt_inductor_equals_eager): the compile of
+    forward and backward is quick (the layer is one custom op each way) and the results are eager's."""
+    import torch._inductor.config
+    model, spectrum = recipe_layer()
+    x, g = torch.randn(3, 9, requires_grad=True), torch.randn(3, 12)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        compiled = autocast_output_and_grads(torch.compile(model, fullgraph=True), spectrum, x, g)
+    for a, b in zip(compiled, autocast_output_and_grads(model, spectrum, x, g)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_train_compile_gives_the_eager_losses(tmp_path, monkeypatch, tiny_run_dir, dreambooth_dir):
+    """train_dreambooth.py --compile: the tiny SDXL UNet with WaveFT compiled whole (fullgraph) for training. Its
+    first two steps' losses equal those of the eager run of the same options (the session's tiny run) within
+    float rounding; --compile is in config.json, not in the run's name (it does not change the result).
+    aot_eager, not inductor: inductor's C++ compile of the whole UNet takes minutes on this CPU."""
+    import csv
+    import train_dreambooth
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
+    run = train_dreambooth.main(["--subject", "dog6", "--k", "2000", "--model", "tiny", "--data-dir",
+                                 str(dreambooth_dir), "--output-dir", str(tmp_path), "--resolution", "64",
+                                 "--steps", "2", "--grad-accum", "2", "--validation-prompts", "0", "--compile"])
+    assert run.name == "dog6-waveft-k2000-tiny-steps2-ga2"
+    assert json.loads((run / "config.json").read_text())["compile"] is True
+    losses = [[float(row["loss"]) for row in csv.DictReader(open(d / "loss.csv"))] for d in (run, tiny_run_dir)]
+    assert len(losses[0]) == 2
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1][:2]), rtol=1e-5, atol=0)
