@@ -268,9 +268,9 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
     """Replace every matching nn.Linear (PEFT's rule: _matches) by a WaveFT (LoRA, FourierFT) layer, freeze the rest,
     return the trainables. scaling=None: the authors' SDXL values, 25.0 for WaveFT, 64.0 for FourierFT, 1.0 for LoRA
     (alpha = rank). init_seed seeds LoRA's random A and FourierFT's spectrum (layer i: init_seed + i; None: torch's
-    global RNG); WaveFT starts at zero (`seed` places its coefficients, and FourierFT's). fast: the second half of this file, or (False) the definition, autograd
-    through dW (slower, out x in memory per layer); the same results, a runtime choice that files do not keep
-    (`layer.fast`). See docs/waveft.md, "The API"."""
+    global RNG); WaveFT starts at zero (`seed` places its coefficients, and FourierFT's). fast (WaveFT): the second
+    half of this file, or (False) the definition, autograd through dW (slower, out x in memory per layer); the same
+    results, a runtime choice that files do not keep (`layer.fast`). See docs/waveft.md, "The API"."""
     if method not in ("waveft", "lora", "fourierft"):
         raise ValueError(f"unknown method {method!r}; use 'waveft', 'lora' or 'fourierft'")
     if method == "waveft" and wavelet not in dwt.WAVELETS:
