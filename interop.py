@@ -39,12 +39,11 @@ import waveft
 # "base_model.model." is the path of the wrapped model inside a PeftModel; the adapter's name ("default") is not in
 # the file. Positions are not saved: PEFT redraws them from random_loc_seed exactly as waveft.draw_positions does
 # (for WaveFT and FourierFT alike), so only layers whose positions are those can be written in this format. Nor are
-# layer shapes: a spectrum of k values fits any layer with at least k weights, and positions redrawn for another shape make another adapter. So
-# save_peft records each layer's (out, in) in the safetensors metadata ("waveft_layers", a field PEFT never reads)
-# and load_peft refuses a folder whose record differs from the model; a folder written by PEFT has no record to check.
-# WaveFT's and FourierFT's `scaling` is PEFT's `scaling`; LoRA's is lora_alpha / r (lora_alpha / sqrt(r) with
-# use_rslora). Nothing
-# here imports peft: it stays a test dependency.
+# layer shapes: a spectrum of k values fits any layer with at least k weights, and positions redrawn for another
+# shape make another adapter. So save_peft records each layer's (out, in) in the safetensors metadata
+# ("waveft_layers", a field PEFT never reads) and load_peft refuses a folder whose record differs from the model; a
+# folder written by PEFT has no record to check. WaveFT's and FourierFT's `scaling` is PEFT's `scaling`; LoRA's is
+# lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Nothing here imports peft: it stays a test dependency.
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 PEFT_SHAPES = "waveft_layers"  # save_peft's record of {layer: [out, in]} in the safetensors metadata
@@ -185,9 +184,9 @@ def read_peft_config(folder):
 
 @torch.no_grad()
 def load_peft(model, folder):
-    """Load a PEFT adapter folder (WaveFT, FourierFT or LoRA, trained with PEFT or saved by save_peft): inject the layers its
-    config selects (PEFT's matching rule) if the model has no adapters, rebuild the positions from random_loc_seed
-    as PEFT does, load the spectra (or A, B). Returns the metadata.
+    """Load a PEFT adapter folder (WaveFT, FourierFT or LoRA, trained with PEFT or saved by save_peft): inject the
+    layers its config selects (PEFT's matching rule) if the model has no adapters, rebuild the positions from
+    random_loc_seed as PEFT does, load the spectra (or A, B). Returns the metadata.
     All or nothing, as waveft.load; layer shapes are checked where save_peft recorded them (PEFT records none)."""
     with undone_if_refused(model):
         return _load_peft_folder(model, folder)
