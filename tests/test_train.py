@@ -29,6 +29,7 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
+import eval_images
 import files
 import hub
 import interop
@@ -256,6 +257,13 @@ def test_fourierft_trains_at_the_authors_settings_and_resumes_bit_for_bit(dreamb
         42 + i))).abs().max().item() for i, name in enumerate(meta["layers"])]  # --seed 42: layer i from 42 + i
     assert 0 < max(moved) < 1e-3  # trained (Adam: ~lr per step) from that normal start
     assert runs.count_trainable(full_dir / "adapter.safetensors") == 2000 * len(meta["layers"])
+    # evaluate.py and sample.py take the adapter merged: each W is W + dW
+    pipe = eval_images.adapted_pipeline({}, "tiny", full_dir / "adapter.safetensors", "cpu")
+    layers = waveft.adapted_layers(pipe.unet)
+    assert [name for name, _ in layers] == list(meta["layers"]) and all(layer.merged for _, layer in layers)
+    name, layer = layers[-1]
+    plain = sdxl.build_tiny_pipeline().unet.get_submodule(name).weight
+    torch.testing.assert_close(layer.base.weight, plain + layer.delta_weight(), rtol=0, atol=1e-7)
 
     cut_dir = tmp_path / "cut" / full_dir.name
     cut_dir.mkdir(parents=True)
