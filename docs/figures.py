@@ -2,7 +2,7 @@
 
     python docs/figures.py [--out docs] [--adapter outputs/<run>/adapter.safetensors]
 
-makes, in about ten seconds on 2 CPU cores (most of it rank.png's 1280 x 1280 singular values):
+makes, in about twenty seconds on 2 CPU cores (most of it rank.png's 1280 x 1280 singular values):
   basis.png    the dW painted by ONE coefficient in each quarter (cA, cH, cV, cD) of C, for db1, db2 and db4:
                with Haar a signed 2 x 2 block, with longer filters a wider, smoother patch; below, where one
                coefficient acts for each sparse method of the paper: on a point of W (weight domain, no IDWT), on
