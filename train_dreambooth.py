@@ -79,8 +79,7 @@ class Options:
     class_dir: str = ""  # where class images live; default <output_dir>/class-images/<model>/<class>
     checkpoint_every: int = 100  # write checkpoint.pt every N steps (and on Ctrl-C)
     resume: bool = False  # continue from <run>/checkpoint.pt, exactly
-    mixed_precision: str = "auto"  # bf16 (autocast, bf16 frozen UNet, float32 adapter) | no; auto: bf16 on CUDA only
-    # (FourierFT: no, float32 as the authors trained it)
+    mixed_precision: str = "auto"  # bf16 (autocast, bf16 UNet, float32 adapter) | no; auto: CUDA bf16 (FourierFT: no)
     gradient_checkpointing: bool = None  # recompute activations in backward (less memory); default: on CUDA only
     validation_prompts: int = 3  # rows of validation.png: the instance prompt, then evaluation prompts (0: none)
     sample_steps: int = 30  # sampler steps for validation and class images
