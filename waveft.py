@@ -28,8 +28,8 @@ so spectra move between the two.
 
 Two halves. The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above),
 the same dW as scaling * A S B^T with explicit matrices (`delta_weight_separable`), and the forward, which with
-inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA for baselines; inject,
-merge/unmerge/remove, save/load. Then "How training stays as cheap as LoRA": the default forward gives the same y
+inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA and FourierFT (a global Fourier basis:
+dW = scaling * Re(IFFT2(C))) for baselines; inject, merge/unmerge/remove, save/load. Then "How training stays as cheap as LoRA": the default forward gives the same y
 and gradients without ever building an out x in tensor.
 """
 import json
@@ -206,8 +206,7 @@ class FourierFTLinear(nn.Module):
         self.base, self.k, self.scaling, self.seed, self.merged = base, k, scaling, seed, False
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
         generator = None if init_seed is None else torch.Generator().manual_seed(init_seed)
-        spectrum = torch.randn(k, generator=generator, dtype=dtype)
-        self.fourierft_spectrum = nn.Parameter(spectrum.to(base.weight.device))
+        self.fourierft_spectrum = nn.Parameter(torch.randn(k, generator=generator, dtype=dtype).to(base.weight.device))
         self.register_buffer("fourierft_positions", draw_positions(base.out_features, base.in_features, k, seed)
                              .to(base.weight.device, copy=True))  # (2, k) rows, cols
 
