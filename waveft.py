@@ -28,9 +28,9 @@ so spectra move between the two.
 
 Two halves. The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above),
 the same dW as scaling * A S B^T with explicit matrices (`delta_weight_separable`), and the forward, which with
-inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA and FourierFT (a global Fourier basis:
-dW = scaling * Re(IFFT2(C))) for baselines; inject, merge/unmerge/remove, save/load. Then "How training stays as cheap as LoRA": the default forward gives the same y
-and gradients without ever building an out x in tensor.
+inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA and FourierFT (a global Fourier
+basis: dW = scaling * Re(IFFT2(C))) for baselines; inject, merge/unmerge/remove, save/load. Then "How training
+stays as cheap as LoRA": the default forward gives the same y and gradients without ever building an out x in tensor.
 """
 import json
 import os
