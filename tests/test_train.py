@@ -30,6 +30,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 import eval_images
+import evaluate
 import files
 import hub
 import interop
@@ -264,6 +265,11 @@ def test_fourierft_trains_at_the_authors_settings_and_resumes_bit_for_bit(dreamb
     name, layer = layers[-1]
     plain = sdxl.build_tiny_pipeline().unet.get_submodule(name).weight
     torch.testing.assert_close(layer.base.weight, plain + layer.delta_weight(), rtol=0, atol=1e-7)
+    # in PEFT's format (interop.save_peft), a FOURIERFT folder that evaluate.py reads as a run (--subject given)
+    interop.save_peft(_loaded(full_dir), tmp_path / "peft_folder")
+    [run] = runs.read_runs(evaluate.parse_args(["--runs", str(tmp_path / "peft_folder"), "--subject", "dog6",
+                                                "--model", "tiny", "--data-dir", str(dreambooth_dir)]))
+    assert (run.setting, runs.count_trainable(run.adapter)) == ("peft fourierft k=2000", 2000 * len(layers))
 
     cut_dir = tmp_path / "cut" / full_dir.name
     cut_dir.mkdir(parents=True)
