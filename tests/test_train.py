@@ -510,7 +510,7 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
     # A bad value: one line naming the option and its value
     for bad, message in ((["--k", "0"], "--k 0: must be positive"), (["--steps", "-1"], "--steps -1: must be positive"),
                          (["--method", "dora"],
-                          "--method dora: must be one of waveft, lora, vera, loha, lokr, adalora"),
+                          "--method dora: must be one of waveft, lora, fourierft, vera, loha, lokr, adalora"),
                          (["--wavelet", "db99"], "--wavelet db99: must be one of haar, db1, db2"),
                          (["--resolution", "100"], "--resolution 100: must be a multiple of 64"),
                          (["--mixed-precision", "fp16"], "--mixed-precision fp16: must be one of auto, bf16, no"),
