@@ -194,11 +194,11 @@ class FourierFTLinear(nn.Module):
     """FourierFT (Gao et al., arXiv 2405.03003; PEFT's FourierFTConfig), the paper's global-basis baseline: k trainable
     values `fourierft_spectrum` at WaveFT's positions (draw_positions: PEFT draws both alike from random_loc_seed) in
     an otherwise-zero out x in C, and dW = scaling * Re(IFFT2(C)). IFFT2 divides by out * in, and one coefficient
-    c at (u, v) paints scaling c cos(2 pi (u m / out + v n / in)) / (out in) on every W[m, n]: a wave over all of W,
-    where WaveFT's paints an L x L patch. As PEFT: the FFT in float32 (the adapter's dtype: torch's FFT has no bf16), and
-    the initial spectrum of its default init_weights=False, standard normal (dW != 0 from the start, ~scaling
-    sqrt(k) / (out in) per entry), which PEFT draws from the global RNG; here from init_seed + the layer's index, as
-    LoRA's A. Only the definition runs (autograd through the FFT; docs/benchmarks.md: what a fast path would need)."""
+    c at (u, v) paints scaling c cos(2 pi (u m / out + v n / in)) / (out in) on every W[m, n]: a wave over all of
+    W, where WaveFT's paints an L x L patch. As PEFT: the FFT in float32 (the adapter's dtype: torch's FFT has no
+    bf16), and the initial spectrum of its default init_weights=False, standard normal (dW != 0 from the start,
+    ~scaling sqrt(k) / (out in) per entry), which PEFT draws from the global RNG; here from init_seed + the layer's
+    index, as LoRA's A. Only the definition runs (autograd through the FFT; docs/benchmarks.md: what a fast path would need)."""
     adapter_names = ("fourierft_spectrum",)
 
     def __init__(self, base, k, scaling, seed, init_seed=None):
