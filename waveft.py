@@ -198,7 +198,8 @@ class FourierFTLinear(nn.Module):
     W, where WaveFT's paints an L x L patch. As PEFT: the FFT in float32 (the adapter's dtype: torch's FFT has no
     bf16), and the initial spectrum of its default init_weights=False, standard normal (dW != 0 from the start,
     ~scaling sqrt(k) / (out in) per entry), which PEFT draws from the global RNG; here from init_seed + the layer's
-    index, as LoRA's A. Only the definition runs (autograd through the FFT; docs/benchmarks.md: what a fast path would need)."""
+    index, as LoRA's A. Only the definition runs (autograd through the FFT; docs/benchmarks.md: what a fast path
+    would need)."""
     adapter_names = ("fourierft_spectrum",)
 
     def __init__(self, base, k, scaling, seed, init_seed=None):
