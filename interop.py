@@ -34,26 +34,29 @@ import waveft
 # A PEFT adapter folder is adapter_config.json (PEFT's config dataclass as JSON) plus adapter_model.safetensors with
 # one tensor per adapted layer and parameter, named as PeftModel.save_pretrained names them:
 #     base_model.model.<layer>.waveft_spectrum    (k,)        WaveFT
+#     base_model.model.<layer>.fourierft_spectrum (k,)        FourierFT
 #     base_model.model.<layer>.lora_A.weight      (r, in)     LoRA, and <layer>.lora_B.weight (out, r)
 # "base_model.model." is the path of the wrapped model inside a PeftModel; the adapter's name ("default") is not in
-# the file. Positions are not saved: PEFT redraws them from random_loc_seed exactly as waveft.draw_positions does,
-# so only layers whose positions are those can be written in this format. Nor are layer shapes: a WaveFT spectrum of
-# k values fits any layer with at least k weights, and positions redrawn for another shape make another adapter. So
-# save_peft records each layer's (out, in) in the safetensors metadata ("waveft_layers", a field PEFT never reads)
-# and load_peft refuses a folder whose record differs from the model; a folder written by PEFT has no record to check.
-# WaveFT's `scaling` is PEFT's `scaling`; LoRA's is lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Nothing
-# here imports peft: it stays a test dependency.
+# the file. Positions are not saved: PEFT redraws them from random_loc_seed exactly as waveft.draw_positions does
+# (for WaveFT and FourierFT alike), so only layers whose positions are those can be written in this format. Nor are
+# layer shapes: a spectrum of k values fits any layer with at least k weights, and positions redrawn for another
+# shape make another adapter. So save_peft records each layer's (out, in) in the safetensors metadata
+# ("waveft_layers", a field PEFT never reads) and load_peft refuses a folder whose record differs from the model; a
+# folder written by PEFT has no record to check. WaveFT's and FourierFT's `scaling` is PEFT's `scaling`; LoRA's is
+# lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Nothing here imports peft: it stays a test dependency.
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 PEFT_SHAPES = "waveft_layers"  # save_peft's record of {layer: [out, in]} in the safetensors metadata
 _PEFT_DEFAULTS = {"WAVEFT": dict(n_frequency=2592, scaling=25.0, wavelet_family="db1", use_idwt=True,
                                  random_loc_seed=777),  # PEFT's dataclass defaults, for hand-written configs
+                  "FOURIERFT": dict(n_frequency=1000, scaling=150.0, random_loc_seed=777),
                   "LORA": dict(r=8, lora_alpha=8, use_rslora=False)}
 # Config fields that change what the adapter computes in ways these layers cannot: each must be unset (None, False,
 # "none", empty). Fields that only matter for training (dropout, initialisation) are ignored.
 _PEFT_UNSUPPORTED = ("fan_in_fan_out", "bias", "modules_to_save", "layers_to_transform", "layers_pattern")
 _PEFT_UNSUPPORTED_BY_TYPE = {
     "WAVEFT": ("proportional_parameters", "n_frequency_pattern"),
+    "FOURIERFT": ("n_frequency_pattern",),
     "LORA": ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "use_qalora", "use_bdlora", "layer_replication",
              "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
              "kasa_config", "velora_config", "monteclora_config", "megatron_config")}
@@ -63,13 +66,22 @@ def _peft_tuple(method, scaling, k=None, wavelet=None, seed=None, use_idwt=None,
     """What PEFT's config holds for these settings, as a comparable tuple (haar is PEFT's db1)."""
     if method == "waveft":
         return "WAVEFT", k, float(scaling), "db1" if wavelet == "haar" else wavelet, seed, bool(use_idwt)
+    if method == "fourierft":
+        return "FOURIERFT", k, float(scaling), seed
     return "LORA", rank, float(scaling)
 
 
 def _peft_settings(layer):
     if isinstance(layer, waveft.WaveFTLinear):
         return _peft_tuple("waveft", layer.scaling, layer.k, layer.wavelet, layer.seed, layer.use_idwt)
+    if isinstance(layer, waveft.FourierFTLinear):
+        return _peft_tuple("fourierft", layer.scaling, layer.k, seed=layer.seed)
     return _peft_tuple("lora", layer.scaling, rank=layer.rank)
+
+
+def _positions(layer):
+    """The name of a layer's positions buffer (waveft_positions, fourierft_positions), or None (LoRA)."""
+    return None if isinstance(layer, waveft.LoRALinear) else layer.adapter_names[0].replace("spectrum", "positions")
 
 
 def _peft_targets(model, names):
@@ -97,8 +109,8 @@ def save_peft(model, folder):
         if _peft_settings(m) != _peft_settings(first):
             raise ValueError(f"layer {name!r} has settings {_peft_settings(m)}, layer {first_name!r} "
                              f"{_peft_settings(first)}: PEFT's config holds one setting for all layers")
-        if isinstance(m, waveft.WaveFTLinear) and not torch.equal(
-                m.waveft_positions.cpu(), waveft.draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed)):
+        peft_positions = _positions(m) and waveft.draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed)
+        if _positions(m) and not torch.equal(getattr(m, _positions(m)).cpu(), peft_positions):
             raise ValueError(f"layer {name!r}: its positions are not PEFT's randperm positions for seed {m.seed} "
                              "(PEFT redraws positions from random_loc_seed and saves none), so PEFT's format cannot "
                              "hold this adapter; save it with waveft.save")
@@ -113,6 +125,11 @@ def save_peft(model, folder):
                       random_loc_seed=seed, n_frequency_pattern={}, proportional_parameters=False,
                       init_weights=True, **common)
         tensors = {f"{PEFT_PREFIX}{name}.waveft_spectrum": m.waveft_spectrum for name, m in layers}
+    elif isinstance(first, waveft.FourierFTLinear):  # init_weights False: how it was initialised (PEFT's default)
+        peft_type, k, scaling, seed = _peft_settings(first)
+        config = dict(peft_type=peft_type, n_frequency=k, scaling=scaling, random_loc_seed=seed,
+                      n_frequency_pattern={}, init_weights=False, **common)
+        tensors = {f"{PEFT_PREFIX}{name}.fourierft_spectrum": m.fourierft_spectrum for name, m in layers}
     else:
         peft_type, rank, scaling = _peft_settings(first)
         alpha = scaling * rank  # PEFT's LoRA scaling is lora_alpha / r
@@ -144,7 +161,8 @@ def read_peft_config(folder):
         raise ValueError(f"cannot read {path} as JSON: {err}") from None
     peft_type = config.get("peft_type")
     if peft_type not in _PEFT_DEFAULTS:
-        raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; waveft reads WAVEFT and LORA adapters")
+        raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; waveft reads WAVEFT, FOURIERFT and LORA "
+                         "adapters")
     for field in _PEFT_UNSUPPORTED + _PEFT_UNSUPPORTED_BY_TYPE[peft_type]:
         value = config.get(field)
         if not (value is None or value is False or value == "none" or (isinstance(value, (dict, list)) and not value)):
@@ -166,9 +184,9 @@ def read_peft_config(folder):
 
 @torch.no_grad()
 def load_peft(model, folder):
-    """Load a PEFT adapter folder (WaveFT or LoRA, trained with PEFT or saved by save_peft): inject the layers its
-    config selects (PEFT's matching rule) if the model has no adapters, rebuild the positions from random_loc_seed
-    as PEFT does, load the spectra (or A, B). Returns the metadata.
+    """Load a PEFT adapter folder (WaveFT, FourierFT or LoRA, trained with PEFT or saved by save_peft): inject the
+    layers its config selects (PEFT's matching rule) if the model has no adapters, rebuild the positions from
+    random_loc_seed as PEFT does, load the spectra (or A, B). Returns the metadata.
     All or nothing, as waveft.load; layer shapes are checked where save_peft recorded them (PEFT records none)."""
     with undone_if_refused(model):
         return _load_peft_folder(model, folder)
@@ -203,6 +221,10 @@ def _load_peft_folder(model, folder):
         settings = dict(method="waveft", k=config["n_frequency"], scaling=float(config["scaling"]),
                         wavelet=config["wavelet_family"], seed=config["random_loc_seed"], use_idwt=config["use_idwt"])
         attrs = {"waveft_spectrum": "waveft_spectrum"}  # {our parameter: its key in the file after "<layer>."}
+    elif config["peft_type"] == "FOURIERFT":
+        settings = dict(method="fourierft", k=config["n_frequency"], scaling=float(config["scaling"]),
+                        seed=config["random_loc_seed"])
+        attrs = {"fourierft_spectrum": "fourierft_spectrum"}
     else:
         rank, alpha = config["r"], config["lora_alpha"]
         settings = dict(method="lora", rank=rank, scaling=alpha / (rank ** 0.5 if config["use_rslora"] else rank))
@@ -237,10 +259,11 @@ def _load_peft_folder(model, folder):
         values = {(name, attr): waveft.read_tensor(f, weights, tensors[f"{name}.{suffix}"], getattr(m, attr).shape)
                   for name, m in layers.items() for attr, suffix in attrs.items()}  # shapes checked too
     for name, m in layers.items():
-        if isinstance(m, waveft.WaveFTLinear):  # PEFT's positions, whatever this layer held before
-            positions = waveft.draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed)
-            if not torch.equal(positions, m.waveft_positions.cpu()):
-                m.waveft_positions = positions.to(m.waveft_positions.device, copy=True)
+        if _positions(m):  # PEFT's positions, whatever this layer held before
+            positions, held = waveft.draw_positions(m.base.out_features, m.base.in_features, m.k, m.seed), \
+                getattr(m, _positions(m))
+            if not torch.equal(positions, held.cpu()):
+                setattr(m, _positions(m), positions.to(held.device, copy=True))
         for attr in attrs:
             getattr(m, attr).copy_(values[name, attr])
     shapes = {name: [m.base.out_features, m.base.in_features] for name, m in layers.items()}

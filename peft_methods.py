@@ -164,14 +164,14 @@ def remove(model):
 
 def base_weight(layer):
     """The frozen W of an adapted layer, this project's or PEFT's."""
-    return layer.base.weight if isinstance(layer, (waveft.WaveFTLinear, waveft.LoRALinear)) else \
+    return layer.base.weight if isinstance(layer, waveft.LAYER_TYPES) else \
         layer.get_base_layer().weight
 
 
 @torch.no_grad()
 def merge_layer(layer):
     """Fold one adapted layer's dW into its W (waveft.merge, or PEFT's own merge); returns that W."""
-    waveft.merge(layer) if isinstance(layer, (waveft.WaveFTLinear, waveft.LoRALinear)) else layer.merge()
+    waveft.merge(layer) if isinstance(layer, waveft.LAYER_TYPES) else layer.merge()
     return base_weight(layer)
 
 

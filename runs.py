@@ -41,13 +41,13 @@ import waveft
 # A run's name: every option that changes the result
 
 def run_name(opts, defaults, neutral):
-    """<subject_of>-waveft-k<k> (-waveft_noidwt-k<k>, -lora-r<rank>, -loha-r<rank>, ...), then every option of
-    `opts` (train_dreambooth.py's Options) that is not in `neutral` (options that cannot change the result) and
-    differs from `defaults` (the same dataclass with the defaults for this model, method and device), in field order:
-    e.g. dog6-waveft-k2592-db4-lr2e-4.
+    """<subject_of>-waveft-k<k> (-waveft_noidwt-k<k>, -fourierft-k<k>, -lora-r<rank>, -loha-r<rank>, ...), then every
+    option of `opts` (train_dreambooth.py's Options) that is not in `neutral` (options that cannot change the result)
+    and differs from `defaults` (the same dataclass with the defaults for this model, method and device), in field
+    order: e.g. dog6-waveft-k2592-db4-lr2e-4.
     Derived from the fields themselves, so a new option is covered without touching this function."""
     tag = f"waveft{'' if opts.use_idwt else '_noidwt'}-k{opts.k}" if opts.method == "waveft" else \
-        f"{opts.method}-r{opts.rank}"
+        f"fourierft-k{opts.k}" if opts.method == "fourierft" else f"{opts.method}-r{opts.rank}"
     skip = set(neutral) | {"subject", "images", "class_name", "method", "k", "rank", "use_idwt"}
     parts = [name_part(f.name, getattr(opts, f.name)) for f in dataclasses.fields(opts)
              if f.name not in skip and getattr(opts, f.name) != getattr(defaults, f.name)]
@@ -413,6 +413,8 @@ def read_peft_run(folder, opts):
     if config["peft_type"] == "WAVEFT":
         method = dict(method="waveft", k=config["n_frequency"], wavelet=config["wavelet_family"],
                       scaling=config["scaling"], use_idwt=config["use_idwt"])
+    elif config["peft_type"] == "FOURIERFT":
+        method = dict(method="fourierft", k=config["n_frequency"], scaling=config["scaling"])
     elif peft_method:
         method = peft_methods.settings_of(config)
     else:
@@ -448,8 +450,8 @@ def prompts_of(run, prompt_file=None, kind=None):
 
 
 def method_and_budget(config):
-    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592'), ('lora', 'r=1'), ('loha', 'r=1'), ('adalora', 'r=2->1'),
-    as in the output folder names; a non-default wavelet or scaling (alpha: PEFT's methods) is added to the method,
+    """('waveft', 'k=2592'), ('waveft_noidwt', 'k=2592'), ('fourierft', 'k=2592'), ('lora', 'r=1'), ('loha', 'r=1'),
+    ('adalora', 'r=2->1'), as in the output folder names; a non-default wavelet or scaling (alpha: PEFT's methods) is added to the method,
     so a sweep over them does not share one table line."""
     method = config.get("method", "external")
     if method in peft_methods.METHODS:
@@ -462,17 +464,21 @@ def method_and_budget(config):
     if method.startswith("waveft"):
         method += f" {config['wavelet']}" if config.get("wavelet", "db1") != "db1" else ""
         method += f" scaling={config['scaling']:g}" if config.get("scaling") not in (None, 25) else ""
+    if method == "fourierft" and config.get("scaling") not in (None, 64):
+        method += f" scaling={config['scaling']:g}"
     budget = f"r={config.get('rank')}" if method == "lora" else f"k={config['k']}" if "k" in config else ""
     return method, budget
 
 
 def count_trainable(adapter):
-    """Trainable adapter parameters, read from the file: the spectra (WaveFT), A and B (LoRA), PEFT's methods'
-    tensors (peft_methods.TRAINABLE: VeRA's d and b, not its frozen shared A and B; AdaLoRA's surviving triplets)."""
+    """Trainable adapter parameters, read from the file: the spectra (WaveFT, FourierFT), A and B (LoRA), PEFT's
+    methods' tensors (peft_methods.TRAINABLE: VeRA's d and b, not its frozen shared A and B; AdaLoRA's surviving
+    triplets)."""
     path = adapter / interop.PEFT_WEIGHTS if adapter.is_dir() else adapter  # a PEFT folder: its weights file
     with safe_open(str(path), "pt") as f:
         return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()
-                   if key.endswith(("waveft_spectrum", "lora_A.weight", "lora_B.weight", *peft_methods.TRAINABLE)))
+                   if key.endswith(("waveft_spectrum", "fourierft_spectrum", "lora_A.weight", "lora_B.weight",
+                                    *peft_methods.TRAINABLE)))
 
 
 def adapter_hash(adapter):

@@ -54,12 +54,12 @@ class Options:
     output_dir: str = "outputs"  # the run goes to <output_dir>/<run name> (see --run-name)
     run_name: str = ""  # the run's folder; default <subject>-waveft-k<k> (or -lora-r<rank>) + every non-default option
     overwrite: bool = False  # start again in a folder that holds a run (its files are replaced)
-    method: str = "waveft"  # waveft | lora | vera | loha | lokr | adalora (the last four: PEFT's, peft_methods.py)
-    k: int = 2592  # WaveFT coefficients per layer (2592 = the LoRA rank-1 budget on SDXL)
+    method: str = "waveft"  # waveft | lora | fourierft | vera | loha | lokr | adalora (the last four: PEFT's layers)
+    k: int = 2592  # WaveFT (FourierFT) coefficients per layer (2592 = the LoRA rank-1 budget on SDXL)
     rank: int = None  # LoRA rank [1]; VeRA, LoHa, LoKr r, AdaLoRA init_r: the authors' 1402, 1, 20, 2
     alpha: float = None  # LoHa, LoKr, AdaLoRA alpha (their scaling: alpha / rank); the authors' 64, 192, 32
     target_rank: int = None  # AdaLoRA: the average rank it prunes to (target_r); the authors' 1
-    scaling: float = None  # lambda in dW = lambda * IDWT2(C); default 25 for WaveFT, 1 (alpha = rank) for LoRA
+    scaling: float = None  # lambda in dW = lambda * IDWT2(C); default 25 for WaveFT, 64 FourierFT, 1 (alpha = r) LoRA
     wavelet: str = "db1"  # WaveFT wavelet (db1 = Haar)
     use_idwt: bool = True  # false: train the sparse matrix directly in weight space (ablation baseline)
     position_seed: int = 777  # seed of the k random coefficient positions
@@ -79,7 +79,7 @@ class Options:
     class_dir: str = ""  # where class images live; default <output_dir>/class-images/<model>/<class>
     checkpoint_every: int = 100  # write checkpoint.pt every N steps (and on Ctrl-C)
     resume: bool = False  # continue from <run>/checkpoint.pt, exactly
-    mixed_precision: str = "auto"  # bf16 (autocast, bf16 frozen UNet, float32 adapter) | no; auto: bf16 on CUDA only
+    mixed_precision: str = "auto"  # bf16 (autocast, bf16 UNet, float32 adapter) | no; auto: CUDA bf16 (FourierFT: no)
     gradient_checkpointing: bool = None  # recompute activations in backward (less memory); default: on CUDA only
     validation_prompts: int = 3  # rows of validation.png: the instance prompt, then evaluation prompts (0: none)
     sample_steps: int = 30  # sampler steps for validation and class images
@@ -175,6 +175,7 @@ def parse_options(argv=None):
 # (option, value): the options that have no effect when it has that value (not checked; a warning when given)
 NO_EFFECT_WITH = {("method", "waveft"): ("rank", "alpha", "target_rank"),
                   ("method", "lora"): ("k", "wavelet", "use_idwt", "position_seed", "alpha", "target_rank"),
+                  ("method", "fourierft"): ("rank", "alpha", "target_rank", "wavelet", "use_idwt"),
                   **peft_methods.NO_EFFECT_WITH,
                   ("model", "tiny"): ("variant",),  # built in memory: no weight files
                   ("prior_preservation", False): ("class_images", "prior_loss_weight", "class_dir")}
@@ -185,7 +186,7 @@ def ignored_options(opts):
     return cli.no_effect(opts, NO_EFFECT_WITH)
 
 
-CHOICES = dict(method=("waveft", "lora", *peft_methods.METHODS), mixed_precision=("auto", "bf16", "no"),
+CHOICES = dict(method=("waveft", "lora", "fourierft", *peft_methods.METHODS), mixed_precision=("auto", "bf16", "no"),
                wavelet=dwt.WAVELETS, batching=("epoch", "uniform"), text_conditioning=sdxl.TEXT_CONDITIONINGS)
 POSITIVE = ("k", "rank", "alpha", "target_rank", "steps", "grad_accum", "checkpoint_every", "class_images",
             "sample_steps", "lr", "max_grad_norm", "resolution")
@@ -211,13 +212,13 @@ def resolve(opts):
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(opts.device).type == "cuda"
     if opts.mixed_precision == "auto":
-        opts.mixed_precision = "bf16" if on_cuda else "no"
+        opts.mixed_precision = "bf16" if on_cuda and opts.method != "fourierft" else "no"
     if opts.gradient_checkpointing is None:
         opts.gradient_checkpointing = on_cuda
     if opts.resolution is None:
         opts.resolution = 64 if opts.model == "tiny" else 1024
     if opts.scaling is None:
-        opts.scaling = 25.0 if opts.method == "waveft" else 1.0
+        opts.scaling = {"waveft": 25.0, "fourierft": 64.0}.get(opts.method, 1.0)
     peft_methods.resolve(opts)  # rank, lr, alpha, target_rank: per method
     return opts
 

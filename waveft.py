@@ -28,9 +28,9 @@ so spectra move between the two.
 
 Two halves. The method, as defined (read this first): positions, `WaveFTLinear.delta_weight` (the formula above),
 the same dW as scaling * A S B^T with explicit matrices (`delta_weight_separable`), and the forward, which with
-inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA for baselines; inject,
-merge/unmerge/remove, save/load. Then "How training stays as cheap as LoRA": the default forward gives the same y
-and gradients without ever building an out x in tensor.
+inject(..., fast=False) is literally F.linear(x, W + delta_weight(), b); LoRA and FourierFT (a global Fourier
+basis: dW = scaling * Re(IFFT2(C))) for baselines; inject, merge/unmerge/remove, save/load. Then "How training
+stays as cheap as LoRA": the default forward gives the same y and gradients without ever building an out x in tensor.
 """
 import json
 import os
@@ -125,14 +125,7 @@ class WaveFTLinear(nn.Module):
         if self.merged:  # dW is already inside base.weight
             return self.base(x)
         if not _use_fast_path(self.fast, x.device):
-            # The definition. It runs in the adapter's dtype (float32; float64 for a float64 model) with autocast
-            # off: rounding W + dW to a bf16 W, or to bf16 under autocast, would erase updates far below W's
-            # precision (bf16 keeps ~3 digits). For a float32 model and input every cast below is a no-op.
-            dtype = self.waveft_spectrum.dtype
-            bias = None if self.base.bias is None else self.base.bias.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                y = F.linear(x.to(dtype), self.base.weight.to(dtype) + self.delta_weight(), bias)
-            return y.to(x.dtype)
+            return _definition(self, x, self.waveft_spectrum.dtype)
         # The same y and the same gradients, computed cheaply: see the second half.
         return _fast_forward(self, x)
 
@@ -140,6 +133,15 @@ class WaveFTLinear(nn.Module):
         _apply_keeping_adapters_float32(self, fn, recurse)
         _refresh_plan(self)  # on the new device
         return self
+
+
+def _definition(layer, x, dtype):
+    """y = F.linear(x, W + dW, b) in the adapter's dtype (float32; float64 for a float64 model) with autocast off:
+    rounding W + dW to a bf16 W, or to bf16 under autocast, would erase updates far below W's precision (bf16 keeps
+    ~3 digits). For a float32 model and input every cast below is a no-op."""
+    bias = None if layer.base.bias is None else layer.base.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), layer.base.weight.to(dtype) + layer.delta_weight(), bias).to(x.dtype)
 
 
 def _synthesis_matrix(n, n_coef, wavelet, dtype, device):
@@ -188,6 +190,42 @@ class LoRALinear(nn.Module):
         return (y.to(h.dtype) + self.scaling * h).to(x.dtype)
 
 
+class FourierFTLinear(nn.Module):
+    """FourierFT (Gao et al., arXiv 2405.03003; PEFT's FourierFTConfig), the paper's global-basis baseline: k trainable
+    values `fourierft_spectrum` at WaveFT's positions (draw_positions: PEFT draws both alike from random_loc_seed) in
+    an otherwise-zero out x in C, and dW = scaling * Re(IFFT2(C)). IFFT2 divides by out * in, and one coefficient
+    c at (u, v) paints scaling c cos(2 pi (u m / out + v n / in)) / (out in) on every W[m, n]: a wave over all of
+    W, where WaveFT's paints an L x L patch. As PEFT: the FFT in float32 (the adapter's dtype: torch's FFT has no
+    bf16), and the initial spectrum of its default init_weights=False, standard normal (dW != 0 from the start,
+    ~scaling sqrt(k) / (out in) per entry), which PEFT draws from the global RNG; here from init_seed + the layer's
+    index, as LoRA's A. Only the definition runs (autograd through the FFT; docs/benchmarks.md: what a fast path
+    would need)."""
+    adapter_names = ("fourierft_spectrum",)
+
+    def __init__(self, base, k, scaling, seed, init_seed=None):
+        super().__init__()
+        self.base, self.k, self.scaling, self.seed, self.merged = base, k, scaling, seed, False
+        dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
+        generator = None if init_seed is None else torch.Generator().manual_seed(init_seed)
+        self.fourierft_spectrum = nn.Parameter(torch.randn(k, generator=generator, dtype=dtype).to(base.weight.device))
+        self.register_buffer("fourierft_positions", draw_positions(base.out_features, base.in_features, k, seed)
+                             .to(base.weight.device, copy=True))  # (2, k) rows, cols
+
+    def delta_weight(self):
+        spectrum, positions = self.fourierft_spectrum, tuple(self.fourierft_positions)
+        C = torch.zeros(self.base.weight.shape, dtype=spectrum.dtype, device=spectrum.device)
+        return self.scaling * torch.fft.ifft2(C.index_put(positions, spectrum)).real
+
+    def forward(self, x):
+        return self.base(x) if self.merged else _definition(self, x, self.fourierft_spectrum.dtype)
+
+    def _apply(self, fn, recurse=True):  # behind .to(dtype), .half(), .cuda(): adapters stay float32
+        return _apply_keeping_adapters_float32(self, fn, recurse)
+
+
+LAYER_TYPES = (WaveFTLinear, LoRALinear, FourierFTLinear)  # this file's adapted layers
+
+
 def _apply_keeping_adapters_float32(layer, fn, recurse):
     """nn.Module._apply (behind .to, .half, .bfloat16, .cuda), except that adapter values (and grads) that a bf16/fp16
     cast would round keep their float32 values, in the same Parameter objects: pipe.to(torch.bfloat16) after inject
@@ -205,12 +243,12 @@ def _apply_keeping_adapters_float32(layer, fn, recurse):
 
 
 def adapted_layers(model):
-    """[(dotted name, layer)] of every WaveFT/LoRA layer in the model, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (WaveFTLinear, LoRALinear))]
+    """[(dotted name, layer)] of every WaveFT/LoRA/FourierFT layer in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
 
 
 def count_parameters(model):
-    """Number of trainable adapter values (k per WaveFT layer, r * (in + out) per LoRA layer)."""
+    """Number of trainable adapter values (k per WaveFT or FourierFT layer, r * (in + out) per LoRA layer)."""
     return sum(p.numel() for _, m in adapted_layers(model) for p in _adapter_params(m))
 
 
@@ -227,21 +265,21 @@ def _matches(name, patterns):
 
 def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777, use_idwt=True, rank=1,
            target_modules=DEFAULT_TARGETS, exclude_modules=(), verbose=False, init_seed=None, fast=True):
-    """Replace every matching nn.Linear (PEFT's rule: _matches) by a WaveFT (or LoRA) layer, freeze the rest, return
-    the trainables. scaling=None: 25.0 for WaveFT (the authors' SDXL value), 1.0 for LoRA (alpha = rank, the paper's
-    baseline). init_seed seeds LoRA's random A (layer i: init_seed + i; None: torch's global RNG); WaveFT starts at
-    zero (`seed` places its coefficients). fast: the second half of this file, or (False) the definition, autograd
-    through dW (slower, out x in memory per layer); the same results, a runtime choice that files do not keep
-    (`layer.fast`). See docs/waveft.md, "The API"."""
-    if method not in ("waveft", "lora"):
-        raise ValueError(f"unknown method {method!r}; use 'waveft' or 'lora'")
+    """Replace every matching nn.Linear (PEFT's rule: _matches) by a WaveFT (LoRA, FourierFT) layer, freeze the rest,
+    return the trainables. scaling=None: the authors' SDXL values, 25.0 for WaveFT, 64.0 for FourierFT, 1.0 for LoRA
+    (alpha = rank). init_seed seeds LoRA's random A and FourierFT's spectrum (layer i: init_seed + i; None: torch's
+    global RNG); WaveFT starts at zero (`seed` places its coefficients, and FourierFT's). fast (WaveFT): the second
+    half of this file, or (False) the definition, autograd through dW (slower, out x in memory per layer); the same
+    results, a runtime choice that files do not keep (`layer.fast`). See docs/waveft.md, "The API"."""
+    if method not in ("waveft", "lora", "fourierft"):
+        raise ValueError(f"unknown method {method!r}; use 'waveft', 'lora' or 'fourierft'")
     if method == "waveft" and wavelet not in dwt.WAVELETS:
         raise ValueError(f"unknown wavelet {wavelet!r}; supported: {', '.join(dwt.WAVELETS)}")
     if method == "lora" and (not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if adapted_layers(model):
         raise ValueError("model already has adapters; inject into a fresh model (or load into this one)")
-    scaling = float((25.0 if method == "waveft" else 1.0) if scaling is None else scaling)
+    scaling = float({"waveft": 25.0, "fourierft": 64.0}.get(method, 1.0) if scaling is None else scaling)
     modules = dict(model.named_modules())  # {dotted name: module}, the model itself as ""
     targets = [n for n in modules if n and _matches(n, target_modules) and not _matches(n, exclude_modules or ())]
     if not targets:
@@ -253,14 +291,16 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"module {name!r} matched target_modules but is a {type(mod).__name__}, "
                              "not an nn.Linear; narrow target_modules or add it to exclude_modules")
-        if method == "waveft" and not 0 < k <= mod.out_features * mod.in_features:
+        if method != "lora" and not 0 < k <= mod.out_features * mod.in_features:
             raise ValueError(f"k={k} is invalid for layer {name!r} of shape {mod.out_features} x "
                              f"{mod.in_features}: need 1 <= k <= {mod.out_features * mod.in_features}")
     model.requires_grad_(False)
     for i, name in enumerate(targets):
         parent, _, child = name.rpartition(".")
-        layer = (WaveFTLinear(modules[name], k, scaling, wavelet, seed, use_idwt, fast) if method == "waveft"
-                 else LoRALinear(modules[name], rank, scaling, None if init_seed is None else init_seed + i))
+        base, layer_seed = modules[name], None if init_seed is None else init_seed + i
+        layer = (WaveFTLinear(base, k, scaling, wavelet, seed, use_idwt, fast) if method == "waveft" else
+                 FourierFTLinear(base, k, scaling, seed, layer_seed) if method == "fourierft" else
+                 LoRALinear(base, rank, scaling, layer_seed))
         setattr(model.get_submodule(parent), child, layer)
     model._waveft_config = dict(method=method, k=k, scaling=scaling, wavelet=wavelet, seed=seed,
                                 use_idwt=use_idwt, rank=rank, target_modules=_jsonable(target_modules),
@@ -281,7 +321,7 @@ def _print_summary(model, method, params):
     print(f"{method}: {sum(by_shape.values())} adapted layers, {config}")
     print(f"  {'out x in':>13}  {'layers':>6}  {'trainable':>11}")
     for (o, i), count in sorted(by_shape.items()):
-        per_layer = config["k"] if method == "waveft" else config["rank"] * (o + i)
+        per_layer = config["rank"] * (o + i) if method == "lora" else config["k"]
         print(f"  {f'{o} x {i}':>13}  {count:>6}  {count * per_layer:>11,}")
     print(f"  total trainable parameters: {sum(p.numel() for p in params):,}")
 
@@ -332,8 +372,9 @@ def save(model, path, extra_metadata=None):
     for name, m in layers:
         for attr in m.adapter_names:
             tensors[f"{name}.{attr}"] = getattr(m, attr).detach().float().cpu().contiguous()
-        if isinstance(m, WaveFTLinear):
-            tensors[f"{name}.waveft_positions"] = m.waveft_positions.to(torch.int32).cpu()  # (2, k)
+        if not isinstance(m, LoRALinear):  # WaveFT's (FourierFT's) waveft_positions (fourierft_positions)
+            positions = m.adapter_names[0].replace("spectrum", "positions")
+            tensors[f"{name}.{positions}"] = getattr(m, positions).to(torch.int32).cpu()  # (2, k)
     meta = dict(model._waveft_config, layers={n: [m.base.out_features, m.base.in_features] for n, m in layers},
                 **(extra_metadata or {}))
     write_atomically(path, save_bytes(tensors, metadata={key: json.dumps(value) for key, value in meta.items()}))
@@ -389,7 +430,8 @@ def load(model, path, fast=True):
     layers = dict(adapted_layers(model))
     if layers:  # into the adapters the model has: the same layers and config, none merged
         check_same_layers(path, want, {n: (m.base.out_features, m.base.in_features) for n, m in layers.items()})
-        keys = ("method", "scaling") + (("k", "wavelet", "use_idwt") if meta["method"] == "waveft" else ("rank",))
+        keys = ("method", "scaling") + {"waveft": ("k", "wavelet", "use_idwt"), "fourierft": ("k",)}.get(
+            meta["method"], ("rank",))
         differ = [f"{key}: file {meta[key]!r}, model {model._waveft_config[key]!r}" for key in keys
                   if meta[key] != model._waveft_config[key]]
         if differ:
@@ -402,7 +444,7 @@ def load(model, path, fast=True):
                                        if n in want and isinstance(m, nn.Linear)})
         inject(model, method=meta["method"], k=meta["k"], scaling=meta["scaling"], wavelet=meta["wavelet"],
                seed=meta["seed"], use_idwt=meta["use_idwt"], rank=meta["rank"],
-               target_modules="|".join(re.escape(n) for n in want), fast=fast)
+               target_modules="|".join(re.escape(n) for n in want), fast=fast, init_seed=0)  # RNG left alone
         model._waveft_config.update(target_modules=meta["target_modules"], exclude_modules=meta["exclude_modules"])
         layers = dict(adapted_layers(model))
     for (name, attr), value in values.items():
@@ -416,15 +458,15 @@ def _read_adapter_tensors(path, meta, want):
     """{(layer, attribute): tensor} of every layer the file names, each shape checked against the file's own config
     and layer shapes (what inject builds from them; load then checks those against the model), and the positions
     inside the weight."""
-    values, k, rank = {}, meta["k"], meta["rank"]
+    values, k, rank, method = {}, meta["k"], meta["rank"], meta["method"]
     with safe_open(str(path), framework="pt") as f:
         for name, (out_f, in_f) in want.items():
-            shapes = ({"waveft_spectrum": (k,), "waveft_positions": (2, k)} if meta["method"] == "waveft"
-                      else {"lora_A": (rank, in_f), "lora_B": (out_f, rank)})
+            shapes = ({"lora_A": (rank, in_f), "lora_B": (out_f, rank)} if method == "lora"
+                      else {f"{method}_spectrum": (k,), f"{method}_positions": (2, k)})  # WaveFT, FourierFT
             for attr, shape in shapes.items():
-                if attr != "waveft_positions" or f"{name}.{attr}" in f.keys():  # without them: seed's positions
+                if not attr.endswith("_positions") or f"{name}.{attr}" in f.keys():  # without: seed's positions
                     values[name, attr] = read_tensor(f, path, f"{name}.{attr}", shape)
-            positions = values.get((name, "waveft_positions"))
+            positions = values.get((name, f"{method}_positions"))
             if positions is not None and not (positions.ge(0).all() and positions[0].lt(out_f).all()
                                               and positions[1].lt(in_f).all()):
                 raise ValueError(f"{path}: positions of layer {name!r} fall outside its {(out_f, in_f)} weight")

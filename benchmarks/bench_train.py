@@ -1,9 +1,10 @@
-"""Training-step cost of our WaveFT vs our LoRA r=1 vs PEFT's WaveFT and LoRA r=1, on a mid-size SDXL-like UNet.
+"""Training-step cost of our WaveFT vs our LoRA r=1 vs PEFT's WaveFT and LoRA r=1 (and our FourierFT, the definition
+only), on a mid-size SDXL-like UNet.
 
 One step = UNet forward + backward + AdamW on the adapter, as in train_dreambooth.py, batch 1, float32 on the CPU.
 The UNet is SDXL's first two levels (block_out_channels (320, 640), 2 transformer layers at width 640, cross-attention
 over 2048-d text, text_time conditioning) with random weights, so its attention projections are SDXL's own 640 x 640
-and 2048 x 640 layers. All four variants live in one process and are timed interleaved (common.median_ms_interleaved),
+and 2048 x 640 layers. All five variants live in one process and are timed interleaved (common.median_ms_interleaved),
 so load from other processes hits them alike; ratios are against our LoRA r=1.
 
 Peak memory is measured per variant on Linux as the peak resident set size during one step (reset through
@@ -50,6 +51,8 @@ def adapted(base, variant, k):
         waveft.inject(unet, method="waveft", k=k, scaling=25.0, wavelet="db1", seed=777)
     elif variant == "ours LoRA r=1":
         waveft.inject(unet, method="lora", rank=1, scaling=1.0)
+    elif variant == "ours FourierFT":  # the definition: dW = 64 Re(IFFT2(C)) out x in per layer call, autograd
+        waveft.inject(unet, method="fourierft", k=k, scaling=64.0, seed=777, init_seed=0)
     else:
         from peft import LoraConfig, WaveFTConfig, inject_adapter_in_model
         config = (WaveFTConfig(n_frequency=k, scaling=25.0, wavelet_family="db1", random_loc_seed=777,
@@ -129,7 +132,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, resolution {args.resolution}, k {args.k}, "
           f"load average {os.getloadavg()[0]:.1f} (compare runs made on an idle machine)", flush=True)
     base = mid_size_unet()
-    variants = ["ours LoRA r=1", "ours WaveFT", "PEFT LoRA r=1", "PEFT WaveFT"]
+    variants = ["ours LoRA r=1", "ours WaveFT", "PEFT LoRA r=1", "PEFT WaveFT", "ours FourierFT"]
     models, steps = {}, {}
     for name in variants:
         start = time.perf_counter()

@@ -2,19 +2,22 @@
 
     python docs/figures.py [--out docs] [--adapter outputs/<run>/adapter.safetensors]
 
-makes, in about ten seconds on 2 CPU cores (most of it rank.png's 1280 x 1280 singular values):
+makes, in about twenty seconds on 2 CPU cores (most of it rank.png's 1280 x 1280 singular values):
   basis.png    the dW painted by ONE coefficient in each quarter (cA, cH, cV, cD) of C, for db1, db2 and db4:
-               with Haar a signed 2 x 2 block, with longer filters a wider, smoother patch;
+               with Haar a signed 2 x 2 block, with longer filters a wider, smoother patch; below, where one
+               coefficient acts for each sparse method of the paper: on a point of W (weight domain, no IDWT), on
+               a patch (WaveFT) or on all of W at once (FourierFT, a global Fourier basis);
   domains.png  the same k random coefficients as dW with the IDWT (WaveFT) and without it (use_idwt=False, the
                weight-domain sparse baseline), and a trained layer: by default one small layer fitted to a smooth
                target here in 150 Adam steps, or with --adapter the first layer of a trained adapter;
-  rank.png     the singular values of dW on a 1280 x 1280 layer (SDXL's most common attention projection): WaveFT
-               with k = 2592 values against LoRA rank 1 with 1280 + 1280 = 2560, nearly the same budget (2592 is
-               LoRA r=1's in + out averaged over SDXL's 560 layers): a rank-1 update against one of rank about 1000.
+  rank.png     the singular values of dW on a 1280 x 1280 layer (SDXL's most common attention projection): WaveFT,
+               FourierFT and the weight-domain sparse method with k = 2592 values against LoRA rank 1 with
+               1280 + 1280 = 2560, nearly the same budget (2592 is LoRA r=1's in + out averaged over SDXL's 560
+               layers): a rank-1 update against ones of rank about 1000 and more.
 
 Each picture is a data function (tested in tests/test_docs.py) and a drawing function. Only waveft's public API is
-used: inject, read_metadata, a layer's delta_weight(), waveft_spectrum and waveft_positions (and dwt.wavelet_filters
-for the filter length).
+used: inject, read_metadata, a layer's delta_weight(), its spectrum and positions (waveft_ or fourierft_) and
+adapter_names (and dwt.wavelet_filters for the filter length).
 """
 import argparse
 import math
@@ -35,7 +38,7 @@ QUARTERS = ("cA", "cH", "cV", "cD")  # C = (cA | cH) over (cV | cD): waveft.py's
 
 
 def one_layer(out_features, in_features, dtype=torch.float32, **inject_options):
-    """A single nn.Linear (zero weight) with a WaveFT or LoRA adapter injected, as in any model."""
+    """A single nn.Linear (zero weight) with a WaveFT, LoRA or FourierFT adapter injected, as in any model."""
     model = nn.Sequential(nn.Linear(in_features, out_features, bias=False, dtype=dtype))
     nn.init.zeros_(model[0].weight)
     waveft.inject(model, target_modules=["0"], **inject_options)
@@ -62,6 +65,24 @@ def basis_delta(wavelet, quarter, n=16):
     with torch.no_grad():
         layer.waveft_spectrum.fill_(1.0)
         return layer.delta_weight()
+
+
+def where_one_coefficient_acts(n=16, position=(1, 2)):
+    """{label: dW} of ONE coefficient 1 (scaling 1) at `position` of an n x n layer for each sparse method: without
+    the IDWT it is one entry of W (a point); WaveFT (db1) paints a 2 x 2 patch (coefficient (i, j) of cA: rows
+    2i, 2i + 1, columns 2j, 2j + 1); FourierFT's coefficient at frequency (u, v) paints cos(2 pi (u r + v c) / n) / n^2
+    on every W[r, c] (Re IFFT2 of a unit impulse): a wave over all of W."""
+    deltas = {}
+    for label, options in (("weight domain:\na point", dict(use_idwt=False)),
+                           ("WaveFT (db1):\na 2 x 2 patch", dict(wavelet="db1")),
+                           ("FourierFT:\nall of W at once", dict(method="fourierft"))):
+        layer = one_layer(n, n, torch.float64, k=1, scaling=1.0, **options)
+        spectrum = layer.adapter_names[0]  # waveft_spectrum or fourierft_spectrum; its positions beside it
+        setattr(layer, spectrum.replace("spectrum", "positions"), torch.tensor([[position[0]], [position[1]]]))
+        with torch.no_grad():
+            getattr(layer, spectrum).fill_(1.0)
+            deltas[label] = layer.delta_weight()
+    return deltas
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,8 +147,10 @@ def trained_delta(adapter=None, n=64, k=512, wavelet="db4"):
 # 3. Rank at equal budget
 
 def rank_spectra(n=1280, k=2592, seed=0):
-    """{label: singular values of dW, largest first} on an n x n layer: WaveFT (db1) with k random coefficients,
-    WaveFT and LoRA r=1 both trained towards the same random full-rank target T.
+    """{label: singular values of dW, largest first} on an n x n layer: WaveFT (db1), FourierFT and the weight-domain
+    sparse method with k random coefficients, WaveFT and LoRA r=1 both trained towards the same random full-rank
+    target T. (FourierFT's coefficient at (u, v) is rank 2 in W, cos = two complex exponentials, so k of them can
+    reach full rank; the weight domain's k entries, about 2 per row, leave rows and columns empty.)
 
     WaveFT's fit takes ONE gradient step of size 1: with Haar, distinct positions and an even n (nothing cropped)
     the k basis matrices are orthonormal, so the first step lands on the least-squares optimum (the test checks
@@ -137,7 +160,13 @@ def rank_spectra(n=1280, k=2592, seed=0):
     random_layer = one_layer(n, n, k=k, scaling=1.0)
     with torch.no_grad():
         random_layer.waveft_spectrum.copy_(torch.randn(k, generator=generator))
+    sparse_layer = one_layer(n, n, k=k, scaling=1.0, use_idwt=False)
+    with torch.no_grad():
+        sparse_layer.waveft_spectrum.copy_(torch.randn(k, generator=generator))
     layers = {f"WaveFT k={k}, random spectrum": random_layer,
+              f"FourierFT k={k}, random spectrum": one_layer(n, n, method="fourierft", k=k, scaling=1.0,
+                                                              init_seed=seed),  # its init: standard normal
+              f"weight domain k={k}, random values": sparse_layer,
               f"WaveFT k={k}, trained towards T": fit(one_layer(n, n, k=k, scaling=1.0), target, 1, 1.0, adam=False),
               f"LoRA r=1 ({2 * n} values), trained towards T":
                   fit(one_layer(n, n, method="lora", rank=1, init_seed=seed), target, 50, lr=0.01)}
@@ -230,7 +259,15 @@ def draw_basis(out_dir, wavelets=("db1", "db2", "db4"), n=16):
     sheet = figure(f"dW of one coefficient 1 at the centre of each quarter of C ({n} x {n} layer, scaling 1)",
                    [matrix_panel(d, scale, 8) for d in deltas], len(QUARTERS),
                    colour_bar(300, f"-{scale:.2f}", f"+{scale:.2f}"), labels, wavelets)
-    sheet.save(out_dir / "basis.png", optimize=True)
+    where = where_one_coefficient_acts(n)
+    labels = [f"{label}\nmax |dW| = {float(d.abs().max()):.3g}" for label, d in where.items()]
+    below = figure("where one coefficient 1 at (1, 2) acts (each on its own colour scale)",
+                   [matrix_panel(d, float(d.abs().max()), 10) for d in where.values()], len(where),
+                   colour_bar(300, "-max |dW|", "+max |dW|"), labels)
+    both = Image.new("RGB", (max(sheet.width, below.width), sheet.height + below.height), "white")
+    both.paste(sheet, (0, 0))
+    both.paste(below, ((both.width - below.width) // 2, sheet.height))
+    both.save(out_dir / "basis.png", optimize=True)
 
 
 def draw_domains(out_dir, adapter=None):

@@ -177,13 +177,13 @@ def run(unet, inputs):
 
 
 def randomize(model, std=0.01, seed=0):
-    """Random adapter values (ours or PEFT's: every WaveFT spectrum and LoRA A/B, in module order, each in its own
-    dtype), so that every adapted layer visibly changes the output."""
+    """Random adapter values (ours or PEFT's: every WaveFT and FourierFT spectrum and LoRA A/B, in module order, each
+    in its own dtype), so that every adapted layer visibly changes the output."""
     import torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "waveft_spectrum" in name or "lora_" in name:
+            if "waveft_spectrum" in name or "fourierft_spectrum" in name or "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 

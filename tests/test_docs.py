@@ -1,5 +1,6 @@
 """Tests for the pictures: docs/figures.py (README's figures) runs and its data say what the README says.
 (pictures.plot_loss, which draws a run's loss.csv: tests/test_pictures.py)"""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,18 @@ def test_every_basis_image_has_unit_energy_and_the_right_sum(wavelet):
         assert (delta != 0).sum() == len(figures.dwt.wavelet_filters(wavelet)[2]) ** 2, quarter
 
 
+def test_one_coefficient_acts_on_a_point_a_patch_or_all_of_w():
+    """basis.png's lower row: one coefficient 1 at (1, 2) is one entry of W without the IDWT, a Haar 2 x 2 block of
+    +-1/2 with it (cA: rows 2-3, columns 4-5), and for FourierFT the wave cos(2 pi (r + 2 c) / n) / n^2 on all of W."""
+    point, patch, wave = figures.where_one_coefficient_acts(n=16, position=(1, 2)).values()
+    assert (point != 0).sum() == 1 and point[1, 2] == 1
+    assert (patch != 0).sum() == 4 and torch.allclose(patch[2:4, 4:6], torch.full((2, 2), 0.5, dtype=patch.dtype),
+                                                             rtol=0, atol=1e-12)
+    r, c = torch.meshgrid(*[torch.arange(16, dtype=torch.float64)] * 2, indexing="ij")
+    assert torch.allclose(wave, torch.cos(2 * math.pi * (r + 2 * c) / 16) / 256, rtol=0, atol=1e-15)
+    assert (wave.abs() > 1e-12).any(0).all() and (wave.abs() > 1e-12).any(1).all()  # every row and column
+
+
 def test_domains_share_positions_and_values():
     """Same positions and values: without the IDWT dW holds the k values themselves; Haar's IDWT is orthonormal,
     so the WaveFT dW has the same energy, spread over 2 x 2 blocks."""
@@ -85,6 +98,8 @@ def test_rank_at_equal_budget_and_one_step_fit():
              for label, s in spectra.items()}
     assert ranks["LoRA r=1"] == 1
     assert ranks["WaveFT k=512"] > 64 and ranks["WaveFT k=512 random"] > 64  # nearly full rank with 512 values
+    assert ranks["weight domain k=512 random"] > 64  # about as high: k entries, ~4 per row of 128
+    assert ranks["FourierFT k=512 random"] > max(ranks["WaveFT k=512 random"], ranks["weight domain k=512 random"])
     # the claim in rank_spectra: with Haar and distinct positions one gradient step of size 1 reaches the optimum
     target = torch.randn(128, 128, generator=torch.Generator().manual_seed(1))
     layer = figures.fit(figures.one_layer(128, 128, torch.float64, k=512, scaling=1.0), target.double(), 1, 1.0,

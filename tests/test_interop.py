@@ -14,17 +14,20 @@ from conftest import need, randomize, run, tiny_unet  # tests that use peft take
 
 # (method, wavelet, use_idwt): db1 and a longer wavelet, with and without the IDWT, and LoRA
 CASES = [("waveft", "db1", True), ("waveft", "db3", True), ("waveft", "db1", False), ("waveft", "db3", False),
-         ("lora", None, None)]
-IDS = ["db1", "db3", "db1-noidwt", "db3-noidwt", "lora"]
+         ("lora", None, None), ("fourierft", None, None)]
+IDS = ["db1", "db3", "db1-noidwt", "db3-noidwt", "lora", "fourierft"]
+STD = {"waveft": 0.02, "lora": 0.2, "fourierft": 1.0}  # random adapter values that visibly change the output
 
 
 def ours(method, wavelet, use_idwt):
     unet = tiny_unet()
     if method == "waveft":
         waveft.inject(unet, k=40, scaling=25.0, wavelet=wavelet, seed=5, use_idwt=use_idwt)
+    elif method == "fourierft":
+        waveft.inject(unet, method="fourierft", k=40, scaling=64.0, seed=5, init_seed=0)
     else:
         waveft.inject(unet, method="lora", rank=2, scaling=1.5)
-    randomize(unet, 0.02 if method == "waveft" else 0.2)
+    randomize(unet, STD[method])
     return unet
 
 
@@ -34,6 +37,8 @@ def peft_config(method, wavelet, use_idwt):
     if method == "waveft":
         return peft.WaveFTConfig(n_frequency=40, scaling=25.0, wavelet_family=wavelet, use_idwt=use_idwt,
                                  random_loc_seed=5, target_modules=targets)
+    if method == "fourierft":
+        return peft.FourierFTConfig(n_frequency=40, scaling=64.0, random_loc_seed=5, target_modules=targets)
     return peft.LoraConfig(r=2, lora_alpha=3, target_modules=targets)
 
 
@@ -56,7 +61,7 @@ def test_save_peft_loads_in_peft_with_equal_outputs(tmp_path, unet_inputs, metho
 @pytest.mark.parametrize("method,wavelet,use_idwt", CASES, ids=IDS)
 def test_peft_folder_loads_with_load_adapter(tmp_path, unet_inputs, method, wavelet, use_idwt, peft):
     trained = peft.get_peft_model(tiny_unet(), peft_config(method, wavelet, use_idwt))
-    randomize(trained, 0.02 if method == "waveft" else 0.2, seed=1)  # stands in for training with PEFT
+    randomize(trained, STD[method], seed=1)  # stands in for training with PEFT
     trained.save_pretrained(tmp_path)
     model = tiny_unet()
     with pytest.raises(ValueError, match=r"is a folder; waveft.load reads this project's adapter files .*"
@@ -121,10 +126,11 @@ def test_load_refuses_a_save_peft_folder_for_layers_of_other_shapes(tmp_path):
     assert waveft.adapted_layers(other)[1][1].base.out_features == 7
 
 
-def test_save_peft_refuses_positions_peft_cannot_rebuild(tmp_path):
-    model = ours("waveft", "db1", True)
+@pytest.mark.parametrize("method", ["waveft", "fourierft"])
+def test_save_peft_refuses_positions_peft_cannot_rebuild(tmp_path, method):
+    model = ours(method, "db1", True)
     name, layer = waveft.adapted_layers(model)[3]
-    layer.waveft_positions = layer.waveft_positions.flip(1)
+    setattr(layer, f"{method}_positions", getattr(layer, f"{method}_positions").flip(1))
     with pytest.raises(ValueError, match=rf"layer '{name}': its positions are not PEFT's .* seed 5"):
         interop.save_peft(model, tmp_path)
     with pytest.raises(ValueError, match="no adapters to save"):
@@ -145,12 +151,14 @@ def test_save_peft_writes_a_regex_when_a_name_would_match_more_layers(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["c"]
 
 
-@pytest.mark.parametrize("field,value", [("proportional_parameters", True), ("n_frequency_pattern", {"to_q": 8}),
-                                         ("fan_in_fan_out", True), ("bias", "all"), ("modules_to_save", ["conv_in"]),
-                                         ("layers_to_transform", 0), ("peft_type", "LOHA"),
-                                         ("target_modules", "all-linear"), ("wavelet_family", "bior1.3")])
-def test_load_peft_refuses_what_it_cannot_represent(tmp_path, field, value):
-    interop.save_peft(ours("waveft", "db1", True), tmp_path)
+@pytest.mark.parametrize("method,field,value", [
+    ("waveft", "proportional_parameters", True), ("waveft", "n_frequency_pattern", {"to_q": 8}),
+    ("waveft", "fan_in_fan_out", True), ("waveft", "bias", "all"), ("waveft", "modules_to_save", ["conv_in"]),
+    ("waveft", "layers_to_transform", 0), ("waveft", "peft_type", "LOHA"), ("waveft", "target_modules", "all-linear"),
+    ("waveft", "wavelet_family", "bior1.3"), ("fourierft", "n_frequency_pattern", {"to_q": 8}),
+    ("fourierft", "bias", "fourier_only")])
+def test_load_peft_refuses_what_it_cannot_represent(tmp_path, method, field, value):
+    interop.save_peft(ours(method, "db1", True), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ValueError, match=rf"adapter_config.json: {field}"):

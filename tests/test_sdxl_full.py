@@ -85,10 +85,11 @@ def test_every_method_of_the_authors_table_counts_the_budget_the_docs_state(meta
               re.findall(r"^\| ([^|\n]+?) \|[^|\n]*\| ([\d,]+) \|", table, re.M)}
     unet, counted = meta_unet, {}
     for row, settings in [("WaveFT", dict(k=K)), ("WaveFT without IDWT", dict(k=K, use_idwt=False)),
-                          ("LoRA r=1", dict(method="lora", rank=1))]:
+                          ("LoRA r=1", dict(method="lora", rank=1)), ("ours FourierFT", dict(method="fourierft", k=K))]:
         waveft.inject(unet, **settings)
         counted[row] = waveft.count_parameters(unet)
         waveft.remove(unet)
+    ours_fourierft = counted.pop("ours FourierFT")  # waveft.py's FourierFT: checked against PEFT's below
     # FourierFT draws randperm(out * in) per layer for its positions: where they go does not change the count
     monkeypatch.setattr(torch, "randperm", lambda n, generator=None, **kw: torch.arange(min(n, K), **kw))
     for row, config in [("FourierFT", peft.FourierFTConfig(n_frequency=K, scaling=64.0, target_modules=list(
@@ -101,5 +102,6 @@ def test_every_method_of_the_authors_table_counts_the_budget_the_docs_state(meta
                            if p.requires_grad and ".ranknum." not in name)
         peft_methods.remove(unet)  # the plain UNet again, for the next method
     assert counted == stated
+    assert ours_fourierft == counted["FourierFT"] == 560 * K == 1_451_520
     assert counted["VeRA"] == 560 * 1402 + sum(c * o for (o, i), c in SDXL_SHAPES.items())  # d and b per layer
     assert counted["LoHa"] == 2 * counted["LoRA r=1"] and counted["AdaLoRA"] == 2 * counted["LoRA r=1"] + 2 * 560

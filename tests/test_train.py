@@ -29,6 +29,8 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
+import eval_images
+import evaluate
 import files
 import hub
 import interop
@@ -227,6 +229,61 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(dreambooth
     assert a.keys() == b.keys()
     assert all(torch.equal(a[n].waveft_spectrum, b[n].waveft_spectrum) for n in a)  # bit for bit
     assert read_losses(full_dir) == read_losses(cut_dir)
+
+
+def test_fourierft_trains_at_the_authors_settings_and_resumes_bit_for_bit(dreambooth_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """--method fourierft: the authors' scaling 64, trained in float32 (their fp32 config) from PEFT's default normal
+    spectrum drawn from --seed; 2 steps, and the same run cut after step 1 and resumed, bit for bit."""
+    def argv(out, *extra):  # the tiny UNet's layers hold 2048 or 4096 weights: k 2000
+        return tiny_argv(dreambooth_dir, tmp_path / out, "--method", "fourierft", "--k", "2000", "--steps", "2",
+                         "--grad-accum", "1", "--checkpoint-every", "1", "--validation-prompts", "0", *extra)
+    save_checkpoint = runs.save_checkpoint
+
+    def keep_step_1(path, step, *args):  # what an interruption after step 1 leaves
+        save_checkpoint(path, step, *args)
+        if step == 1:
+            shutil.copy(path, path.with_name("checkpoint-1.pt"))
+    monkeypatch.setattr(runs, "save_checkpoint", keep_step_1)
+    full_dir = train_dreambooth.main(argv("full"))
+    monkeypatch.undo()
+    assert full_dir.name == "dog6-fourierft-k2000-tiny-steps2-ga1"  # the authors' scaling and precision: unnamed
+    config = json.loads((full_dir / "config.json").read_text())
+    assert (config["scaling"], config["mixed_precision"], config["method"]) == (64.0, "no", "fourierft")
+    assert runs.method_and_budget(config) == ("fourierft", "k=2000")
+    meta = waveft.read_metadata(full_dir / "adapter.safetensors")
+    assert (meta["method"], meta["k"], meta["scaling"]) == ("fourierft", 2000, 64.0)
+    trained = adapter_tensors(full_dir)
+    moved = [(trained[f"{name}.fourierft_spectrum"] - torch.randn(2000, generator=torch.Generator().manual_seed(
+        42 + i))).abs().max().item() for i, name in enumerate(meta["layers"])]  # --seed 42: layer i from 42 + i
+    assert 0 < max(moved) < 1e-3  # trained (Adam: ~lr per step) from that normal start
+    assert runs.count_trainable(full_dir / "adapter.safetensors") == 2000 * len(meta["layers"])
+    # evaluate.py and sample.py take the adapter merged: each W is W + dW
+    pipe = eval_images.adapted_pipeline({}, "tiny", full_dir / "adapter.safetensors", "cpu")
+    layers = waveft.adapted_layers(pipe.unet)
+    assert [name for name, _ in layers] == list(meta["layers"]) and all(layer.merged for _, layer in layers)
+    name, layer = layers[-1]
+    plain = sdxl.build_tiny_pipeline().unet.get_submodule(name).weight
+    torch.testing.assert_close(layer.base.weight, plain + layer.delta_weight(), rtol=0, atol=1e-7)
+    # in PEFT's format (interop.save_peft), a FOURIERFT folder that evaluate.py reads as a run (--subject given)
+    interop.save_peft(_loaded(full_dir), tmp_path / "peft_folder")
+    [run] = runs.read_runs(evaluate.parse_args(["--runs", str(tmp_path / "peft_folder"), "--subject", "dog6",
+                                                "--model", "tiny", "--data-dir", str(dreambooth_dir)]))
+    assert (run.setting, runs.count_trainable(run.adapter)) == ("peft fourierft k=2000", 2000 * len(layers))
+
+    cut_dir = tmp_path / "cut" / full_dir.name
+    cut_dir.mkdir(parents=True)
+    shutil.copy(full_dir / "config.json", cut_dir)
+    shutil.copy(full_dir / "checkpoint-1.pt", cut_dir / "checkpoint.pt")
+    (cut_dir / "loss.csv").write_text("".join((full_dir / "loss.csv").read_text().splitlines(True)[:2]))
+    assert train_dreambooth.main(argv("cut", "--resume")) == cut_dir
+    assert tensors_equal(adapter_tensors(cut_dir), adapter_tensors(full_dir))
+    assert read_losses(cut_dir) == read_losses(full_dir)
+    # WaveFT's options have no effect (a warning, not in the name); another scaling is named
+    capsys.readouterr()
+    assert run_dir_of(argv("x", "--wavelet", "db4", "--scaling", "32")).name == \
+        "dog6-fourierft-k2000-tiny-scaling32-steps2-ga1"
+    assert "--wavelet has no effect with --method fourierft" in capsys.readouterr().err
 
 
 def _loaded(run_dir):
@@ -453,7 +510,7 @@ def test_bad_inputs_give_clear_errors(dreambooth_dir, tmp_path, capsys, monkeypa
     # A bad value: one line naming the option and its value
     for bad, message in ((["--k", "0"], "--k 0: must be positive"), (["--steps", "-1"], "--steps -1: must be positive"),
                          (["--method", "dora"],
-                          "--method dora: must be one of waveft, lora, vera, loha, lokr, adalora"),
+                          "--method dora: must be one of waveft, lora, fourierft, vera, loha, lokr, adalora"),
                          (["--wavelet", "db99"], "--wavelet db99: must be one of haar, db1, db2"),
                          (["--resolution", "100"], "--resolution 100: must be a multiple of 64"),
                          (["--mixed-precision", "fp16"], "--mixed-precision fp16: must be one of auto, bf16, no"),

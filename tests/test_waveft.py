@@ -36,6 +36,27 @@ def test_delta_weight_and_positions_equal_peft(wavelet, shape):
     assert expected.abs().max() > 0
 
 
+@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (12, 5), (5, 16)])  # even, odd, rectangular both ways
+def test_fourierft_equals_peft_delta_weight_forward_and_init(shape, peft):
+    """FourierFT as PEFT computes it: the same positions, dW = scaling Re(IFFT2(C)) in float32, the same forward;
+    and the same initial spectrum, PEFT's default (init_weights=False: standard normal from the global RNG), which
+    init_seed reproduces without touching the global RNG."""
+    torch.manual_seed(0)
+    base = nn.Linear(shape[1], shape[0])
+    ours = waveft.FourierFTLinear(copy.deepcopy(base), 20, 64.0, 777, init_seed=3)
+    torch.manual_seed(3)  # PEFT's spectrum is the next draw of the global RNG
+    config = peft.FourierFTConfig(n_frequency=20, scaling=64.0, target_modules=["0"])
+    layer = peft.inject_adapter_in_model(config, nn.Sequential(base))[0]
+    assert torch.equal(ours.fourierft_positions, layer.indices["default"])
+    assert torch.equal(ours.fourierft_spectrum, layer.fourierft_spectrum["default"])
+    with torch.no_grad():
+        expected = layer.get_delta_weight("default")
+        torch.testing.assert_close(ours.delta_weight(), expected, rtol=0, atol=0)
+        x = torch.randn(3, shape[1])
+        torch.testing.assert_close(ours(x), layer(x), rtol=1e-5, atol=1e-6)
+    assert expected.abs().min() > 0  # a global basis: every entry of W moves
+
+
 def test_weight_domain_baseline_equals_peft():
     layer = peft_layer(9, 6, 17, "db1", use_idwt=False)
     ours = waveft.WaveFTLinear(nn.Linear(6, 9).double(), 17, 25.0, "db1", 777, use_idwt=False)
@@ -191,7 +212,7 @@ def test_lora_zero_init_and_count(unet_inputs):
     assert waveft.count_parameters(unet) == expected
 
 
-@pytest.mark.parametrize("method", ["waveft", "lora"])
+@pytest.mark.parametrize("method", ["waveft", "lora", "fourierft"])
 def test_merge_equals_unmerged_and_unmerge_restores(unet_inputs, method):
     unet = tiny_unet()
     weights = {n: p.clone() for n, p in unet.named_parameters()}
@@ -218,7 +239,7 @@ def test_merge_refuses_nan():
     assert torch.equal(model[0].base.weight, weight) and not model[0].merged
 
 
-@pytest.mark.parametrize("method", ["waveft", "lora"])
+@pytest.mark.parametrize("method", ["waveft", "lora", "fourierft"])
 def test_save_load_round_trip(tmp_path, unet_inputs, method):
     unet = tiny_unet()
     waveft.inject(unet, method=method, k=150, wavelet="db2", seed=5, rank=1, scaling=10.0, exclude_modules=["attn2.to_k"])
@@ -483,7 +504,7 @@ def test_autocast_bf16_runs_base_in_bf16_and_adapter_in_float32():
             torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("method", ["waveft", "lora"])
+@pytest.mark.parametrize("method", ["waveft", "lora", "fourierft"])
 def test_remove_restores_the_original_linear_layers(method, unet_inputs):
     unet = tiny_unet()
     originals = {n: m for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
@@ -546,7 +567,7 @@ def test_adapters_stay_float32_when_the_model_is_cast_to_bf16(unet_inputs):
     """pipe.to(torch.bfloat16) after inject casts every floating tensor of the UNet; the adapters must stay
     float32 (exact values, same Parameter objects, so an optimizer built before still trains them) and the
     bf16 model must train. A float64 cast still makes them float64 (float64 models train float64 adapters)."""
-    for method in ("waveft", "lora"):
+    for method in ("waveft", "lora", "fourierft"):
         unet = tiny_unet()
         params = waveft.inject(unet, method=method, k=100)
         randomize(unet, std=0.01)
