@@ -81,7 +81,7 @@ def test_sample_loads_the_weight_variant_it_is_given_or_the_runs_own(tiny_run_di
     """--variant reaches the model's loading (a folder of fp16 files needs it, one line naming it otherwise); without
     it the run's own --variant (recorded in its adapter file) is used: the tiny run recorded none."""
     argv = ["--run", str(tiny_run_dir), "--model", str(tiny_fp16_model_dir), "--images-per-prompt", "1", "--steps",
-            "1", "--output-dir", str(tmp_path)]
+            "1", "--resolution", "64", "--output-dir", str(tmp_path)]  # a folder: 1024 px unless told
     with pytest.raises(FileNotFoundError, match="pass --variant fp16$"):
         sample.main(argv)
     assert sample.recorded_variant(tiny_run_dir / "adapter.safetensors") is None
