@@ -43,15 +43,10 @@ def peft():
     return need("peft")
 
 
-def dataset_path():
-    """The google/dreambooth `dataset` folder: $DREAMBOOTH_DIR, else ../shared/dreambooth beside the checkout."""
-    return Path(os.environ.get("DREAMBOOTH_DIR", REPO.parent / "shared" / "dreambooth"))
-
-
 @pytest.fixture(scope="session")
 def dreambooth_dir():
-    """The google/dreambooth `dataset` folder (dataset_path), checked."""
-    path = dataset_path()
+    """The google/dreambooth `dataset` folder: $DREAMBOOTH_DIR, else ../shared/dreambooth beside the checkout."""
+    path = Path(os.environ.get("DREAMBOOTH_DIR", REPO.parent / "shared" / "dreambooth"))
     if not (path / "prompts_and_classes.txt").is_file():
         pytest.fail(f"DreamBooth dataset not found at {path}: set DREAMBOOTH_DIR or place it at ../shared/dreambooth")
     return path
@@ -77,53 +72,20 @@ def tiny_fp16_model_dir(tmp_path_factory):
     return path
 
 
-TINY_RUN_NAME = "dog6-waveft-k2000-tiny-steps4-ga2"  # every option that differs from the defaults names the run
-_started_tiny_run = {}  # the background tiny run: its process and output folder (pytest_collection_modifyitems)
-
-
-def start_tiny_run(out, data_dir):
-    """`train_dreambooth.py --model tiny` on dog6 (4 steps at 64 px) as a subprocess in `out`, exactly as a user runs
-    it (relative paths); its console output goes to out/train.log."""
-    import subprocess
-    argv = [sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog6", "--k", "2000", "--model", "tiny",
-            "--data-dir", os.path.relpath(data_dir, out), "--output-dir", ".", "--resolution", "64",
-            "--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2", "--sample-steps", "2", "--save-merged"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is faster on a shared 2-core machine
-    log = open(out / "train.log", "w")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
-
-
-@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
-def pytest_collection_modifyitems(session, config, items):
-    """Start tiny_run_dir's run as soon as the tests are collected, when any of them uses it: most of its ~8 s is a
-    fresh python importing torch and diffusers, which then happens on the second core while the first tests run."""
-    import tempfile
-    if dataset_path().is_dir() and any("tiny_run_dir" in getattr(item, "fixturenames", ()) for item in items):
-        out = Path(tempfile.mkdtemp(prefix="tiny_run_"))
-        _started_tiny_run.update(process=start_tiny_run(out, dataset_path()), out=out)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import shutil
-    if _started_tiny_run:
-        _started_tiny_run["process"].kill()  # finished long ago, unless the session was cut short
-        _started_tiny_run["process"].wait()
-        shutil.rmtree(_started_tiny_run["out"], ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory, dreambooth_dir):
     """Output folder of one short real `train_dreambooth.py --model tiny` run on dog6 (4 steps at 64 px), run as a
-    subprocess exactly as a user would (start_tiny_run; started in the background after collection). Its console
-    output is kept next to it in train.log."""
-    if _started_tiny_run:
-        process, out = _started_tiny_run["process"], _started_tiny_run["out"]
-    else:
-        out = tmp_path_factory.mktemp("tiny_run")
-        process = start_tiny_run(out, dreambooth_dir)
-    returncode = process.wait(timeout=300)
-    assert returncode == 0, (out / "train.log").read_text()
-    return out / TINY_RUN_NAME
+    subprocess exactly as a user would. Its console output is kept next to it in train.log."""
+    import subprocess
+    out = tmp_path_factory.mktemp("tiny_run")
+    argv = [sys.executable, str(REPO / "train_dreambooth.py"), "--subject", "dog6", "--k", "2000", "--model", "tiny",
+            "--data-dir", os.path.relpath(dreambooth_dir, out), "--output-dir", ".", "--resolution", "64",
+            "--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2", "--sample-steps", "2", "--save-merged"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is faster on a shared 2-core machine
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=out)  # relative paths
+    (out / "train.log").write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "dog6-waveft-k2000-tiny-steps4-ga2"  # every option that differs from the defaults names the run
 
 
 @pytest.fixture(scope="session")
