@@ -55,7 +55,7 @@ TRAINABLE = ("vera_lambda_b", "vera_lambda_d", "hada_w1_a", "hada_w1_b", "hada_w
              "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "lora_A", "lora_B", "lora_E")
 RUN_ADAPTER = "peft_adapter"  # a run of these methods keeps its adapter here, a PEFT adapter folder
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names (as interop.py's)
-WAVEFT_ONLY = ("k", "wavelet", "use_idwt", "position_seed", "scaling")
+WAVEFT_ONLY = ("k", "wavelet", "use_idwt", "position_seed", "scaling", "fast")
 # (option, value) -> the options without effect (train_dreambooth.NO_EFFECT_WITH): WaveFT's, and those of other methods
 NO_EFFECT_WITH = {("method", method): WAVEFT_ONLY + (("alpha",) if method == "vera" else ()) +
                   (() if method == "adalora" else ("target_rank",)) for method in METHODS}

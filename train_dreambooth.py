@@ -86,7 +86,7 @@ class Options:
     device: str = "auto"  # cuda if available, else cpu
     fixed_noise: bool = False  # debug: same image, noise and timestep every micro-batch (learning-signal test)
     fast: bool = True  # false: each layer computes the definition F.linear(x, W + dW, b) (teaching; same result)
-    compile: bool = False  # torch.compile the UNet for training: same result; off by default, CUDA too (docs/training.md)
+    compile: bool = False  # torch.compile the UNet for training: same result; off by default, CUDA too (docs)
     save_merged: bool = False  # also write <run>/merged_unet: the UNet with dW folded in, for plain diffusers
 
 
@@ -174,8 +174,8 @@ def parse_options(argv=None):
 
 # (option, value): the options that have no effect when it has that value (not checked; a warning when given)
 NO_EFFECT_WITH = {("method", "waveft"): ("rank", "alpha", "target_rank"),
-                  ("method", "lora"): ("k", "wavelet", "use_idwt", "position_seed", "alpha", "target_rank"),
-                  ("method", "fourierft"): ("rank", "alpha", "target_rank", "wavelet", "use_idwt"),
+                  ("method", "lora"): ("k", "wavelet", "use_idwt", "position_seed", "alpha", "target_rank", "fast"),
+                  ("method", "fourierft"): ("rank", "alpha", "target_rank", "wavelet", "use_idwt", "fast"),
                   **peft_methods.NO_EFFECT_WITH,
                   ("model", "tiny"): ("variant",),  # built in memory: no weight files
                   ("prior_preservation", False): ("class_images", "prior_loss_weight", "class_dir")}

@@ -1271,3 +1271,15 @@ def test_fast_false_trains_through_the_definition_to_the_same_adapter(tmp_path, 
     assert max(float(a[key].abs().max()) for key in spectra) > 1e-3  # it moved
     for key in spectra:  # Adam's step is ~lr for every coefficient, so float rounding in a tiny gradient shows as
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)  # ~1e-6 here: 1e-3 of the 2e-2 moved
+
+
+@pytest.mark.parametrize("method", ["lora", "fourierft", "vera"])
+def test_fast_false_warns_that_it_has_no_effect_without_waveft(method, capsys, request):
+    """--fast chooses between WaveFT's fast path and its definition; the other methods have only their definition,
+    so --fast false given with them draws the one-line warning of an option without effect (and nothing else)."""
+    if method == "vera":
+        request.getfixturevalue("peft")  # PEFT's methods need peft (skipped without it, failed under CI)
+    train_dreambooth.parse_options(["--subject", "x", "--method", method, "--fast", "false"])
+    assert f"warning: --fast has no effect with --method {method}\n" in capsys.readouterr().err
+    train_dreambooth.parse_options(["--subject", "x", "--fast", "false"])  # WaveFT: it has an effect
+    assert "--fast" not in capsys.readouterr().err
