@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import files
+import interop
 import waveft
 
 METHODS = ("vera", "loha", "lokr", "adalora")
@@ -54,7 +55,6 @@ PEFT_TYPES = {"VERA": "vera", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalor
 TRAINABLE = ("vera_lambda_b", "vera_lambda_d", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
              "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "lora_A", "lora_B", "lora_E")
 RUN_ADAPTER = "peft_adapter"  # a run of these methods keeps its adapter here, a PEFT adapter folder
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names (as interop.py's)
 WAVEFT_ONLY = ("k", "wavelet", "use_idwt", "position_seed", "scaling", "fast")
 # (option, value) -> the options without effect (train_dreambooth.NO_EFFECT_WITH): WaveFT's, and those of other methods
 NO_EFFECT_WITH = {("method", method): WAVEFT_ONLY + (("alpha",) if method == "vera" else ()) +
@@ -232,15 +232,15 @@ def save(unet, folder, base_model):
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     weights = safetensors_bytes({key: t.detach().cpu().contiguous() for key, t in tensors.items()},
                                 metadata={"format": "pt"})
-    return files.write_folder(folder, iter([(PEFT_WEIGHTS, weights),
-                                            (PEFT_CONFIG, json.dumps(fields, indent=2, sort_keys=True))]))
+    return files.write_folder(folder, iter([(interop.PEFT_WEIGHTS, weights),
+                                            (interop.PEFT_CONFIG, json.dumps(fields, indent=2, sort_keys=True))]))
 
 
 def folder_method(folder):
     """The method of a PEFT adapter folder if it is one of these (vera, loha, lokr, adalora), else None (WaveFT and
     LoRA folders are interop.py's; anything else is refused there)."""
     try:
-        config = json.loads((Path(folder) / PEFT_CONFIG).read_text())
+        config = read_config(folder)
     except (OSError, ValueError):
         return None
     return PEFT_TYPES.get(config.get("peft_type")) if isinstance(config, dict) else None
@@ -248,7 +248,7 @@ def folder_method(folder):
 
 def read_config(folder):
     """adapter_config.json of such a folder, as a dict."""
-    return json.loads((Path(folder) / PEFT_CONFIG).read_text())
+    return json.loads((Path(folder) / interop.PEFT_CONFIG).read_text())
 
 
 def settings_of(config):
@@ -273,7 +273,7 @@ def load(unet, folder):
         from safetensors.torch import load_file
         with quiet_peft():
             model = unet.__dict__["_peft_model"] = peft.get_peft_model(unet, config)
-            result = peft.set_peft_model_state_dict(model, load_file(str(Path(folder) / PEFT_WEIGHTS)))
+            result = peft.set_peft_model_state_dict(model, load_file(str(Path(folder) / interop.PEFT_WEIGHTS)))
         missing = [key for key in result.missing_keys if key.split(".")[-2] in TRAINABLE]
         if missing or result.unexpected_keys:
             raise ValueError(f"{folder} does not fit the layers its config selects in this model: missing "
