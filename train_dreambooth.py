@@ -218,7 +218,7 @@ def resolve(opts):
     if opts.resolution is None:
         opts.resolution = 64 if opts.model == "tiny" else 1024
     if opts.scaling is None:
-        opts.scaling = {"waveft": 25.0, "fourierft": 64.0}.get(opts.method, 1.0)
+        opts.scaling = waveft.DEFAULT_SCALING.get(opts.method, 1.0)  # PEFT's methods: no effect
     peft_methods.resolve(opts)  # rank, lr, alpha, target_rank: per method
     return opts
 

@@ -48,6 +48,7 @@ from safetensors.torch import save as save_bytes
 import dwt
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # SDXL UNet attention projections
+DEFAULT_SCALING = {"waveft": 25.0, "fourierft": 64.0, "lora": 1.0}  # the authors' SDXL values (LoRA: alpha = rank)
 _POSITIONS = {}  # (out, in, k, seed) -> (2, k) positions
 
 
@@ -279,7 +280,7 @@ def inject(model, method="waveft", k=2592, scaling=None, wavelet="db1", seed=777
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if adapted_layers(model):
         raise ValueError("model already has adapters; inject into a fresh model (or load into this one)")
-    scaling = float({"waveft": 25.0, "fourierft": 64.0}.get(method, 1.0) if scaling is None else scaling)
+    scaling = float(DEFAULT_SCALING[method] if scaling is None else scaling)
     modules = dict(model.named_modules())  # {dotted name: module}, the model itself as ""
     targets = [n for n in modules if n and _matches(n, target_modules) and not _matches(n, exclude_modules or ())]
     if not targets:
