@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sdxl  # noqa: E402
 import waveft  # noqa: E402
-from common import print_table  # noqa: E402
+from common import print_table, status_kb  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 VARIANTS = {"ours-lora": "ours LoRA r=1", "ours-waveft": "ours WaveFT", "peft-waveft": "PEFT WaveFT"}
@@ -115,13 +115,6 @@ def train_step(unet, scheduler, optimizer, params, batch, device, keep_gradients
 # ----------------------------------------------------------------------------------------------------------------
 # Peak memory per variant
 
-def _status_kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def reset_peak_memory(device):
     """Start a new peak; returns the bytes in use now (allocated on CUDA, resident on the CPU), or nan."""
     gc.collect()
@@ -133,7 +126,7 @@ def reset_peak_memory(device):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that RSS counts live memory only
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux: reset VmHWM (peak RSS) to the current RSS
-        return _status_kb("VmRSS") * 1024
+        return status_kb("VmRSS") * 1024
     except (OSError, RuntimeError):
         return float("nan")
 
@@ -143,14 +136,14 @@ def peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
-        return _status_kb("VmHWM") * 1024
+        return status_kb("VmHWM") * 1024
     except (OSError, RuntimeError):
         return float("nan")
 
 
 def rss_gb():
     try:
-        return _status_kb("VmRSS") / 2**20
+        return status_kb("VmRSS") / 2**20
     except (OSError, RuntimeError):
         return float("nan")
 

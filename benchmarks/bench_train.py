@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import waveft  # noqa: E402
-from common import median_ms_interleaved, print_table  # noqa: E402
+from common import median_ms_interleaved, print_table, status_kb  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -97,24 +97,17 @@ def check_same_gradients(ours, peft, resolution):
     print(f"check: our WaveFT and PEFT WaveFT spectrum gradients agree (max rel. diff {worst:.1e})", flush=True)
 
 
-def _status_kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def peak_step_mb(step, unet, optimizer):
     """Resident bytes held (model + optimizer state) + the peak RSS growth during one step, in MB."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         gc.collect()
         libc.malloc_trim(0)
-        before = _status_kb("VmRSS")
+        before = status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
         step()
-        transient = (_status_kb("VmHWM") - before) / 1024
+        transient = (status_kb("VmHWM") - before) / 1024
     except (OSError, RuntimeError):
         return float("nan"), float("nan")
     held = sum(t.numel() * t.element_size() for t in list(unet.parameters()) + list(unet.buffers()))

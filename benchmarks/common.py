@@ -45,6 +45,14 @@ def _median(values):
     return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
+def status_kb(field):
+    """A field of /proc/self/status in kB (Linux): VmRSS, the resident memory now; VmHWM, its peak so far."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def print_table(header, rows):
     """Print rows (lists of str/int/float) under header as an aligned, Markdown-compatible table."""
     def cell(value):
