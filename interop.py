@@ -143,8 +143,7 @@ def save_peft(model, folder):
     metadata = {"format": "pt", PEFT_SHAPES: json.dumps(shapes)}  # "format": what PeftModel.save_pretrained writes
     weights = save_bytes({key: t.detach().cpu().contiguous() for key, t in tensors.items()}, metadata=metadata)
     waveft.write_atomically(os.path.join(folder, PEFT_WEIGHTS), weights)
-    with open(os.path.join(folder, PEFT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    waveft.write_atomically(os.path.join(folder, PEFT_CONFIG), json.dumps(config, indent=2).encode())
 
 
 def read_peft_config(folder):
