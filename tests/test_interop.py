@@ -151,6 +151,31 @@ def test_save_peft_writes_a_regex_when_a_name_would_match_more_layers(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["c"]
 
 
+def test_a_full_disk_while_save_peft_writes_the_config_keeps_the_previous_one_whole(tmp_path, monkeypatch):
+    """Both files of a PEFT folder are written whole or not at all: the disk filling up part-way through
+    adapter_config.json (os.write writes half of it, then ENOSPC) leaves the folder's previous config as it was and
+    no temporary file."""
+    import errno
+    import os
+    net = torch.nn.ModuleDict({"to_q": torch.nn.Linear(4, 4)})
+    waveft.inject(net, k=3, target_modules=["to_q"])
+    interop.save_peft(net, tmp_path)
+    before = (tmp_path / "adapter_config.json").read_bytes()
+    write = os.write
+
+    def full_at_the_config(fd, data):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("adapter_config.json"):
+            write(fd, memoryview(data)[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+    monkeypatch.setattr(os, "write", full_at_the_config)
+    with pytest.raises(OSError, match="No space left on device"):
+        interop.save_peft(net, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "adapter_config.json").read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 @pytest.mark.parametrize("method,field,value", [
     ("waveft", "proportional_parameters", True), ("waveft", "n_frequency_pattern", {"to_q": 8}),
     ("waveft", "fan_in_fan_out", True), ("waveft", "bias", "all"), ("waveft", "modules_to_save", ["conv_in"]),
